@@ -1,0 +1,29 @@
+"""any4ao: learned 4-bit LUT weight quantization (any4) as a torchao tensor subclass."""
+
+from any4ao._kernels_path import ensure_kernels_importable
+
+ensure_kernels_importable()
+
+from any4ao.tensor.any4_tensor import Any4Tensor  # noqa: E402
+from any4ao.config import Any4WeightOnlyConfig, any4, any4_weight_only  # noqa: E402
+from any4ao.calibration.activation_stats import (  # noqa: E402
+    ChannelImportance,
+    calibrate,
+    default_calibration_text,
+    record_channel_importance,
+)
+from any4ao.api import default_filter, quantize_model  # noqa: E402
+
+__all__ = [
+    "Any4Tensor",
+    "Any4WeightOnlyConfig",
+    "any4",
+    "any4_weight_only",
+    "ChannelImportance",
+    "calibrate",
+    "default_calibration_text",
+    "record_channel_importance",
+    "default_filter",
+    "quantize_model",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""One-sample activation statistics that weight the k-means objective."""

@@ -1,0 +1,100 @@
+"""Single-sample calibration: per-input-channel activation statistics of every linear layer.
+
+The any4 paper weights the k-means objective of each layer by how large that layer's inputs are,
+measured on one calibration prompt. Forward pre-hooks accumulate, per input channel k, the mean of
+|x_k| ("abs", the paper's choice) or of x_k^2 ("square": the diagonal of E[x x^T], i.e. the output
+error E||(W - W_hat) x||^2 when channels are uncorrelated).
+"""
+
+import contextlib
+import weakref
+from importlib import resources
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+from torch import nn
+
+STATISTICS = ("abs", "square")
+
+
+def default_calibration_text() -> str:
+    """The calibration prompt shipped with the package (any4ao/data/calibration.txt)."""
+    return resources.files("any4ao.data").joinpath("calibration.txt").read_text(encoding="utf-8")
+
+
+class ChannelImportance:
+    """Per-input-channel importance of each recorded linear layer, keyed by module identity."""
+
+    def __init__(self, statistic: str = "abs"):
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        self.statistic = statistic
+        self._sums: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+        self._counts: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+        self.names: Dict[str, nn.Module] = {}
+
+    def _record(self, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        stat = x.abs() if self.statistic == "abs" else x.square()
+        self._sums[module] = self._sums.get(module, 0) + stat.sum(0)
+        self._counts[module] = self._counts.get(module, 0) + x.shape[0]
+
+    def for_module(self, module: nn.Module) -> Optional[torch.Tensor]:
+        """(in_features,) float32 mean statistic, or None if the module was never called."""
+        if module not in self._sums:
+            return None
+        return (self._sums[module] / self._counts[module]).float()
+
+    def tokens_seen(self, module: nn.Module) -> int:
+        return self._counts.get(module, 0)
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+
+def _is_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+@contextlib.contextmanager
+def record_channel_importance(
+    model: nn.Module, statistic: str = "abs", filter_fn: Callable[[nn.Module, str], bool] = _is_linear
+) -> Iterator[ChannelImportance]:
+    """Within the block, every forward of a selected layer adds to the statistics.
+    The hooks are removed on exit, also when the block raises."""
+    stats = ChannelImportance(statistic)
+    handles = []
+    try:
+        for fqn, module in model.named_modules():
+            if filter_fn(module, fqn):
+                stats.names[fqn] = module
+                handles.append(module.register_forward_pre_hook(lambda m, args: stats._record(m, args[0])))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    tokenizer=None,
+    text: Optional[str] = None,
+    input_ids: Optional[torch.Tensor] = None,
+    max_tokens: int = 2048,
+    statistic: str = "abs",
+    filter_fn: Callable[[nn.Module, str], bool] = _is_linear,
+) -> ChannelImportance:
+    """Run one calibration sample through a causal LM and return per-layer channel importance.
+
+    Pass `input_ids`, or a `tokenizer` (and optionally `text`, default: the shipped prompt)."""
+    if input_ids is None:
+        if tokenizer is None:
+            raise ValueError("calibrate needs either input_ids or a tokenizer")
+        input_ids = tokenizer(text or default_calibration_text(), return_tensors="pt").input_ids
+    input_ids = input_ids[:, :max_tokens].to(next(model.parameters()).device)
+    with record_channel_importance(model, statistic, filter_fn) as stats:
+        model(input_ids)
+    if len(stats) == 0:
+        raise ValueError("calibration recorded no layer: does filter_fn select any module that the forward calls?")
+    return stats

@@ -1,0 +1,1 @@
+"""How LUTs are chosen: fixed codebooks (int, nf4, fp4), group scaling and weighted k-means."""

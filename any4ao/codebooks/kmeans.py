@@ -1,0 +1,81 @@
+"""Weighted 1-D k-means (Lloyd-Max) for many rows at once.
+
+Each row of `x` is an independent problem with its own centroids; all rows advance together in
+tensor ops (no per-row Python loop), on whatever device `x` lives on.
+"""
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+
+def nearest_code(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for each element. `centroids` (R, C) must be sorted per row;
+    the decision boundaries are the midpoints, so this is a batched binary search, O(R*P*log C)."""
+    boundaries = (centroids[:, 1:] + centroids[:, :-1]) * 0.5
+    return torch.searchsorted(boundaries.contiguous(), x.contiguous())
+
+
+def weighted_sse(x, weight, centroids, codes) -> torch.Tensor:
+    """Per-row sum of weight * (x - centroid[code])^2, accumulated in float64."""
+    err = x - torch.gather(centroids, 1, codes)
+    return (weight.double() * err.double().square()).sum(1)
+
+
+@dataclass
+class KMeansResult:
+    centroids: torch.Tensor  # (R, C), sorted per row
+    codes: torch.Tensor  # (R, P) int64
+    iterations: int
+    error_history: List[torch.Tensor] = field(default_factory=list)  # per-row SSE after each assignment
+
+
+def _fill_empty_clusters(x, weight, centroids, codes, cluster_weight):
+    """Move centroids that own no weight onto the worst-served points of their row.
+
+    Such a centroid changes no error where it is; on a badly served point the next assignment can
+    only lower the error. This is what makes rows with <= C distinct values converge to exact."""
+    empty = cluster_weight <= 0
+    if not bool(empty.any()):
+        return centroids
+    num_clusters = centroids.shape[1]
+    err = weight * (x - torch.gather(centroids, 1, codes)).square()
+    worst = err.topk(min(num_clusters, x.shape[1]), dim=1).indices  # (R, C') worst first
+    rank = (empty.cumsum(1) - 1).clamp(min=0, max=worst.shape[1] - 1)  # j-th empty -> j-th worst
+    candidates = torch.gather(x, 1, torch.gather(worst, 1, rank))
+    return torch.where(empty, candidates, centroids)
+
+
+def lloyd_max(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    init: torch.Tensor,
+    iterations: int,
+    track_error: bool = False,
+) -> KMeansResult:
+    """Minimise sum_p weight[r, p] * (x[r, p] - c[r, code[r, p]])^2 for every row r.
+
+    Starts from `init` (R, C), sorted; the first assignment is the nearest-init-centroid solution,
+    and every Lloyd step (assign, then weighted mean) can only lower each row's error, so the result
+    is never worse than `init` itself. Stops early once no code changes."""
+    x = x.float()
+    weight = weight.float().expand_as(x)
+    centroids = init.float().expand(x.shape[0], -1).contiguous()
+    codes = nearest_code(x, centroids)
+    history = [weighted_sse(x, weight, centroids, codes)] if track_error else []
+    done = 0
+    for done in range(1, iterations + 1):
+        cluster_weight = torch.zeros_like(centroids).scatter_add_(1, codes, weight)
+        cluster_sum = torch.zeros_like(centroids).scatter_add_(1, codes, weight * x)
+        centroids = torch.where(cluster_weight > 0, cluster_sum / cluster_weight.clamp_min(1e-30), centroids)
+        centroids = _fill_empty_clusters(x, weight, centroids, codes, cluster_weight)
+        centroids = centroids.sort(dim=1).values
+        new_codes = nearest_code(x, centroids)
+        if track_error:
+            history.append(weighted_sse(x, weight, centroids, new_codes))
+        changed = not torch.equal(new_codes, codes)
+        codes = new_codes
+        if not changed:
+            break
+    return KMeansResult(centroids=centroids, codes=codes, iterations=done, error_history=history)

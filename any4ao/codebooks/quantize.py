@@ -1,0 +1,102 @@
+"""Quantize one weight matrix into (codes, per-row LUT, per-group scales and zeros).
+
+W[n, k] ~= lut[n, code[n, k]] * scales[n, k // G] + zeros[n, k // G]
+
+Codebooks:
+  "any"  learned per-row LUT: int-style min/max group scaling, then weighted k-means per row
+         (the any4 paper's method; nbits 2, 3 or 4 give any2/any3/any4)
+  "int"  the uniform grid 0..2**nbits-1 with the same min/max scaling (int4 when nbits=4)
+  "nf4"  QLoRA normal-float values with absmax scaling
+  "fp4"  e2m1 values with absmax scaling
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from any4ao.codebooks.fixed import FP4_E2M1_MAGNITUDES, fixed_lut, int_grid
+from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_params, to_code_domain
+from any4ao.codebooks.kmeans import lloyd_max, nearest_code, weighted_sse
+
+CODEBOOKS = ("any", "int", "nf4", "fp4")
+SUPPORTED_NBITS = (2, 3, 4)
+# Rows are processed in chunks of about this many elements, bounding k-means' working memory
+# (a handful of float32 temporaries of this size) independently of the layer's size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class QuantizedWeight:
+    codes: torch.Tensor  # (N, K) uint8, unpacked
+    lut: torch.Tensor  # (N, 2**nbits), storage dtype, sorted per row
+    scales: torch.Tensor  # (N, ceil(K/G)), storage dtype
+    zeros: torch.Tensor  # (N, ceil(K/G)), storage dtype
+
+
+def _row_chunks(num_rows: int, in_features: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, in_features))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(num_rows, start + step))
+
+
+def _learn_lut(x, sample_weight, grid, iterations, dtype):
+    """k-means from the int grid, LUT rounded to the storage dtype, then a per-row guard:
+    where rounding made a row worse than the grid itself, that row keeps the grid. So the learned
+    codebook's weighted error is never above int's, even after rounding."""
+    if iterations > 0:
+        centroids = lloyd_max(x, sample_weight, grid, iterations).centroids
+    else:
+        centroids = grid.expand(x.shape[0], -1)
+    lut = centroids.to(dtype).float()
+    codes = nearest_code(x, lut)
+    grid_rows = grid.expand_as(lut).contiguous()
+    grid_codes = nearest_code(x, grid_rows)
+    worse = weighted_sse(x, sample_weight, lut, codes) > weighted_sse(x, sample_weight, grid_rows, grid_codes)
+    lut = torch.where(worse[:, None], grid_rows, lut)
+    codes = torch.where(worse[:, None], grid_codes, codes)
+    return lut, codes
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    nbits: int = 4,
+    group_size: int = 128,
+    codebook: str = "any",
+    channel_weight: Optional[torch.Tensor] = None,
+    iterations: int = 30,
+    dtype: Optional[torch.dtype] = None,
+) -> QuantizedWeight:
+    """Quantize a finite 2-D weight (validation is the caller's job: any4ao.validation).
+
+    channel_weight: optional (K,) non-negative importance of each input channel (from calibration);
+    the k-means objective is sum_k channel_weight[k] * (W[n, k] - W_hat[n, k])^2 per row.
+    dtype: storage dtype of LUT, scales and zeros (default: the weight's dtype)."""
+    dtype = dtype or w.dtype
+    w = w.float()
+    n, k = w.shape
+    if codebook in ("any", "int"):
+        grid = int_grid(nbits).to(w.device)
+        scales, zeros = minmax_params(w, group_size, 0.0, float(2**nbits - 1), dtype)
+    elif codebook in ("nf4", "fp4"):
+        grid = fixed_lut(codebook, nbits).to(w.device)
+        lut_absmax = 1.0 if codebook == "nf4" else max(FP4_E2M1_MAGNITUDES)
+        scales, zeros = absmax_params(w, group_size, lut_absmax, dtype)
+    else:
+        raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
+
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    lut = torch.empty(n, 2**nbits, dtype=torch.float32, device=w.device)
+    for rows in _row_chunks(n, k):
+        x = to_code_domain(w[rows], scales[rows], zeros[rows], group_size)
+        if codebook == "any":
+            # Real-domain error = scale^2 * code-domain error, so scale^2 joins the sample weight.
+            sample_weight = expand_groups(scales[rows], k, group_size).square()
+            if channel_weight is not None:
+                sample_weight = sample_weight * channel_weight.to(sample_weight)[None, :]
+            lut[rows], chunk_codes = _learn_lut(x, sample_weight, grid, iterations, dtype)
+        else:
+            lut[rows] = grid
+            chunk_codes = nearest_code(x, grid.expand(x.shape[0], -1).contiguous())
+        codes[rows] = chunk_codes.to(torch.uint8)
+    return QuantizedWeight(codes=codes, lut=lut.to(dtype), scales=scales.to(dtype), zeros=zeros.to(dtype))

@@ -1,0 +1,34 @@
+"""Matmul with an Any4Tensor weight: fused Triton LUT kernels on CUDA, dequantize + F.linear elsewhere."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_operands(x: torch.Tensor, weight) -> None:
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(
+            f"any4 linear: input has {x.shape[-1]} features in its last dimension but the weight "
+            f"expects in_features={weight.in_features} (weight shape {tuple(weight.shape)})"
+        )
+    if x.dtype != weight.dtype:
+        raise ValueError(
+            f"any4 linear: input dtype {x.dtype} does not match the Any4Tensor dtype {weight.dtype}; "
+            f"cast one of them (e.g. model.to({x.dtype}))"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"any4 linear: input is on {x.device} but the weight is on {weight.device}")
+
+
+def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
+    _check_operands(x, weight)
+    from any4ao.kernels.dispatch import triton_linear_applies
+
+    if triton_linear_applies(x, weight):
+        out = torch.ops.any4ao.lut_linear(
+            x.reshape(-1, x.shape[-1]), weight.qdata, weight.lut, weight.scales, weight.zeros, weight.nbits, weight.group_size
+        ).reshape(*x.shape[:-1], weight.out_features)
+        return out if bias is None else out + bias
+    return F.linear(x, weight.dequantize(x.dtype), bias)

@@ -1,0 +1,143 @@
+"""aten / torch-function implementations for Any4Tensor.
+
+Anything not registered here (or by TorchAOBaseTensor: detach, clone, alias, contiguous, copy_)
+raises NotImplementedError naming the operator, rather than silently dequantizing.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import fill_defaults
+
+from any4ao.tensor.any4_tensor import Any4Tensor
+from any4ao.tensor.linear import any4_linear
+from any4ao.tensor.packing import codes_per_byte
+
+aten = torch.ops.aten
+implements = Any4Tensor.implements
+implements_torch_function = Any4Tensor.implements_torch_function
+
+
+def _with(w: Any4Tensor, **changes) -> Any4Tensor:
+    fields = dict(
+        qdata=w.qdata, lut=w.lut, scales=w.scales, zeros=w.zeros, nbits=w.nbits,
+        block_size=w.block_size, shape=w.shape, transposed=w.transposed,
+    )
+    fields.update(changes)
+    return Any4Tensor(**fields)
+
+
+def _untransposed(w: Any4Tensor) -> Any4Tensor:
+    return _with(w, shape=torch.Size(reversed(w.shape)), transposed=not w.transposed)
+
+
+def _dense(t):
+    return t.dequantize() if isinstance(t, Any4Tensor) else t
+
+
+@implements(aten.linear.default)
+@implements_torch_function(F.linear)
+def _linear(func, types, args, kwargs):
+    x, w, bias = fill_defaults(args, 3, [None])
+    bias = kwargs.get("bias", bias)
+    if isinstance(x, Any4Tensor) or not isinstance(w, Any4Tensor):
+        return func(_dense(x), _dense(w), bias)
+    if w.transposed:
+        # F.linear(x, W^T) = x @ W: the stored matrix is used without transpose.
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    return any4_linear(x, w, bias)
+
+
+def _mm(a, b):
+    if isinstance(b, Any4Tensor) and b.transposed and not isinstance(a, Any4Tensor):
+        return any4_linear(a, _untransposed(b))  # a @ W^T  (what F.linear decomposes into)
+    if isinstance(a, Any4Tensor) and not a.transposed and not isinstance(b, Any4Tensor):
+        return any4_linear(b.t(), a).t()  # W @ b = (b^T @ W^T)^T
+    return torch.mm(_dense(a), _dense(b))
+
+
+@implements(aten.mm.default)
+def _(func, types, args, kwargs):
+    return _mm(args[0], args[1])
+
+
+@implements(aten.addmm.default)
+def _(func, types, args, kwargs):
+    bias, a, b = args[:3]
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
+    out = _mm(a, b)
+    if alpha != 1:
+        out = out * alpha
+    return out + (bias if beta == 1 else beta * bias)
+
+
+@implements(aten.t.default)
+def _(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, _untransposed(args[0]))
+
+
+@implements(aten.transpose.int)
+def _(func, types, args, kwargs):
+    w, dim0, dim1 = args[:3]
+    same = (dim0 % 2) == (dim1 % 2)
+    return return_and_correct_aliasing(func, args, kwargs, _with(w) if same else _untransposed(w))
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    """Slices along N (rows: any range) or along K (whole groups only), in logical dims."""
+    w, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
+    dim = dim % 2
+    stored_dim = 1 - dim if w.transposed else dim
+    size = w.shape[dim]
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    start, end = max(0, min(start, size)), max(0, min(end, size))
+    end = max(start, end)
+    if step != 1:
+        raise NotImplementedError(f"Any4Tensor slice supports step=1 only, got step={step}")
+    if stored_dim == 0:
+        rows = slice(start, end)
+        new = _with(w, qdata=w.qdata[rows], lut=w.lut[rows], scales=w.scales[rows], zeros=w.zeros[rows])
+    else:
+        g, per = w.group_size, codes_per_byte(w.nbits)
+        if start % g or (end % g and end != size):
+            raise ValueError(
+                f"Any4Tensor can only be sliced along in_features at group boundaries "
+                f"(group_size={g}); got [{start}:{end}] of {size}"
+            )
+        new = _with(
+            w,
+            qdata=w.qdata[:, start // per : -(-end // per)],
+            scales=w.scales[:, start // g : -(-end // g)],
+            zeros=w.zeros[:, start // g : -(-end // g)],
+        )
+    shape = list(w.shape)
+    shape[dim] = end - start
+    new = _with(new, shape=torch.Size(shape))
+    return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """`.to(device)` moves every inner tensor; `.to(dtype)` re-types LUT, scales and zeros
+    (codes stay uint8), which is how `model.to(torch.float16)` works on a quantized model."""
+    w = args[0]
+    device = kwargs.get("device") or w.device
+    dtype = kwargs.get("dtype") or w.dtype
+    non_blocking = kwargs.get("non_blocking", False)
+    if not dtype.is_floating_point:
+        raise ValueError(f"Any4Tensor cannot be converted to non-float dtype {dtype}")
+
+    def move(t, as_float):
+        return t.to(device=device, dtype=dtype if as_float else t.dtype, non_blocking=non_blocking)
+
+    new = _with(
+        w,
+        qdata=move(w.qdata, False),
+        lut=move(w.lut, True),
+        scales=move(w.scales, True),
+        zeros=move(w.zeros, True),
+    )
+    return return_and_correct_aliasing(func, args, kwargs, new)

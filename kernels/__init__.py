@@ -1,0 +1,1 @@
+"""Triton LUT kernels for Any4Tensor (installed as the subpackage `any4ao.kernels`)."""

@@ -1,0 +1,173 @@
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+
+import any4ao
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, any4_weight_only, default_filter, quantize_model
+from tiny_models import tiny_llama
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32)).eval()
+
+
+def test_quantize_sequential_in_place_without_module_swap():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    modules_before = [id(m) for m in model.modules()]
+    quantize_(model, any4_weight_only(group_size=32))
+    assert [id(m) for m in model.modules()] == modules_before
+    for layer in (model[0], model[2]):
+        assert isinstance(layer.weight, nn.Parameter) and isinstance(layer.weight, Any4Tensor)
+        assert not layer.weight.requires_grad
+    x = torch.randn(8, 64)
+    y, y_ref = model(x), ref(x)
+    assert (y - y_ref).norm() / y_ref.norm() < 0.1
+
+
+def test_filter_fn_is_honoured():
+    model = _mlp()
+    quantize_(model, any4_weight_only(group_size=32), filter_fn=lambda m, fqn: fqn == "2")
+    assert not isinstance(model[0].weight, Any4Tensor)
+    assert isinstance(model[2].weight, Any4Tensor)
+
+
+@pytest.mark.parametrize("codebook", ["any4", "int4", "nf4", "fp4", "any3", "any2"])
+def test_tiny_llama_all_codebooks(codebook):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    quantize_(model, any4_weight_only(codebook=codebook, group_size=32), filter_fn=default_filter)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, m in linears.items():
+        assert isinstance(m.weight, Any4Tensor) == (name != "lm_head"), name
+    ids = torch.randint(0, 128, (2, 16))
+    logits, ref_logits = model(ids).logits, ref(ids).logits
+    rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
+    assert rel < {"any2": 0.6, "any3": 0.3}.get(codebook, 0.15), rel
+
+
+def test_state_dict_round_trip_weights_only():
+    model = tiny_llama()
+    quantize_model(model, any4_weight_only(group_size=32), progress=False)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    fresh = tiny_llama(seed=1)
+    quantize_model(fresh, any4_weight_only(group_size=32, kmeans_iterations=0), progress=False)
+    fresh.load_state_dict(state)
+    ids = torch.randint(0, 128, (1, 12))
+    assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_in_features_not_divisible_by_group_size_uses_a_ragged_last_group():
+    model = nn.Sequential(nn.Linear(576, 40))  # SmolLM2's width: 576 = 4.5 groups of 128
+    w = model[0].weight.detach().clone()
+    quantize_(model, any4_weight_only(group_size=128))
+    qw = model[0].weight
+    assert qw.scales.shape == (40, 5) and qw.shape == (40, 576)
+    assert (qw.dequantize() - w).norm() / w.norm() < 0.1
+
+
+def test_calibrated_quantization_runs_and_hooks_are_removed():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 32))
+    stats = any4ao.calibrate(model, input_ids=ids)
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+    assert len(stats) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + lm_head
+    layer = model.model.layers[0].mlp.down_proj
+    assert stats.for_module(layer).shape == (160,) and stats.tokens_seen(layer) == 32
+    quantize_model(model, any4_weight_only(group_size=32, calibration=stats), progress=False)
+    assert isinstance(layer.weight, Any4Tensor)
+
+
+def test_calibration_hooks_removed_when_forward_raises():
+    model = tiny_llama()
+    with pytest.raises(IndexError):
+        any4ao.calibrate(model, input_ids=torch.tensor([[100000]]))
+    assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
+
+
+def test_default_calibration_text_ships_with_the_package():
+    assert len(any4ao.default_calibration_text().split()) > 200
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(nbits=5, codebook="any"), "nbits"),
+        (dict(group_size=100), "group_size"),
+        (dict(group_size=8), "group_size"),
+        (dict(codebook="nf3"), "nf4"),
+        (dict(codebook="lut4"), "codebook"),
+        (dict(codebook="any4", nbits=2), "4-bit"),
+        (dict(lut_dtype=torch.int8), "lut_dtype"),
+        (dict(kmeans_iterations=-1), "kmeans_iterations"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Any4WeightOnlyConfig(**kwargs)
+
+
+def _poison(model, fqn, value):
+    with torch.no_grad():
+        model.get_submodule(fqn).weight[3, 5] = value
+
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_weights_name_the_layer_and_leave_the_model_untouched(value, word):
+    model = tiny_llama()
+    _poison(model, "model.layers.1.mlp.up_proj", value)
+    before = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"model\.layers\.1\.mlp\.up_proj.*{word}"):
+        quantize_model(model, any4_weight_only(group_size=32), progress=False)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p for n, p in before.items())  # not one layer was replaced
+
+
+def test_failure_midway_restores_every_weight(monkeypatch):
+    model = tiny_llama()
+    before = {n: p for n, p in model.named_parameters()}
+    calls = []
+    real = Any4Tensor.from_hp.__func__
+
+    def flaky(cls, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated out-of-memory")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Any4Tensor, "from_hp", classmethod(flaky))
+    with pytest.raises(RuntimeError, match="simulated"):
+        quantize_model(model, any4_weight_only(group_size=32), progress=False)
+    assert all(dict(model.named_parameters())[n] is p for n, p in before.items())
+
+
+def test_plain_quantize_reports_the_layer_name_with_default_filter():
+    model = tiny_llama()
+    _poison(model, "model.layers.0.self_attn.k_proj", float("nan"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj"):
+        quantize_(model, any4_weight_only(group_size=32), filter_fn=default_filter)
+
+
+def test_wrong_shape_and_dtype_weights_are_rejected():
+    conv_like = nn.Linear(64, 32)
+    conv_like.weight = nn.Parameter(torch.randn(32, 64, 1))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_(nn.Sequential(conv_like), any4_weight_only(group_size=32))
+    int_layer = nn.Linear(64, 32)
+    int_layer.weight = nn.Parameter(torch.zeros(32, 64, dtype=torch.float64), requires_grad=False)
+    with pytest.raises(ValueError, match="float64"):
+        quantize_(nn.Sequential(int_layer), any4_weight_only(group_size=32))
+
+
+def test_calibration_from_another_model_is_rejected():
+    model, other = tiny_llama(), tiny_llama(seed=2)
+    stats = any4ao.calibrate(other, input_ids=torch.randint(0, 128, (1, 8)))
+    with pytest.raises(ValueError, match="no calibration statistics"):
+        quantize_model(model, any4_weight_only(group_size=32, calibration=stats), progress=False)

@@ -1,0 +1,140 @@
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+from any4ao import Any4Tensor
+from helpers import reference_dequantize
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}
+
+
+def _tensor(n=24, k=200, group_size=32, nbits=4, dtype=torch.bfloat16, codebook="any", seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return w, Any4Tensor.from_hp(w, nbits=nbits, group_size=group_size, codebook=codebook, iterations=5)
+
+
+@given(
+    n=st.integers(1, 20),
+    k=st.integers(16, 260),
+    group_size=st.sampled_from([16, 32, 64, 128]),
+    nbits=st.sampled_from([2, 3, 4]),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_matches_float64_formula(n, k, group_size, nbits, dtype, seed):
+    _, t = _tensor(n, k, group_size, nbits, dtype, seed=seed)
+    ref = reference_dequantize(t.codes(), t.lut, t.scales, t.zeros, group_size)
+    assert torch.equal(t.dequantize(torch.float64), ref)
+    got = t.dequantize()
+    assert got.dtype == dtype and got.shape == (n, k)
+    # float32 arithmetic (error <= 2^-23 of the terms' magnitude) then one rounding to `dtype`
+    terms = reference_dequantize(t.codes(), t.lut.abs(), t.scales.abs(), t.zeros.abs(), group_size)
+    bound = 2**-23 * terms + ULP[dtype] * ref.abs()
+    assert torch.all((got.double() - ref).abs() <= bound)
+
+
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 20),
+    k=st.integers(16, 200),
+    group_size=st.sampled_from([16, 32, 64]),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_dense(m, n, k, group_size, dtype, bias, seed):
+    _, t = _tensor(n, k, group_size, 4, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    dense = t.dequantize()
+    assert torch.equal(F.linear(x, t, b), F.linear(x, dense, b))
+
+
+def test_matmul_forms():
+    _, t = _tensor(dtype=torch.float32)
+    dense = t.dequantize()
+    x = torch.randn(5, 200)
+    y = torch.randn(200, 3)
+    b = torch.randn(24)
+    torch.testing.assert_close(x @ t.t(), x @ dense.t())
+    torch.testing.assert_close(torch.mm(x, t.t()), x @ dense.t())
+    torch.testing.assert_close(t @ y, dense @ y)
+    torch.testing.assert_close(torch.addmm(b, x, t.t()), torch.addmm(b, x, dense.t()))
+    torch.testing.assert_close(torch.addmm(b, x, t.t(), beta=0.5, alpha=2.0), torch.addmm(b, x, dense.t(), beta=0.5, alpha=2.0))
+    torch.testing.assert_close(x @ t.transpose(0, 1), x @ dense.t())
+    assert t.t().t().shape == t.shape and not t.t().t().transposed
+    torch.testing.assert_close(t.t().dequantize(), dense.t())
+
+
+def test_view_and_copy_ops():
+    _, t = _tensor(n=24, k=200, group_size=32, dtype=torch.float32)
+    dense = t.dequantize()
+    assert torch.equal(t[3:11].dequantize(), dense[3:11])
+    assert torch.equal(t.narrow(0, 5, 7).dequantize(), dense[5:12])
+    assert torch.equal(t[:, 64:160].dequantize(), dense[:, 64:160])
+    assert torch.equal(t[:, 192:].dequantize(), dense[:, 192:])  # ragged last group
+    assert torch.equal(t.t()[:, 2:9].dequantize(), dense.t()[:, 2:9])
+    with pytest.raises(ValueError, match="group boundaries"):
+        t[:, 10:40]
+    for op in (torch.Tensor.detach, torch.Tensor.clone):
+        c = op(t)
+        assert isinstance(c, Any4Tensor) and torch.equal(c.dequantize(), dense)
+    other = _tensor(n=24, k=200, group_size=32, dtype=torch.float32, seed=9)[1]
+    other.copy_(t)
+    assert torch.equal(other.dequantize(), dense)
+
+
+def test_to_dtype_and_device():
+    _, t = _tensor(dtype=torch.float32)
+    h = t.to(torch.float16)
+    assert isinstance(h, Any4Tensor) and h.dtype == torch.float16 and h.lut.dtype == torch.float16
+    assert h.qdata.dtype == torch.uint8
+    assert torch.equal(h.qdata, t.qdata)
+    for name in ("lut", "scales", "zeros"):  # re-typing rounds each parameter once, nothing else
+        assert torch.equal(getattr(h, name), getattr(t, name).half())
+    assert t.to("cpu") is t or torch.equal(t.to("cpu").qdata, t.qdata)
+    with pytest.raises(ValueError, match="non-float"):
+        t.to(torch.int32)
+
+
+def test_unsupported_op_names_itself():
+    _, t = _tensor()
+    with pytest.raises(NotImplementedError, match="aten.add"):
+        t + 1
+    with pytest.raises(NotImplementedError, match="aten.mul"):
+        t * 2
+
+
+def test_linear_rejects_bad_inputs():
+    _, t = _tensor(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="in_features=200"):
+        F.linear(torch.randn(3, 100, dtype=torch.bfloat16), t)
+    with pytest.raises(ValueError, match="dtype"):
+        F.linear(torch.randn(3, 200), t)
+
+
+def test_flatten_unflatten_and_pickle():
+    _, t = _tensor()
+    names, attrs = t.__tensor_flatten__()
+    assert names == ["qdata", "lut", "scales", "zeros"]
+    rebuilt = Any4Tensor.__tensor_unflatten__({n: getattr(t, n) for n in names}, attrs, t.shape, t.stride())
+    assert torch.equal(rebuilt.dequantize(), t.dequantize())
+    buf = io.BytesIO()
+    torch.save({"w": t}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)["w"]
+    assert isinstance(loaded, Any4Tensor) and torch.equal(loaded.dequantize(), t.dequantize())
+
+
+def test_memory_of_4096_square_weight_at_group_128():
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16)
+    t = Any4Tensor.from_hp(w, group_size=128, codebook="int")
+    inner = (t.qdata, t.lut, t.scales, t.zeros)
+    bits = 8 * sum(x.numel() * x.element_size() for x in inner) / w.numel()
+    assert bits <= 4.32, bits
+    assert bits == pytest.approx(t.bits_per_weight())
