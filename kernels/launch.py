@@ -1,0 +1,101 @@
+"""Host-side launchers: pick block shapes, allocate outputs, launch through `wrap_triton` so the
+same code runs eagerly, inside `torch.library.triton_op` under torch.compile, and (with
+TRITON_INTERPRET=1) on CPU tensors."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from any4ao.kernels.dequant import dequant_kernel
+from any4ao.kernels.lut_gemm import lut_gemm_kernel
+from any4ao.kernels.lut_gemv import lut_gemv_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_MAX_M = 4  # above this, tensor cores (BLOCK_M >= 16) win
+
+
+def _empty(shape, device, dtype):
+    """Every output buffer comes from here; tests fill it with NaN to catch unwritten elements."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kind: str  # "gemv" or "gemm"
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_k(tiles: int, k_blocks: int, device, min_blocks_per_split: int = 4) -> int:
+    """Enough K-splits that the grid covers the GPU about twice, keeping >= min_blocks_per_split
+    K blocks per split so the fp32 workspace stays small next to the weight stream."""
+    want = max(1, (2 * _num_sms(device) + tiles - 1) // tiles)
+    return max(1, min(want, k_blocks // min_blocks_per_split, 16))
+
+
+def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    if m <= GEMV_MAX_M:
+        block_n, block_k = 32, 128
+        tiles = triton.cdiv(n, block_n)
+        return KernelConfig("gemv", triton.next_power_of_2(m), block_n, block_k,
+                            _split_k(tiles, triton.cdiv(k, block_k), device), num_warps=4, num_stages=3)
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    block_n = 64 if m <= 64 else 128
+    block_k = 64
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split = _split_k(tiles, triton.cdiv(k, block_k), device) if tiles < _num_sms(device) else 1
+    return KernelConfig("gemm", block_m, block_n, block_k, split, num_warps=4 if m <= 64 else 8, num_stages=3)
+
+
+def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config: Optional[KernelConfig] = None):
+    """out[m, n] = sum_k x[m, k] * W[n, k] for a 2-D x (M, K); out has x's dtype."""
+    m, k = x.shape
+    n = qdata.shape[0]
+    x = x.contiguous()
+    config = config or choose_config(m, n, k, x.device)
+    workspace = _empty((config.split_k, m, n), x.device, torch.float32 if config.split_k > 1 else x.dtype)
+    common = dict(
+        M=m, N=n, K=k,
+        stride_xm=x.stride(0), stride_qn=qdata.stride(0), stride_sn=scales.stride(0),
+        stride_os=workspace.stride(0), stride_om=workspace.stride(1),
+        NBITS=nbits, GROUP=group_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.kind == "gemv":
+        grid = (triton.cdiv(n, config.block_n), config.split_k)
+        wrap_triton(lut_gemv_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common)
+    else:
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+        wrap_triton(lut_gemm_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common, GROUP_M=8, DOT_FP32=INTERPRET)
+    if config.split_k == 1:
+        return workspace[0]
+    return workspace.sum(0).to(x.dtype)
+
+
+def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
+                   block_n: int = 32, block_k: int = 128):
+    """Dense (N, K) weight in `dtype`."""
+    n = qdata.shape[0]
+    out = _empty((n, in_features), qdata.device, dtype)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
+    wrap_triton(dequant_kernel)[grid](
+        qdata, lut, scales, zeros, out, n, in_features,
+        qdata.stride(0), scales.stride(0), out.stride(0),
+        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out

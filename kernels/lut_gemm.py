@@ -1,0 +1,56 @@
+"""Tensor-core GEMM  out = x @ W^T  with W dequantized tile by tile inside the main loop.
+
+Grid: (M tiles x N tiles, SPLIT_K). Each program walks its share of K; with SPLIT_K > 1 the
+partial sums go to an fp32 workspace (SPLIT_K, M, N) that the host sums, so results are
+deterministic (no atomics).
+"""
+
+import triton
+import triton.language as tl
+
+from any4ao.kernels.lut_tile import dequant_tile
+
+
+@triton.jit
+def lut_gemm_kernel(
+    x_ptr, q_ptr, lut_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_os, stride_om,
+    NBITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # Grouped ordering of (m, n) tiles so consecutive programs share weight tiles in L2.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    blocks_per_split = tl.cdiv(k_blocks, SPLIT_K)
+    k_begin = pid_k * blocks_per_split * BLOCK_K
+    k_end = tl.minimum(k_begin + blocks_per_split * BLOCK_K, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
+        )
+        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, stride_qn, stride_sn, NBITS, GROUP)
+        if DOT_FP32:
+            # Interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 is exact.
+            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+
+    out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

@@ -1,0 +1,111 @@
+"""Triton kernels under TRITON_INTERPRET=1 on CPU tensors, against a float64 reference.
+
+Every output buffer the launchers allocate is pre-filled with NaN, so an element a kernel fails
+to write makes the comparison fail."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from any4ao import Any4Tensor
+from any4ao.kernels import launch, ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
+from any4ao.kernels.launch import KernelConfig, choose_config, lut_dequantize, lut_matmul
+from helpers import reference_dequantize
+
+# bf16 / fp16 operands with fp32 accumulation, one final rounding of the output.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(launch, "_empty", lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
+
+
+def _problem(m, n, k, group_size, nbits, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    t = Any4Tensor.from_hp(w, nbits=nbits, group_size=group_size, iterations=3)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = x.double() @ reference_dequantize(t.codes(), t.lut, t.scales, t.zeros, group_size).t()
+    return t, x, ref
+
+
+def _rel(out, ref):
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) or NaN output"
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+CONFIGS = [
+    None,  # the dispatcher's own choice
+    KernelConfig("gemv", 4, 32, 32, split_k=3),
+    KernelConfig("gemv", 8, 16, 64, split_k=1),
+    KernelConfig("gemm", 16, 32, 32, split_k=1),
+    KernelConfig("gemm", 32, 16, 16, split_k=4),
+]
+
+
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 70),
+    k_groups=st.integers(1, 5),
+    k_tail=st.sampled_from([0, 0, 2, 16]),
+    group_size=st.sampled_from([16, 32, 48, 64]),
+    nbits=st.sampled_from([2, 3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    config=st.sampled_from(CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_lut_matmul_matches_float64(m, n, k_groups, k_tail, group_size, nbits, dtype, config, seed):
+    k = k_groups * group_size + k_tail  # a tail makes the last group ragged
+    if config is not None and config.kind == "gemv" and m > config.block_m:
+        config = KernelConfig("gemv", 64, config.block_n, config.block_k, config.split_k)
+    t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
+    out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref) < TOLERANCE[dtype]
+
+
+@given(
+    n=st.integers(1, 70),
+    k=st.integers(16, 300),
+    group_size=st.sampled_from([16, 32, 64]),
+    nbits=st.sampled_from([2, 3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_kernel_matches_formula(n, k, group_size, nbits, dtype, seed):
+    t, _, _ = _problem(1, n, k, group_size, nbits, dtype, seed)
+    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, k, dtype)
+    ref = t.dequantize(torch.float64)
+    assert not torch.isnan(out).any()
+    # fp32 arithmetic then one conversion to dtype. One full ulp, not half: the triton 3.9
+    # interpreter converts fp32 -> bf16 by truncation, not round-to-nearest as the GPU does.
+    terms = reference_dequantize(t.codes(), t.lut.abs(), t.scales.abs(), t.zeros.abs(), group_size)
+    ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-23}[dtype]
+    assert torch.all((out.double() - ref).abs() <= 2**-22 * terms + ulp * ref.abs())
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 100, 1500])
+def test_custom_op_paths(m):
+    """torch.ops.any4ao.lut_linear over every dispatcher branch (gemv, gemm, dequantize + mm)."""
+    t, x, ref = _problem(m, 48, 96, 32, 4, torch.float16, seed=m)
+    out = torch.ops.any4ao.lut_linear(x, t.qdata, t.lut, t.scales, t.zeros, 4, 32)
+    assert _rel(out, ref) < TOLERANCE[torch.float16]
+
+
+def test_dispatcher_choices():
+    cpu = torch.device("cpu")
+    assert choose_config(1, 4096, 4096, cpu).kind == "gemv"
+    assert choose_config(4, 4096, 4096, cpu).kind == "gemv"
+    assert choose_config(16, 4096, 4096, cpu).kind == "gemm"
+    small = choose_config(16, 64, 8192, cpu)
+    assert small.split_k > 1  # few output tiles: split K to fill the machine
+    assert choose_config(512, 4096, 4096, cpu).block_m == 128
+
+
+def test_split_k_is_deterministic():
+    t, x, _ = _problem(2, 40, 512, 64, 4, torch.bfloat16, seed=1)
+    cfg = KernelConfig("gemv", 2, 16, 32, split_k=4)
+    a = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 64, cfg)
+    b = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 64, cfg)
+    assert torch.equal(a, b)
