@@ -154,26 +154,28 @@ def kmeans_throughput(dtype):
 
 def sweep_configs(dtype):
     """Time alternative block shapes for the fused kernels (data for tuning choose_config)."""
-    from any4ao.kernels.launch import KernelConfig, lut_matmul
+    from any4ao.kernels.launch import KernelConfig, lut_dequantize, lut_matmul
 
     out = []
     for n, k in [(4096, 4096), (28672, 4096), (8192, 8192)]:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         q = Any4Tensor.from_hp(w, group_size=GROUP, codebook="int")
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
-        for m in (1, 16, 64, 256):
+        for m in (1, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             tiles_n = lambda bn: -(-n // bn)
             cands = []
             if m <= 4:
-                for bn, bk, warps in [(16, 128, 4), (32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8)]:
+                for bn, bk, warps in [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 64, 2), (64, 64, 4), (128, 128, 8)]:
                     for split in (1, 2, 4, 8):
-                        cands.append(KernelConfig("gemv", 1 if m == 1 else 4, bn, bk, split, warps, 3))
+                        for sel in (False, True):
+                            cands.append(KernelConfig("gemv", 1 if m == 1 else 4, bn, bk, split, warps, 3, sel))
             else:
                 bm = 16 if m <= 16 else 64 if m <= 64 else 128
-                for bn, bk, warps, stages in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (64, 256, 4, 2)]:
+                for bn, bk, warps, stages in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]:
                     for split in (1, 2, 4):
-                        cands.append(KernelConfig("gemm", bm, bn, bk, split, warps, stages))
+                        for sel in (False, True):
+                            cands.append(KernelConfig("gemm", bm, bn, bk, split, warps, stages, sel))
             best = None
             for cfg in cands:
                 try:
@@ -185,6 +187,11 @@ def sweep_configs(dtype):
                 if best is None or us < best[0]:
                     best = (us, cfg)
             print(f"  sweep {n}x{k} M={m}: best {best[0]:.1f} us with {best[1]}", flush=True)
+        for bn, bk, sel in [(32, 128, False), (32, 128, True), (64, 128, False), (64, 128, True), (16, 128, False), (128, 64, False)]:
+            us = graph_time_us([lambda c=c_: lut_dequantize(c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, k, dtype, bn, bk, sel)
+                                for c_ in copies], replays=10)
+            out.append({"N": n, "K": k, "M": 0, "config": f"dequant bn={bn} bk={bk} select={sel}", "us": us})
+            print(f"  dequant {n}x{k} bn={bn} bk={bk} select={sel}: {us:.1f} us", flush=True)
         del copies, q, w
         torch.cuda.empty_cache()
     return out
@@ -196,6 +203,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="two shapes, three Ms")
     p.add_argument("--baselines", default="torchao,gemlite,naive")
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block shapes")
+    p.add_argument("--sweep-only", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -208,7 +216,7 @@ def main():
         "timing": "median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
     }
     rows, checks = [], []
-    for n, k in shapes:
+    for n, k in ([] if args.sweep_only else shapes):
         methods, q, quant_s = make_methods(n, k, dtype, include)
         print(f"\n{n}x{k}: any4 quantized (10 iterations) in {quant_s:.2f}s", flush=True)
         for m in ms:
@@ -230,9 +238,9 @@ def main():
         del methods, q
         torch.cuda.empty_cache()
     result = {"meta": meta, "rows": rows, "checks": checks}
-    if args.sweep:
+    if args.sweep or args.sweep_only:
         result["sweep"] = sweep_configs(dtype)
-    if not args.quick:
+    if not args.quick and not args.sweep_only:
         numel, seconds = kmeans_throughput(dtype)
         result["kmeans"] = {"weights": numel, "seconds": seconds, "iterations": 30, "group_size": GROUP}
         print(f"\nk-means any4: {numel / 1e9:.2f}e9 weights in {seconds:.1f}s", flush=True)

@@ -13,10 +13,11 @@ def dequant_kernel(
     N, K,
     stride_qn, stride_sn, stride_on,
     NBITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT_SELECT: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, stride_qn, stride_sn, NBITS, GROUP)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, NBITS, GROUP, BLOCK_K, LUT_SELECT)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w, mask=mask)

@@ -32,6 +32,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    lut_select: bool = False  # LUT lookup as a register select tree instead of a gather load
 
 
 def _num_sms(device: torch.device) -> int:
@@ -61,19 +62,28 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     return KernelConfig("gemm", block_m, block_n, block_k, split, num_warps=4 if m <= 64 else 8, num_stages=3)
 
 
+def block_k_for(group_size: int, block_k: int) -> int:
+    """Largest block_k / 2**i dividing the group size, so a K block never straddles two groups."""
+    while group_size % block_k:
+        block_k //= 2
+    return block_k
+
+
 def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config: Optional[KernelConfig] = None):
     """out[m, n] = sum_k x[m, k] * W[n, k] for a 2-D x (M, K); out has x's dtype."""
     m, k = x.shape
     n = qdata.shape[0]
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device)
+    block_k = block_k_for(group_size, config.block_k)
     workspace = _empty((config.split_k, m, n), x.device, torch.float32 if config.split_k > 1 else x.dtype)
     common = dict(
         M=m, N=n, K=k,
         stride_xm=x.stride(0), stride_qn=qdata.stride(0), stride_sn=scales.stride(0),
         stride_os=workspace.stride(0), stride_om=workspace.stride(1),
         NBITS=nbits, GROUP=group_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
+        LUT_SELECT=config.lut_select,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.kind == "gemv":
@@ -88,14 +98,15 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
 
 
 def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
-                   block_n: int = 32, block_k: int = 128):
+                   block_n: int = 32, block_k: int = 128, lut_select: bool = False):
     """Dense (N, K) weight in `dtype`."""
     n = qdata.shape[0]
+    block_k = block_k_for(group_size, block_k)
     out = _empty((n, in_features), qdata.device, dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
     wrap_triton(dequant_kernel)[grid](
         qdata, lut, scales, zeros, out, n, in_features,
         qdata.stride(0), scales.stride(0), out.stride(0),
-        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k,
+        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_SELECT=lut_select,
     )
     return out

@@ -18,7 +18,7 @@ def lut_gemm_kernel(
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     NBITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, LUT_SELECT: tl.constexpr,
 ):
     # Grouped ordering of (m, n) tiles so consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
@@ -45,7 +45,7 @@ def lut_gemm_kernel(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
         )
-        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, stride_qn, stride_sn, NBITS, GROUP)
+        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, NBITS, GROUP, BLOCK_K, LUT_SELECT)
         if DOT_FP32:
             # Interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 is exact.
             acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")

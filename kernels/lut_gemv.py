@@ -18,7 +18,7 @@ def lut_gemv_kernel(
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     NBITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, LUT_SELECT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -32,7 +32,7 @@ def lut_gemv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, offs_k, N, K, stride_qn, stride_sn, NBITS, GROUP)
+        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, NBITS, GROUP, BLOCK_K, LUT_SELECT)
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,

@@ -38,9 +38,10 @@ def _rel(out, ref):
 CONFIGS = [
     None,  # the dispatcher's own choice
     KernelConfig("gemv", 4, 32, 32, split_k=3),
-    KernelConfig("gemv", 8, 16, 64, split_k=1),
+    KernelConfig("gemv", 8, 16, 64, split_k=1, lut_select=True),
     KernelConfig("gemm", 16, 32, 32, split_k=1),
     KernelConfig("gemm", 32, 16, 16, split_k=4),
+    KernelConfig("gemm", 16, 32, 64, split_k=2, lut_select=True),
 ]
 
 
@@ -109,3 +110,10 @@ def test_split_k_is_deterministic():
     a = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 64, cfg)
     b = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 64, cfg)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lut_select", [False, True])
+def test_dequantize_kernel_lut_modes_agree(lut_select):
+    t, _, _ = _problem(1, 37, 200, 32, 4, torch.float32, seed=3)
+    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, 4, 32, 200, torch.float32, lut_select=lut_select)
+    torch.testing.assert_close(out, t.dequantize(), rtol=1e-6, atol=1e-6)
