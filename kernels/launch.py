@@ -76,6 +76,11 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device)
     block_k = block_k_for(group_size, config.block_k)
+    per_byte = 4 if nbits == 2 else 2
+    if config.kind == "gemm" and block_k // per_byte < 16:
+        # tl.dot needs K >= 16 per phase; groups this small (G=16, 48, ...) take dequantize + mm.
+        w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, k, x.dtype)
+        return torch.mm(x, w.t())
     workspace = _empty((config.split_k, m, n), x.device, torch.float32 if config.split_k > 1 else x.dtype)
     common = dict(
         M=m, N=n, K=k,

@@ -1,14 +1,15 @@
-"""Tensor-core GEMM  out = x @ W^T  with W dequantized tile by tile inside the main loop.
+"""Tensor-core GEMM  out = x @ W^T  with the LUT lookup inside the main loop.
 
-Grid: (M tiles x N tiles, SPLIT_K). Each program walks its share of K; with SPLIT_K > 1 the
-partial sums go to an fp32 workspace (SPLIT_K, M, N) that the host sums, so results are
-deterministic (no atomics).
+Per K block: one load of packed codes; per byte phase p, LUT values (BLOCK_N, BLOCK_K/PER_BYTE)
+go straight into tl.dot with the matching strided columns of x; scale and zero are applied to the
+block's partial product (see lut_tile). Grid: (M tiles x N tiles, SPLIT_K); with SPLIT_K > 1 the
+partial sums go to an fp32 workspace (SPLIT_K, M, N) that the host sums: deterministic, no atomics.
 """
 
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_tile import dequant_tile
+from any4ao.kernels.lut_tile import group_scale_zero, load_packed, lut_lookup, phase_codes
 
 
 @triton.jit
@@ -20,6 +21,8 @@ def lut_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, LUT_SELECT: tl.constexpr,
 ):
+    PER_BYTE: tl.constexpr = 4 if NBITS == 2 else 2
+    SUB_K: tl.constexpr = BLOCK_K // PER_BYTE
     # Grouped ordering of (m, n) tiles so consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -33,6 +36,7 @@ def lut_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, SUB_K)
     k_blocks = tl.cdiv(K, BLOCK_K)
     blocks_per_split = tl.cdiv(k_blocks, SPLIT_K)
     k_begin = pid_k * blocks_per_split * BLOCK_K
@@ -40,17 +44,22 @@ def lut_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
-        )
-        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, NBITS, GROUP, BLOCK_K, LUT_SELECT)
-        if DOT_FP32:
-            # Interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 is exact.
-            acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        packed = load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K, PER_BYTE)
+        block = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for p in tl.static_range(PER_BYTE):
+            cols = k0 + offs_j * PER_BYTE + p
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                        mask=(offs_m[:, None] < M) & (cols[None, :] < K), other=0.0)
+            v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_SELECT)
+            if DOT_FP32:
+                # Interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 is exact.
+                block += tl.dot(x.to(tl.float32), tl.trans(v), input_precision="ieee")
+            else:
+                block += tl.dot(x, tl.trans(v.to(x.dtype)))  # LUT entries are exact in x's dtype
+            x_sum += tl.sum(x.to(tl.float32), axis=1)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, k0, N, stride_sn, GROUP)
+        acc += block * scale[None, :] + x_sum[:, None] * zero[None, :]
 
     out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

@@ -1,14 +1,15 @@
-"""GEMV / skinny GEMM for decode (M <= 4): no tensor cores, a multiply-reduce on CUDA cores.
+"""GEMV / skinny GEMM for decode (M <= 4): multiply-reduce on CUDA cores, no tensor cores.
 
-At decode the weight stream is all that matters: each program dequantizes one (BLOCK_N, BLOCK_K)
-tile per step and applies it to all M rows of x, so every packed byte is read exactly once.
+At decode the weight stream is all that matters: each program reads one packed (BLOCK_N,
+BLOCK_K / PER_BYTE) tile per step and applies it to all M rows of x, so every byte is read once;
+per weight the work is a shift, a LUT lookup and an FMA (scale and zero are per block, lut_tile).
 Grid: (N tiles, SPLIT_K); partial sums go to an fp32 workspace (deterministic, as in lut_gemm).
 """
 
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_tile import dequant_tile
+from any4ao.kernels.lut_tile import group_scale_zero, load_packed, lut_lookup, phase_codes
 
 
 @triton.jit
@@ -20,10 +21,13 @@ def lut_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, LUT_SELECT: tl.constexpr,
 ):
+    PER_BYTE: tl.constexpr = 4 if NBITS == 2 else 2
+    SUB_K: tl.constexpr = BLOCK_K // PER_BYTE
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, SUB_K)
     k_blocks = tl.cdiv(K, BLOCK_K)
     blocks_per_split = tl.cdiv(k_blocks, SPLIT_K)
     k_begin = pid_k * blocks_per_split * BLOCK_K
@@ -31,13 +35,18 @@ def lut_gemv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        w = dequant_tile(q_ptr, lut_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_sn, NBITS, GROUP, BLOCK_K, LUT_SELECT)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        packed = load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K, PER_BYTE)
+        block = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for p in tl.static_range(PER_BYTE):
+            cols = k0 + offs_j * PER_BYTE + p
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                        mask=(offs_m[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
+            v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_SELECT)
+            block += tl.sum(x[:, None, :] * v[None, :, :], axis=2)
+            x_sum += tl.sum(x, axis=1)
+        scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, k0, N, stride_sn, GROUP)
+        acc += block * scale[None, :] + x_sum[:, None] * zero[None, :]
 
     out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
