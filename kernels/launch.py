@@ -41,25 +41,24 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _split_k(tiles: int, k_blocks: int, device, min_blocks_per_split: int = 4) -> int:
-    """Enough K-splits that the grid covers the GPU about twice, keeping >= min_blocks_per_split
-    K blocks per split so the fp32 workspace stays small next to the weight stream."""
-    want = max(1, (2 * _num_sms(device) + tiles - 1) // tiles)
-    return max(1, min(want, k_blocks // min_blocks_per_split, 16))
+def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split: int = 2) -> int:
+    """K-splits so the grid has about `want_programs` programs, keeping >= min_blocks_per_split K
+    blocks per split so the fp32 workspace stays small next to the weight stream."""
+    want = max(1, -(-want_programs // tiles))
+    return max(1, min(want, k_blocks // min_blocks_per_split, 8))
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    """Block shapes from the H100 sweeps in benchmarks/results (bench_kernels.py --sweep)."""
+    sms = _num_sms(device)
     if m <= GEMV_MAX_M:
-        block_n, block_k = 32, 128
-        tiles = triton.cdiv(n, block_n)
-        return KernelConfig("gemv", triton.next_power_of_2(m), block_n, block_k,
-                            _split_k(tiles, triton.cdiv(k, block_k), device), num_warps=4, num_stages=3)
+        block_n, warps = (64, 4) if n <= 8192 else (128, 8)
+        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, 128), 4 * sms)
+        return KernelConfig("gemv", triton.next_power_of_2(m), block_n, 128, split, num_warps=warps, num_stages=3)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 64 if m <= 64 else 128
-    block_k = 64
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split = _split_k(tiles, triton.cdiv(k, block_k), device) if tiles < _num_sms(device) else 1
-    return KernelConfig("gemm", block_m, block_n, block_k, split, num_warps=4 if m <= 64 else 8, num_stages=3)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
+    split = _split_k(tiles, triton.cdiv(k, 128), 2 * sms) if tiles < sms else 1
+    return KernelConfig("gemm", block_m, 128, 128, split, num_warps=8, num_stages=3)
 
 
 def block_k_for(group_size: int, block_k: int) -> int:
@@ -103,7 +102,7 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
 
 
 def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
-                   block_n: int = 32, block_k: int = 128, lut_select: bool = False):
+                   block_n: int = 16, block_k: int = 128, lut_select: bool = False):
     """Dense (N, K) weight in `dtype`."""
     n = qdata.shape[0]
     block_k = block_k_for(group_size, block_k)

@@ -52,3 +52,16 @@ def group_scale_zero(s_ptr, z_ptr, offs_n, k0, N, stride_sn, GROUP: tl.constexpr
     scale = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
     return scale, zero
+
+
+@triton.jit
+def interleaved_codes(packed, NBITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) codes in column order, for kernels that store a contiguous tile (the
+    dequantize kernel: contiguous stores matter more there than the shuffle this costs)."""
+    if NBITS == 2:
+        # join(join(c0, c2), join(c1, c3)) flattens to c0, c1, c2, c3
+        first = tl.join(phase_codes(packed, 0, NBITS), phase_codes(packed, 2, NBITS))
+        second = tl.join(phase_codes(packed, 1, NBITS), phase_codes(packed, 3, NBITS))
+        return tl.reshape(tl.join(first, second), (BLOCK_N, BLOCK_K))
+    else:
+        return tl.reshape(tl.join(phase_codes(packed, 0, NBITS), phase_codes(packed, 1, NBITS)), (BLOCK_N, BLOCK_K))

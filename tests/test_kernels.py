@@ -105,6 +105,7 @@ def test_dispatcher_choices():
     small = choose_config(16, 64, 8192, cpu)
     assert small.split_k > 1  # few output tiles: split K to fill the machine
     assert choose_config(512, 4096, 4096, cpu).block_m == 128
+    assert ops.DEQUANT_THEN_MM_MIN_M <= 1500  # test_custom_op_paths covers the dequantize + mm branch
 
 
 def test_split_k_is_deterministic():
