@@ -9,7 +9,9 @@ Grid: (N tiles, SPLIT_K); partial sums go to an fp32 workspace (deterministic, a
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_tile import group_scale_zero, load_packed, lut_lookup, phase_codes
+from any4ao.kernels.lut_tile import (
+    group_scale_zero, load_packed, load_x_phase, lut_lookup, phase_codes, split_k_range,
+)
 
 
 @triton.jit
@@ -28,10 +30,7 @@ def lut_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, SUB_K)
-    k_blocks = tl.cdiv(K, BLOCK_K)
-    blocks_per_split = tl.cdiv(k_blocks, SPLIT_K)
-    k_begin = pid_k * blocks_per_split * BLOCK_K
-    k_end = tl.minimum(k_begin + blocks_per_split * BLOCK_K, K)
+    k_begin, k_end = split_k_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -39,9 +38,7 @@ def lut_gemv_kernel(
         block = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for p in tl.static_range(PER_BYTE):
-            cols = k0 + offs_j * PER_BYTE + p
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                        mask=(offs_m[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
+            x = load_x_phase(x_ptr, offs_m, k0, offs_j, p, M, K, stride_xm, PER_BYTE).to(tl.float32)
             v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_SELECT)
             block += tl.sum(x[:, None, :] * v[None, :, :], axis=2)
             x_sum += tl.sum(x, axis=1)

@@ -15,6 +15,22 @@ import triton.language as tl
 
 
 @triton.jit
+def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[k_begin, k_end) of this K split: whole BLOCK_K blocks, so blocks never straddle a group."""
+    blocks_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = pid_k * blocks_per_split * BLOCK_K
+    return k_begin, tl.minimum(k_begin + blocks_per_split * BLOCK_K, K)
+
+
+@triton.jit
+def load_x_phase(x_ptr, offs_m, k0, offs_j, p: tl.constexpr, M, K, stride_xm, PER_BYTE: tl.constexpr):
+    """Columns k0 + PER_BYTE*j + p of x: the activations that meet byte phase p of the codes."""
+    cols = k0 + offs_j * PER_BYTE + p
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                   mask=(offs_m[:, None] < M) & (cols[None, :] < K), other=0.0)
+
+
+@triton.jit
 def load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K: tl.constexpr, PER_BYTE: tl.constexpr):
     """(BLOCK_N, BLOCK_K // PER_BYTE) int32 packed bytes of the block starting at column k0."""
     cols = k0 // PER_BYTE + tl.arange(0, BLOCK_K // PER_BYTE)

@@ -20,7 +20,6 @@ from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_
 from any4ao.codebooks.kmeans import lloyd_max, nearest_code, weighted_sse
 
 CODEBOOKS = ("any", "int", "nf4", "fp4")
-SUPPORTED_NBITS = (2, 3, 4)
 # Rows are processed in chunks of about this many elements, bounding k-means' working memory
 # (a handful of float32 temporaries of this size) independently of the layer's size.
 CHUNK_ELEMENTS = 1 << 22
