@@ -90,6 +90,22 @@ class Poison:
         launch._empty = self.saved
 
 
+def gemv(x, qw):
+    """The GEMV kernel with its best config from the second H100 sweep (the dispatcher uses the
+    BM=16 GEMM instead; this keeps the comparison in the table). Only timed for M <= 4."""
+    from any4ao.kernels.launch import KernelConfig, lut_matmul
+
+    if x.shape[0] > 4:
+        raise SkipMethod
+    bn, warps = (128, 8) if qw.shape[0] <= 8192 else (64, 4)
+    cfg = KernelConfig("gemv", 1 << (x.shape[0] - 1).bit_length(), bn, 128, 8, warps, 3, 2)
+    return lut_matmul(x, qw.qdata, qw.lut, qw.scales, qw.zeros, qw.nbits, qw.group_size, cfg)
+
+
+class SkipMethod(Exception):
+    pass
+
+
 def make_methods(n, k, dtype, include):
     """name -> (list of weight objects (rotated copies), fn(x, w))."""
     w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
@@ -99,6 +115,7 @@ def make_methods(n, k, dtype, include):
     torch.cuda.synchronize()
     quant_s = time.perf_counter() - start
     methods["any4"] = ([q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)], F.linear)
+    methods["any4 gemv kernel"] = (methods["any4"][0], gemv)
     methods["bf16 cuBLAS"] = ([w] + [w.clone() for _ in range(copies_for(tensor_bytes(w)) - 1)], F.linear)
 
     def naive(x, qw):  # the same format through plain torch ops: gather, scale, then cuBLAS
@@ -140,61 +157,65 @@ def make_methods(n, k, dtype, include):
 
 
 def kmeans_throughput(dtype):
-    """Seconds to quantize ~1.07e9 weights with any4 (30 Lloyd iterations) on this GPU."""
+    """Seconds to quantize ~1.07e9 weights with any4 (default settings) on this GPU."""
     rows, k, reps = 8192, 4096, 32  # 32 layers of 8192x4096 = 1.07e9 weights
     w = torch.randn(rows, k, device="cuda", dtype=dtype)
     Any4Tensor.from_hp(w[:256], group_size=GROUP)  # warm-up
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        Any4Tensor.from_hp(w, group_size=GROUP, iterations=30)
+        Any4Tensor.from_hp(w, group_size=GROUP)
     torch.cuda.synchronize()
     return rows * k * reps, time.perf_counter() - start
 
 
 def sweep_configs(dtype):
-    """Time alternative block shapes for the fused kernels (data for tuning choose_config)."""
-    from any4ao.kernels.launch import KernelConfig, lut_dequantize, lut_matmul
+    """Time alternative kernels and block shapes at decode sizes (data for tuning choose_config):
+    GEMV vs the BM=16 tensor-core GEMM for M = 1, 4, 16, and the LUT lookup modes of lut_tile."""
+    from any4ao.kernels.launch import KernelConfig, lut_matmul
 
     out = []
-    for n, k in [(4096, 4096), (28672, 4096), (8192, 8192)]:
+    for n, k in [(4096, 4096), (28672, 4096)]:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         q = Any4Tensor.from_hp(w, group_size=GROUP, codebook="int")
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
-        for m in (1, 16, 64):
+        for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            tiles_n = lambda bn: -(-n // bn)
             cands = []
-            if m <= 4:
-                for bn, bk, warps in [(16, 128, 4), (32, 128, 4), (64, 128, 4), (32, 64, 2), (64, 64, 4), (128, 128, 8)]:
-                    for split in (1, 2, 4, 8):
-                        for sel in (False, True):
-                            cands.append(KernelConfig("gemv", 1 if m == 1 else 4, bn, bk, split, warps, 3, sel))
-            else:
-                bm = 16 if m <= 16 else 64 if m <= 64 else 128
-                for bn, bk, warps, stages in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]:
+            for bn, bk, warps in [(16, 128, 2), (32, 128, 4), (64, 128, 4), (128, 128, 8)]:
+                for split in (2, 4, 8):
+                    for mode in (0, 2):
+                        cands.append(KernelConfig("gemv", triton_pow2(m), bn, bk, split, warps, 3, mode))
+            if m > 1:
+                for bn, bk, warps in [(64, 64, 4), (64, 128, 4), (128, 128, 8)]:
                     for split in (1, 2, 4):
-                        for sel in (False, True):
-                            cands.append(KernelConfig("gemm", bm, bn, bk, split, warps, stages, sel))
+                        for mode in (0, 2):
+                            cands.append(KernelConfig("gemm", 16, bn, bk, split, warps, 3, mode))
             best = None
             for cfg in cands:
                 try:
                     us = graph_time_us([lambda c=c_: lut_matmul(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, cfg) for c_ in copies], replays=10)
                 except Exception as e:
-                    print(f"  sweep {n}x{k} M={m} {cfg}: {e!r}")
+                    print(f"  sweep {n}x{k} M={m} {cfg}: {e!r}"[:300])
                     continue
                 out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us})
                 if best is None or us < best[0]:
                     best = (us, cfg)
-            print(f"  sweep {n}x{k} M={m}: best {best[0]:.1f} us with {best[1]}", flush=True)
-        for bn, bk, sel in [(32, 128, False), (32, 128, True), (64, 128, False), (64, 128, True), (16, 128, False), (128, 64, False)]:
-            us = graph_time_us([lambda c=c_: lut_dequantize(c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, k, dtype, bn, bk, sel)
-                                for c_ in copies], replays=10)
-            out.append({"N": n, "K": k, "M": 0, "config": f"dequant bn={bn} bk={bk} select={sel}", "us": us})
-            print(f"  dequant {n}x{k} bn={bn} bk={bk} select={sel}: {us:.1f} us", flush=True)
+            for kind in ("gemv", "gemm"):
+                for mode in (0, 2):
+                    mine = [r for r in out if r["M"] == m and r["N"] == n and f"kind='{kind}'" in r["config"]
+                            and f"lut_mode={mode}" in r["config"]]
+                    if mine:
+                        b = min(mine, key=lambda r: r["us"])
+                        print(f"  sweep {n}x{k} M={m} {kind} lut_mode={mode}: best {b['us']:.1f} us {b['config']}", flush=True)
+            print(f"  sweep {n}x{k} M={m}: BEST {best[0]:.1f} us with {best[1]}", flush=True)
         del copies, q, w
         torch.cuda.empty_cache()
     return out
+
+
+def triton_pow2(m):
+    return 1 << (m - 1).bit_length()
 
 
 def main():
@@ -229,6 +250,8 @@ def main():
             for name, (weights, fn) in methods.items():
                 try:
                     us = graph_time_us([lambda w=w_: fn(x, w) for w_ in weights])
+                except SkipMethod:
+                    continue
                 except Exception as e:
                     print(f"    {name}: failed {e!r}", flush=True)
                     traceback.print_exc()
@@ -242,7 +265,7 @@ def main():
         result["sweep"] = sweep_configs(dtype)
     if not args.quick and not args.sweep_only:
         numel, seconds = kmeans_throughput(dtype)
-        result["kmeans"] = {"weights": numel, "seconds": seconds, "iterations": 30, "group_size": GROUP}
+        result["kmeans"] = {"weights": numel, "seconds": seconds, "iterations": "10 + 2 refine rounds x 10", "group_size": GROUP}
         print(f"\nk-means any4: {numel / 1e9:.2f}e9 weights in {seconds:.1f}s", flush=True)
     write_outputs(result, Path(args.out), gpu)
 

@@ -14,7 +14,7 @@ def dequant_kernel(
     N, K,
     stride_qn, stride_sn, stride_on,
     NBITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT_SELECT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT_MODE: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 4 if NBITS == 2 else 2
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -22,7 +22,7 @@ def dequant_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     packed = load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K, PER_BYTE)
     code = interleaved_codes(packed, NBITS, BLOCK_N, BLOCK_K)
-    v = lut_lookup(lut_ptr, offs_n, code, N, 1 << NBITS, LUT_SELECT)
+    v = lut_lookup(lut_ptr, offs_n, code, N, 1 << NBITS, LUT_MODE)
     scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, k0, N, stride_sn, GROUP)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], v * scale[:, None] + zero[:, None], mask=mask)

@@ -13,9 +13,9 @@ from torch.library import wrap_triton
 from any4ao.kernels.dequant import dequant_kernel
 from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_gemv import lut_gemv_kernel
+from any4ao.kernels.lut_tile import LUT_REGISTER
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_MAX_M = 4  # above this, tensor cores (BLOCK_M >= 16) win
 
 
 def _empty(shape, device, dtype):
@@ -32,7 +32,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    lut_select: bool = False  # LUT lookup as a register select tree instead of a gather load
+    lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER
 
 
 def _num_sms(device: torch.device) -> int:
@@ -49,13 +49,18 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Block shapes from the H100 sweeps in benchmarks/results (bench_kernels.py --sweep)."""
+    """Block shapes from the H100 sweeps in benchmarks/results (bench_kernels.py --sweep).
+
+    Every M the fused path serves (<= 16; ops.py sends larger M to dequantize + cuBLAS) runs the
+    BM=16 tensor-core GEMM with the LUT gathered from registers: in the second sweep it beat the
+    GEMV kernel at M=4 by 2.8-3.2x, and at M=4 it was already faster than the GEMV at M=1
+    (4096x4096: 36.7 vs 44.9 us). The GEMV kernel stays available through an explicit config."""
     sms = _num_sms(device)
-    if m <= GEMV_MAX_M:
-        block_n, warps = (64, 4) if n <= 8192 else (128, 8)
-        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, 128), 4 * sms)
-        return KernelConfig("gemv", triton.next_power_of_2(m), block_n, 128, split, num_warps=warps, num_stages=3)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    if m <= 16:
+        tiles = triton.cdiv(n, 64)
+        split = _split_k(tiles, triton.cdiv(k, 128), 12 * sms)
+        return KernelConfig("gemm", 16, 64, 128, split, num_warps=4, num_stages=3, lut_mode=LUT_REGISTER)
+    block_m = 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
     split = _split_k(tiles, triton.cdiv(k, 128), 2 * sms) if tiles < sms else 1
     return KernelConfig("gemm", block_m, 128, 128, split, num_warps=8, num_stages=3)
@@ -87,7 +92,7 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
         stride_os=workspace.stride(0), stride_om=workspace.stride(1),
         NBITS=nbits, GROUP=group_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
-        LUT_SELECT=config.lut_select,
+        LUT_MODE=config.lut_mode,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.kind == "gemv":
@@ -102,7 +107,7 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
 
 
 def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
-                   block_n: int = 16, block_k: int = 128, lut_select: bool = False):
+                   block_n: int = 16, block_k: int = 128, lut_mode: int = 0):
     """Dense (N, K) weight in `dtype`."""
     n = qdata.shape[0]
     block_k = block_k_for(group_size, block_k)
@@ -111,6 +116,6 @@ def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_fe
     wrap_triton(dequant_kernel)[grid](
         qdata, lut, scales, zeros, out, n, in_features,
         qdata.stride(0), scales.stride(0), out.stride(0),
-        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_SELECT=lut_select,
+        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_MODE=lut_mode,
     )
     return out

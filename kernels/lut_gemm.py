@@ -21,7 +21,7 @@ def lut_gemm_kernel(
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     NBITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, LUT_SELECT: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, LUT_MODE: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 4 if NBITS == 2 else 2
     SUB_K: tl.constexpr = BLOCK_K // PER_BYTE
@@ -48,7 +48,7 @@ def lut_gemm_kernel(
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for p in tl.static_range(PER_BYTE):
             x = load_x_phase(x_ptr, offs_m, k0, offs_j, p, M, K, stride_xm, PER_BYTE)
-            v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_SELECT)
+            v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_MODE)
             if DOT_FP32:
                 # Interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 is exact.
                 block += tl.dot(x.to(tl.float32), tl.trans(v), input_precision="ieee")

@@ -21,7 +21,7 @@ def lut_gemv_kernel(
     stride_xm, stride_qn, stride_sn, stride_os, stride_om,
     NBITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, LUT_SELECT: tl.constexpr,
+    SPLIT_K: tl.constexpr, LUT_MODE: tl.constexpr,
 ):
     PER_BYTE: tl.constexpr = 4 if NBITS == 2 else 2
     SUB_K: tl.constexpr = BLOCK_K // PER_BYTE
@@ -39,7 +39,7 @@ def lut_gemv_kernel(
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for p in tl.static_range(PER_BYTE):
             x = load_x_phase(x_ptr, offs_m, k0, offs_j, p, M, K, stride_xm, PER_BYTE).to(tl.float32)
-            v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_SELECT)
+            v = lut_lookup(lut_ptr, offs_n, phase_codes(packed, p, NBITS), N, 1 << NBITS, LUT_MODE)
             block += tl.sum(x[:, None, :] * v[None, :, :], axis=2)
             x_sum += tl.sum(x, axis=1)
         scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, k0, N, stride_sn, GROUP)

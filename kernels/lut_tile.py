@@ -38,18 +38,28 @@ def load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K: tl.constexpr, PER_B
     return tl.load(q_ptr + offs_n[:, None] * stride_qn + cols[None, :], mask=mask, other=0).to(tl.int32)
 
 
+LUT_LOAD, LUT_SELECT, LUT_REGISTER = 0, 1, 2  # LUT_MODE values
+
+
 @triton.jit
-def lut_lookup(lut_ptr, offs_n, code, N, LUT_SIZE: tl.constexpr, LUT_SELECT: tl.constexpr):
-    """lut[n, code] as float32: a gather load (LUT resident in L1), or a select tree over the row's
-    values held in registers (no per-element loads, more ALU)."""
+def lut_lookup(lut_ptr, offs_n, code, N, LUT_SIZE: tl.constexpr, LUT_MODE: tl.constexpr):
+    """lut[n, code] as float32, three ways:
+    LUT_LOAD      a gather load per element (the LUT stays resident in L1);
+    LUT_SELECT    a select tree over the row's values held in registers (no loads, more ALU);
+    LUT_REGISTER  tl.gather from a (BLOCK_N, LUT_SIZE) register tile (warp shuffles when the
+                  compiler keeps a row's LUT inside one warp, shared memory otherwise)."""
     nmask = offs_n < N
-    if LUT_SELECT:
+    if LUT_MODE == 1:
         row = lut_ptr + offs_n * LUT_SIZE
         out = tl.zeros(code.shape, dtype=tl.float32)
         for j in tl.static_range(LUT_SIZE):
             v = tl.load(row + j, mask=nmask, other=0.0).to(tl.float32)
             out = tl.where(code == j, v[:, None], out)
         return out
+    elif LUT_MODE == 2:
+        entries = tl.arange(0, LUT_SIZE)
+        table = tl.load(lut_ptr + offs_n[:, None] * LUT_SIZE + entries[None, :], mask=nmask[:, None], other=0.0)
+        return tl.gather(table.to(tl.float32), code, 1)
     else:
         ptrs = lut_ptr + offs_n[:, None] * LUT_SIZE + code
         return tl.load(ptrs, mask=nmask[:, None], other=0.0).to(tl.float32)

@@ -1,8 +1,14 @@
-"""`torch.library` custom ops over the Triton kernels, so torch.compile(fullgraph=True) traces
-through them (triton_op exposes the kernels to Inductor) and CUDA graphs capture them."""
+"""`torch.library` custom ops over the Triton kernels, so torch.compile(fullgraph=True) takes
+them without a graph break and CUDA graphs capture them.
+
+lut_linear is an opaque custom_op (with a fake implementation) rather than a triton_op: its body
+picks a kernel by M, and a traced body would turn those choices into guards, i.e. a recompile
+each time the token count crosses a threshold (seen on the H100: 3 graphs for 4 prompt lengths).
+Opaque, one graph serves every length. dequantize has no such branch and stays a triton_op.
+"""
 
 import torch
-from torch.library import triton_op
+from torch.library import custom_op, triton_op
 
 from any4ao.kernels.launch import lut_dequantize, lut_matmul
 
@@ -12,7 +18,7 @@ from any4ao.kernels.launch import lut_dequantize, lut_matmul
 DEQUANT_THEN_MM_MIN_M = 17
 
 
-@triton_op("any4ao::lut_linear", mutates_args=())
+@custom_op("any4ao::lut_linear", mutates_args=())
 def lut_linear(
     x: torch.Tensor, qdata: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     nbits: int, group_size: int,
@@ -22,6 +28,11 @@ def lut_linear(
         w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, x.shape[1], x.dtype)
         return torch.mm(x, w.t())
     return lut_matmul(x, qdata, lut, scales, zeros, nbits, group_size)
+
+
+@lut_linear.register_fake
+def _(x, qdata, lut, scales, zeros, nbits, group_size):
+    return x.new_empty(x.shape[0], qdata.shape[0])
 
 
 @triton_op("any4ao::dequantize", mutates_args=())

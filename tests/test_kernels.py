@@ -41,10 +41,12 @@ def _rel(out, ref):
 CONFIGS = [
     None,  # the dispatcher's own choice
     KernelConfig("gemv", 4, 32, 32, split_k=3),
-    KernelConfig("gemv", 8, 16, 64, split_k=1, lut_select=True),
+    KernelConfig("gemv", 8, 16, 64, split_k=1, lut_mode=1),
+    KernelConfig("gemv", 1, 32, 128, split_k=2, lut_mode=2),
     KernelConfig("gemm", 16, 32, 32, split_k=1),
     KernelConfig("gemm", 32, 16, 16, split_k=4),
-    KernelConfig("gemm", 16, 32, 64, split_k=2, lut_select=True),
+    KernelConfig("gemm", 16, 32, 64, split_k=2, lut_mode=1),
+    KernelConfig("gemm", 16, 32, 64, split_k=1, lut_mode=2),
 ]
 
 
@@ -99,9 +101,9 @@ def test_custom_op_paths(m):
 
 def test_dispatcher_choices():
     cpu = torch.device("cpu")
-    assert choose_config(1, 4096, 4096, cpu).kind == "gemv"
-    assert choose_config(4, 4096, 4096, cpu).kind == "gemv"
-    assert choose_config(16, 4096, 4096, cpu).kind == "gemm"
+    for m in (1, 4, 16):  # decode sizes: the BM=16 GEMM with the register LUT won the H100 sweep
+        cfg = choose_config(m, 4096, 4096, cpu)
+        assert (cfg.kind, cfg.block_m, cfg.lut_mode) == ("gemm", 16, 2)
     small = choose_config(16, 64, 8192, cpu)
     assert small.split_k > 1  # few output tiles: split K to fill the machine
     assert choose_config(512, 4096, 4096, cpu).block_m == 128
@@ -116,8 +118,8 @@ def test_split_k_is_deterministic():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("lut_select", [False, True])
-def test_dequantize_kernel_lut_modes_agree(lut_select):
+@pytest.mark.parametrize("lut_mode", [0, 1, 2])
+def test_dequantize_kernel_lut_modes_agree(lut_mode):
     t, _, _ = _problem(1, 37, 200, 32, 4, torch.float32, seed=3)
-    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, 4, 32, 200, torch.float32, lut_select=lut_select)
+    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, 4, 32, 200, torch.float32, lut_mode=lut_mode)
     torch.testing.assert_close(out, t.dequantize(), rtol=1e-6, atol=1e-6)
