@@ -4,6 +4,7 @@ import sys
 
 COMMANDS = {
     "demo": ("any4ao.demo", "quantize a real LLM with int4/fp4/nf4/any4 and compare them"),
+    "eval": ("any4ao.evaluation.cli", "WikiText-2 perplexity of every codebook (table, JSON, bar chart)"),
 }
 
 

@@ -12,7 +12,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from any4ao.calibration.activation_stats import ChannelImportance
 from any4ao.tensor.any4_tensor import Any4Tensor
-from any4ao.validation import check_channel_weight, check_settings, check_weight
+from any4ao.validation import check_channel_weight, check_learning, check_settings, check_weight
 
 _CODEBOOK = re.compile(r"^(any|int|nf|fp)(\d)?$")
 
@@ -47,7 +47,12 @@ class Any4WeightOnlyConfig(AOBaseConfig):
             it does not divide get a shorter last group (no padding is stored).
         calibration: ChannelImportance from `any4ao.calibrate(...)`; weights the k-means objective
             per input channel (the paper's one-sample calibration). Ignored by fixed codebooks.
-        kmeans_iterations: Lloyd iterations (stops early once codes stop changing).
+        kmeans_iterations: Lloyd iterations per k-means run (stops early once codes stop changing).
+        refine_rounds: rounds of refitting each group's scale and zero to the learned codes by
+            weighted least squares, each followed by k-means again (any codebooks only). 2 rounds
+            cut SmolLM2's perplexity increase by about 40% (benchmarks/results/ablation-*.md).
+        scaling: "minmax" (asymmetric, int4-style, the paper's) or "absmax" (symmetric,
+            started from the NF grid) group scaling for the learned codebooks.
         lut_dtype: dtype of LUT, scales and zeros, i.e. of the quantized tensor (default: the weight's).
     """
 
@@ -55,14 +60,27 @@ class Any4WeightOnlyConfig(AOBaseConfig):
     nbits: Optional[int] = None
     group_size: int = 128
     calibration: Optional[ChannelImportance] = None
-    kmeans_iterations: int = 30
+    kmeans_iterations: int = 10
+    refine_rounds: int = 2
+    scaling: str = "minmax"
     lut_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self):
-        self.codebook_kind, self.bits = parse_codebook(self.codebook, self.nbits)
+        # Underscored: torchao's config serializer (used by transformers' TorchAoConfig) skips them.
+        self._codebook_kind, self._bits = parse_codebook(self.codebook, self.nbits)
         check_settings(self.bits, self.group_size, self.lut_dtype, self.kmeans_iterations)
+        check_learning(self.scaling, self.refine_rounds)
         if self.calibration is not None and not isinstance(self.calibration, ChannelImportance):
             raise ValueError(f"calibration must be a ChannelImportance from any4ao.calibrate, got {type(self.calibration)}")
+
+
+    @property
+    def codebook_kind(self) -> str:
+        return self._codebook_kind
+
+    @property
+    def bits(self) -> int:
+        return self._bits
 
 
 def any4_weight_only(**kwargs) -> Any4WeightOnlyConfig:
@@ -103,6 +121,8 @@ def quantize_module_weight(module: nn.Module, config: Any4WeightOnlyConfig, para
         codebook=config.codebook_kind,
         channel_weight=channel_weight,
         iterations=config.kmeans_iterations,
+        refine_rounds=config.refine_rounds,
+        scaling=config.scaling,
         dtype=config.lut_dtype or weight.dtype,
     )
 

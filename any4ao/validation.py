@@ -7,6 +7,7 @@ import torch
 SUPPORTED_NBITS = (2, 3, 4)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_GROUP, MAX_GROUP, GROUP_MULTIPLE = 16, 8192, 16
+SCALINGS = ("absmax", "minmax")
 
 
 def check_settings(nbits: int, group_size: int, lut_dtype: Optional[torch.dtype], kmeans_iterations: int) -> None:
@@ -24,6 +25,13 @@ def check_settings(nbits: int, group_size: int, lut_dtype: Optional[torch.dtype]
         raise ValueError(f"lut_dtype must be one of {FLOAT_DTYPES} or None, got {lut_dtype!r}")
     if not isinstance(kmeans_iterations, int) or kmeans_iterations < 0:
         raise ValueError(f"kmeans_iterations must be a non-negative int, got {kmeans_iterations!r}")
+
+
+def check_learning(scaling: str, refine_rounds: int) -> None:
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
+    if not isinstance(refine_rounds, int) or isinstance(refine_rounds, bool) or not 0 <= refine_rounds <= 20:
+        raise ValueError(f"refine_rounds must be an int in [0, 20], got {refine_rounds!r}")
 
 
 def check_weight(layer: str, weight: torch.Tensor) -> None:

@@ -17,3 +17,18 @@ def tiny_llama(hidden=64, layers=2, vocab=128, intermediate=160, seed=0, dtype=t
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_tokenizer(text: str, vocab: int = 128):
+    """A word-level tokenizer over the most frequent words of `text` (the rest map to <unk>),
+    built offline with the `tokenizers` library."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w, _ in Counter(text.split()).most_common(vocab - 2)]
+    table = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")

@@ -18,6 +18,7 @@ import torch
 from any4ao.codebooks.fixed import FP4_E2M1_MAGNITUDES, fixed_lut, int_grid
 from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_params, to_code_domain
 from any4ao.codebooks.kmeans import lloyd_max, nearest_code, weighted_sse
+from any4ao.codebooks.refine import fit_group_affine, real_domain_error
 
 CODEBOOKS = ("any", "int", "nf4", "fp4")
 # Rows are processed in chunks of about this many elements, bounding k-means' working memory
@@ -57,24 +58,50 @@ def _learn_lut(x, sample_weight, grid, iterations, dtype):
     return lut, codes
 
 
+def _refine(w, h, scales, zeros, lut, codes, group_size, iterations, rounds, dtype):
+    """Alternate: refit (scale, zero) per group to the codes, then k-means again from the current LUT.
+    A row takes a round's result only if its real-domain weighted error went down."""
+    k = w.shape[1]
+    best = real_domain_error(w, h, scales, zeros, lut, codes, group_size)
+    for _ in range(rounds):
+        s, z = fit_group_affine(w, torch.gather(lut, 1, codes), h, scales, zeros, group_size, dtype)
+        x = to_code_domain(w, s, z, group_size)
+        sample_weight = expand_groups(s, k, group_size).square() * h
+        new_lut = lloyd_max(x, sample_weight, lut, iterations).centroids.to(dtype).float()
+        new_codes = nearest_code(x, new_lut)
+        err = real_domain_error(w, h, s, z, new_lut, new_codes, group_size)
+        better = (err < best)[:, None]
+        scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
+        lut, codes = torch.where(better, new_lut, lut), torch.where(better, new_codes, codes)
+        best = torch.minimum(err, best)
+    return scales, zeros, lut, codes
+
+
 def quantize_weight(
     w: torch.Tensor,
     nbits: int = 4,
     group_size: int = 128,
     codebook: str = "any",
     channel_weight: Optional[torch.Tensor] = None,
-    iterations: int = 30,
+    iterations: int = 10,
     dtype: Optional[torch.dtype] = None,
+    refine_rounds: int = 2,
+    scaling: str = "minmax",
 ) -> QuantizedWeight:
     """Quantize a finite 2-D weight (validation is the caller's job: any4ao.validation).
 
     channel_weight: optional (K,) non-negative importance of each input channel (from calibration);
     the k-means objective is sum_k channel_weight[k] * (W[n, k] - W_hat[n, k])^2 per row.
-    dtype: storage dtype of LUT, scales and zeros (default: the weight's dtype)."""
+    dtype: storage dtype of LUT, scales and zeros (default: the weight's dtype).
+    refine_rounds: "any" only: rounds of refitting scales/zeros to the learned codes (refine.py)."""
     dtype = dtype or w.dtype
     w = w.float()
     n, k = w.shape
-    if codebook in ("any", "int"):
+    if codebook == "any" and scaling == "absmax":
+        # Learned LUT over symmetric group scaling, started from the NF grid of the same size.
+        grid = fixed_lut("nf4", 4).to(w.device) if nbits == 4 else torch.linspace(-1, 1, 2**nbits, device=w.device)
+        scales, zeros = absmax_params(w, group_size, 1.0, dtype)
+    elif codebook in ("any", "int"):
         grid = int_grid(nbits).to(w.device)
         scales, zeros = minmax_params(w, group_size, 0.0, float(2**nbits - 1), dtype)
     elif codebook in ("nf4", "fp4"):
@@ -90,10 +117,14 @@ def quantize_weight(
         x = to_code_domain(w[rows], scales[rows], zeros[rows], group_size)
         if codebook == "any":
             # Real-domain error = scale^2 * code-domain error, so scale^2 joins the sample weight.
-            sample_weight = expand_groups(scales[rows], k, group_size).square()
-            if channel_weight is not None:
-                sample_weight = sample_weight * channel_weight.to(sample_weight)[None, :]
-            lut[rows], chunk_codes = _learn_lut(x, sample_weight, grid, iterations, dtype)
+            h = torch.ones(1, k, device=w.device) if channel_weight is None else channel_weight.float()[None, :]
+            sample_weight = expand_groups(scales[rows], k, group_size).square() * h
+            chunk_lut, chunk_codes = _learn_lut(x, sample_weight, grid, iterations, dtype)
+            if refine_rounds:
+                scales[rows], zeros[rows], chunk_lut, chunk_codes = _refine(
+                    w[rows], h, scales[rows], zeros[rows], chunk_lut, chunk_codes, group_size, iterations,
+                    refine_rounds, dtype)
+            lut[rows] = chunk_lut
         else:
             lut[rows] = grid
             chunk_codes = nearest_code(x, grid.expand(x.shape[0], -1).contiguous())

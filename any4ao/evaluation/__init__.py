@@ -1,0 +1,6 @@
+"""Perplexity evaluation of quantized causal LMs (`any4ao eval`)."""
+
+from any4ao.evaluation.perplexity import PerplexityResult, perplexity, token_windows
+from any4ao.evaluation.texts import load_text
+
+__all__ = ["PerplexityResult", "perplexity", "token_windows", "load_text"]
