@@ -13,6 +13,11 @@ from any4ao.calibration.activation_stats import (  # noqa: E402
     record_channel_importance,
 )
 from any4ao.api import default_filter, quantize_model  # noqa: E402
+from any4ao.serialization import load_quantized, save_quantized  # noqa: E402
+from any4ao.integrations import register_with_torchao, register_with_transformers  # noqa: E402
+
+register_with_torchao()
+register_with_transformers()
 
 __all__ = [
     "Any4Tensor",
@@ -25,5 +30,7 @@ __all__ = [
     "record_channel_importance",
     "default_filter",
     "quantize_model",
+    "save_quantized",
+    "load_quantized",
 ]
 __version__ = "0.1.0"

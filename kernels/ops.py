@@ -35,6 +35,24 @@ def _(x, qdata, lut, scales, zeros, nbits, group_size):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
+def _lut_linear_setup_context(ctx, inputs, output):
+    x, qdata, lut, scales, zeros, nbits, group_size = inputs
+    ctx.save_for_backward(qdata, lut, scales, zeros)
+    ctx.nbits, ctx.group_size, ctx.in_features = nbits, group_size, x.shape[1]
+
+
+def _lut_linear_backward(ctx, grad_out):
+    """QLoRA-style: the weight is frozen, so only x gets a gradient, grad_x = grad_out @ W
+    (W dequantized by the Triton kernel, then one matmul)."""
+    qdata, lut, scales, zeros = ctx.saved_tensors
+    w = torch.ops.any4ao.dequantize(qdata, lut, scales, zeros, ctx.nbits, ctx.group_size, ctx.in_features,
+                                    grad_out.dtype)
+    return grad_out @ w, None, None, None, None, None, None
+
+
+lut_linear.register_autograd(_lut_linear_backward, setup_context=_lut_linear_setup_context)
+
+
 @triton_op("any4ao::dequantize", mutates_args=())
 def dequantize(
     qdata: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

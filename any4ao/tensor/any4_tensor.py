@@ -67,6 +67,45 @@ class Any4Tensor(TorchAOBaseTensor):
         self.nbits = nbits
         self.block_size = list(block_size)
         self.transposed = bool(transposed)
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        """Shapes, dtypes and devices of the parts agree. Runs on every construction, so a corrupt
+        or mismatched checkpoint (torch.load, safetensors, transformers) fails here, by name."""
+        def fail(what):
+            raise ValueError(f"inconsistent Any4Tensor (corrupt or mismatched checkpoint?): {what}")
+
+        if self.nbits not in (2, 3, 4):
+            fail(f"nbits={self.nbits!r}, expected 2, 3 or 4")
+        if len(self.block_size) != 2 or self.block_size[0] != 1 or not self.block_size[1] > 0:
+            fail(f"block_size={self.block_size}, expected [1, group_size]")
+        if self.qdata.dtype != torch.uint8 or self.qdata.ndim != 2:
+            fail(f"qdata must be 2-D uint8, got {self.qdata.dtype} {tuple(self.qdata.shape)}")
+        if len(self.shape) == 1 and not self.transposed and self.qdata.shape[0] > 0:
+            # the flat alias `view(-1)` makes for FSDP2's bookkeeping; no op computes with it
+            n, k = self.qdata.shape[0], self.shape[0] // self.qdata.shape[0]
+            if n * k != self.shape[0]:
+                fail(f"flat shape {tuple(self.shape)} is not a whole number of {n} rows")
+        elif len(self.shape) != 2:
+            fail(f"shape={tuple(self.shape)} is not 2-D")
+        else:
+            n, k = (self.shape[1], self.shape[0]) if self.transposed else (self.shape[0], self.shape[1])
+        expected = {
+            "qdata": (n, packed_width(k, self.nbits)),
+            "lut": (n, 2**self.nbits),
+            "scales": (n, num_groups(k, self.group_size)),
+            "zeros": (n, num_groups(k, self.group_size)),
+        }
+        for name, want in expected.items():
+            got = tuple(getattr(self, name).shape)
+            if got != want:
+                fail(f"{name} has shape {got}, expected {want} for a {n}x{k} weight, nbits={self.nbits}, "
+                     f"group_size={self.group_size}")
+        if not (self.lut.dtype == self.scales.dtype == self.zeros.dtype) or not self.lut.is_floating_point():
+            fail(f"lut, scales, zeros dtypes {self.lut.dtype}, {self.scales.dtype}, {self.zeros.dtype} must be one float dtype")
+        devices = {t.device for t in (self.qdata, self.lut, self.scales, self.zeros)}
+        if len(devices) != 1:
+            fail(f"parts live on different devices {sorted(map(str, devices))}")
 
     # ----- geometry of the stored (N, K) matrix, whatever the logical orientation -----
     @property
@@ -79,7 +118,20 @@ class Any4Tensor(TorchAOBaseTensor):
 
     @property
     def in_features(self) -> int:
+        if self.ndim == 1:  # flat alias
+            return self.shape[0] // max(1, self.qdata.shape[0])
         return self.shape[0] if self.transposed else self.shape[1]
+
+    # ----- FSDP2: all-gather the packed parts (any4ao/tensor/fsdp.py) -----
+    def fsdp_pre_all_gather(self, mesh):
+        from any4ao.tensor.fsdp import pre_all_gather
+
+        return pre_all_gather(self, mesh)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        from any4ao.tensor.fsdp import post_all_gather
+
+        return post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
 
     def _quantization_type(self):
         return (
@@ -95,12 +147,14 @@ class Any4Tensor(TorchAOBaseTensor):
         group_size: int = 128,
         codebook: str = "any",
         channel_weight: Optional[torch.Tensor] = None,
-        iterations: int = 30,
+        iterations: int = 10,
         dtype: Optional[torch.dtype] = None,
+        refine_rounds: int = 2,
+        scaling: str = "minmax",
     ) -> "Any4Tensor":
         """Quantize a high-precision (N, K) weight. Inputs must already be validated
         (any4ao.validation.check_weight); see any4ao.codebooks.quantize for the algorithm."""
-        q = quantize_weight(weight, nbits, group_size, codebook, channel_weight, iterations, dtype)
+        q = quantize_weight(weight, nbits, group_size, codebook, channel_weight, iterations, dtype, refine_rounds, scaling)
         return cls.from_codes(q.codes, q.lut, q.scales, q.zeros, nbits, group_size)
 
     @classmethod
@@ -123,15 +177,17 @@ class Any4Tensor(TorchAOBaseTensor):
 
     def codes(self) -> torch.Tensor:
         """Unpacked (N, K) uint8 codes of the stored matrix."""
-        k = self.shape[0] if self.transposed else self.shape[1]
+        k = self.in_features
         return unpack_codes(self.qdata, self.nbits, k)
 
     def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The dense weight in its logical orientation. Computed in float32 (float64 if asked for
         float64), rounded once to `output_dtype` (default: the tensor's dtype)."""
+        if self.ndim != 2:
+            raise NotImplementedError("the flat view(-1) alias of an Any4Tensor (FSDP2 bookkeeping) has no dense form")
         output_dtype = output_dtype or self.dtype
         if self.qdata.is_cuda and output_dtype != torch.float64 and _gpu_kernels():
-            k = self.shape[0] if self.transposed else self.shape[1]
+            k = self.in_features
             w = torch.ops.any4ao.dequantize(
                 self.qdata, self.lut, self.scales, self.zeros, self.nbits, self.group_size, k, output_dtype
             )

@@ -97,9 +97,12 @@ def _(func, types, args, kwargs):
     end = max(start, end)
     if step != 1:
         raise NotImplementedError(f"Any4Tensor slice supports step=1 only, got step={step}")
+    shape = list(w.shape)
+    shape[dim] = end - start
     if stored_dim == 0:
         rows = slice(start, end)
-        new = _with(w, qdata=w.qdata[rows], lut=w.lut[rows], scales=w.scales[rows], zeros=w.zeros[rows])
+        new = _with(w, qdata=w.qdata[rows], lut=w.lut[rows], scales=w.scales[rows], zeros=w.zeros[rows],
+                    shape=torch.Size(shape))
     else:
         g, per = w.group_size, codes_per_byte(w.nbits)
         if start % g or (end % g and end != size):
@@ -112,10 +115,8 @@ def _(func, types, args, kwargs):
             qdata=w.qdata[:, start // per : -(-end // per)],
             scales=w.scales[:, start // g : -(-end // g)],
             zeros=w.zeros[:, start // g : -(-end // g)],
+            shape=torch.Size(shape),
         )
-    shape = list(w.shape)
-    shape[dim] = end - start
-    new = _with(new, shape=torch.Size(shape))
     return return_and_correct_aliasing(func, args, kwargs, new)
 
 
@@ -141,3 +142,75 @@ def _(func, types, args, kwargs):
         zeros=move(w.zeros, True),
     )
     return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+# ----- row sharding: what FSDP2's fully_shard does to a parameter (see any4ao/tensor/fsdp.py) -----
+def _rows(w: Any4Tensor, rows: slice, num_rows: int) -> Any4Tensor:
+    return _with(w, qdata=w.qdata[rows], lut=w.lut[rows], scales=w.scales[rows], zeros=w.zeros[rows],
+                 shape=torch.Size([num_rows, w.in_features]))
+
+
+def _require_row_major(w: Any4Tensor, op: str) -> None:
+    if w.transposed or w.ndim != 2:
+        raise NotImplementedError(f"Any4Tensor {op} works on the stored (out, in) orientation only, "
+                                  f"got shape {tuple(w.shape)} transposed={w.transposed}")
+
+
+@implements(aten.split.Tensor)
+def _(func, types, args, kwargs):
+    """Blocks of `split_size` rows (FSDP2, column-wise TP) or of in_features (row-wise TP, which
+    must cut at group boundaries: a group's scale and zero cannot be split). torch.chunk lands here."""
+    w, split_size, dim = fill_defaults(args, 3, [0])
+    _require_row_major(w, "split")
+    if dim % 2 == 0:
+        n = w.shape[0]
+        return [_rows(w, slice(s, min(n, s + split_size)), min(n, s + split_size) - s) for s in range(0, n, split_size)]
+    k, g = w.shape[1], w.group_size
+    if split_size % g and split_size < k:
+        raise ValueError(
+            f"Any4Tensor split along in_features={k} into blocks of {split_size}: blocks must hold whole "
+            f"quantization groups (group_size={g}); for row-wise tensor parallel pick a world size for which "
+            f"ceil(in_features / world) is a multiple of {g}, or quantize with a smaller group_size"
+        )
+    return [aten.slice.Tensor(w, 1, s, min(k, s + split_size)) for s in range(0, k, split_size)]
+
+
+@implements(aten.new_zeros.default)
+def _(func, types, args, kwargs):
+    """An all-zero Any4Tensor (zero codes, LUT, scales, zeros) with `size[0]` rows of the same width."""
+    w, size = args[0], list(args[1])
+    _require_row_major(w, "new_zeros")
+    if len(size) != 2 or size[1] != w.in_features:
+        raise NotImplementedError(f"Any4Tensor.new_zeros keeps in_features={w.in_features}; got size {size}")
+    device = kwargs.get("device") or w.device
+
+    def zeros_like_rows(t):
+        return torch.zeros(size[0], t.shape[1], dtype=t.dtype, device=device)
+
+    return _with(w, qdata=zeros_like_rows(w.qdata), lut=zeros_like_rows(w.lut), scales=zeros_like_rows(w.scales),
+                 zeros=zeros_like_rows(w.zeros), shape=torch.Size(size))
+
+
+@implements(aten.view.default)
+def _(func, types, args, kwargs):
+    """view(-1): a flat alias sharing the parts (FSDP2 keeps one); view to the same shape: alias."""
+    w, size = args[0], list(args[1])
+    if size in ([-1], [w.numel()]) and w.ndim == 2 and not w.transposed:
+        return _with(w, shape=torch.Size([w.numel()]))
+    if torch.Size(size) == w.shape:
+        return _with(w)
+    raise NotImplementedError(f"Any4Tensor.view{tuple(size)} of shape {tuple(w.shape)}: only view(-1) is supported")
+
+
+@implements(aten.as_strided.default)
+def _(func, types, args, kwargs):
+    """Contiguous, offset-0 windows of whole rows: FSDP2 uses it to drop the padding rows of an
+    all-gathered (world * padded rows) weight."""
+    w, size, stride = args[0], list(args[1]), tuple(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", 0) or 0
+    _require_row_major(w, "as_strided")
+    contiguous = (size[1], 1) if len(size) == 2 else None
+    if len(size) != 2 or size[1] != w.in_features or size[0] > w.shape[0] or offset or stride != contiguous:
+        raise NotImplementedError(f"Any4Tensor.as_strided(size={size}, stride={stride}, offset={offset}) of "
+                                  f"shape {tuple(w.shape)}: only a contiguous prefix of whole rows is supported")
+    return _rows(w, slice(0, size[0]), size[0])

@@ -1,0 +1,100 @@
+"""GPU checks of the model path (run by hand on a CUDA machine; CI covers the CPU path):
+
+    python benchmarks/check_gpu.py [--out DIR]
+
+1. torch.compile(fullgraph=True) of a quantized Llama (Triton LUT kernels inside) matches eager,
+   with one graph for every prompt length > 1 (dynamic=True; length 1 is specialised by dynamo
+   as usual), in default, reduce-overhead (CUDA graphs) and max-autotune modes.
+2. k-means throughput: seconds to quantize 1.07e9 weights with the default any4 settings.
+Prints a summary and writes check-gpu-<gpu>.json.
+"""
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import any4ao
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
+
+
+def small_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    quantize_model(model, Any4WeightOnlyConfig(group_size=128), progress=False)
+    return model
+
+
+@torch.no_grad()
+def check_compile(model, mode):
+    torch.compiler.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, mode=mode)
+    worst = 0.0
+    start = time.perf_counter()
+    for length in (7, 33, 130, 257):  # crosses the M thresholds of the kernel dispatcher
+        ids = torch.randint(0, 4096, (2, length), device="cuda")
+        eager = model(ids, use_cache=False).logits.float()
+        for _ in range(2):  # reduce-overhead records the graph on a later call
+            out = compiled(ids, use_cache=False).logits.float()
+        worst = max(worst, ((out - eager).norm() / eager.norm()).item())
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return {"mode": mode or "default", "rel_err_vs_eager": worst, "unique_graphs": graphs,
+            "seconds": time.perf_counter() - start, "ok": worst < 2e-2 and graphs == 1}
+
+
+def kmeans_throughput():
+    rows, k, reps = 8192, 4096, 32  # 32 layers of 8192 x 4096 = 1.07e9 weights
+    config = Any4WeightOnlyConfig()
+    w = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    Any4Tensor.from_hp(w[:256], group_size=128)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        Any4Tensor.from_hp(w, group_size=config.group_size, iterations=config.kmeans_iterations,
+                           refine_rounds=config.refine_rounds, scaling=config.scaling)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"weights": rows * k * reps, "seconds": seconds, "seconds_per_1e9": seconds / (rows * k * reps / 1e9),
+            "settings": f"group {config.group_size}, {config.kmeans_iterations} iterations, "
+                        f"{config.refine_rounds} refine rounds, {config.scaling} scaling"}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--modes", default="default,reduce-overhead,max-autotune", help='comma-separated, or "none"')
+    args = p.parse_args()
+    gpu = torch.cuda.get_device_name()
+    result = {"device": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
+              "any4ao": any4ao.__version__, "command": " ".join(sys.argv), "compile": []}
+    model = small_llama()
+    modes = [] if args.modes == "none" else args.modes.split(",")
+    for mode in modes:
+        try:
+            row = check_compile(model, None if mode == "default" else mode)
+        except Exception as e:
+            row = {"mode": mode, "ok": False, "error": "".join(traceback.format_exception_only(e))[-500:]}
+        result["compile"].append(row)
+        print(json.dumps(row), flush=True)
+    result["kmeans"] = kmeans_throughput()
+    print(json.dumps(result["kmeans"]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if modes else "-kmeans"  # --modes none: the k-means measurement alone
+    (out / f"check-gpu-{gpu.replace(' ', '-')}{suffix}.json").write_text(json.dumps(result, indent=2))
+    if not all(r["ok"] for r in result["compile"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

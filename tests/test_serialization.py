@@ -1,0 +1,140 @@
+"""Saving and loading quantized models: safetensors, transformers save/from_pretrained, bad files."""
+
+import json
+import struct
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TorchAoConfig
+
+import any4ao
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, load_quantized, quantize_model, save_quantized
+from tiny_models import tiny_llama
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _quantized(codebook="any4", seed=0):
+    model = tiny_llama(seed=seed)
+    quantize_model(model, Any4WeightOnlyConfig(codebook=codebook, group_size=32, kmeans_iterations=5), progress=False)
+    return model
+
+
+@torch.no_grad()
+def _logits(model):
+    return model(IDS).logits
+
+
+@pytest.mark.parametrize("codebook", ["any4", "any3", "nf4"])
+def test_safetensors_round_trip_into_an_unquantized_model(tmp_path, codebook):
+    model = _quantized(codebook)
+    path = tmp_path / "q.safetensors"
+    save_quantized(model, path, Any4WeightOnlyConfig(codebook=codebook, group_size=32))
+    fresh = tiny_llama(seed=1)  # different random weights: everything must come from the file
+    state = load_quantized(path, fresh)
+    assert isinstance(fresh.model.layers[0].mlp.down_proj.weight, Any4Tensor)
+    assert isinstance(state["model.layers.1.self_attn.q_proj.weight"], Any4Tensor)
+    assert torch.equal(_logits(fresh), _logits(model))
+
+
+def test_saved_metadata_names_format_and_config(tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "q.safetensors"
+    save_quantized(_quantized(), path, Any4WeightOnlyConfig(group_size=32, calibration=None))
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["any4ao_format"] == "1"
+    assert json.loads(meta["any4ao_config"])["_data"]["group_size"] == 32
+    parts = {f"model.layers.0.mlp.up_proj._weight_{p}" for p in ("qdata", "lut", "scales", "zeros")}
+    assert parts <= keys and "lm_head.weight" in keys
+
+
+def test_truncated_file_is_rejected(tmp_path):
+    path = tmp_path / "q.safetensors"
+    save_quantized(_quantized(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_quantized(path)
+
+
+def _rewrite_metadata(path, edit):
+    """Rewrite a safetensors file's JSON header through `edit(header_dict)`."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_tampered_shape_metadata_is_rejected(tmp_path):
+    path = tmp_path / "q.safetensors"
+    save_quantized(_quantized(), path)
+
+    def edit(header):
+        meta = json.loads(header["__metadata__"]["model.layers.0.mlp.up_proj.weight"])
+        meta["_data"]["shape"] = [160, 128]  # claims twice the input features the codes hold
+        header["__metadata__"]["model.layers.0.mlp.up_proj.weight"] = json.dumps(meta)
+
+    _rewrite_metadata(path, edit)
+    with pytest.raises(ValueError, match="inconsistent Any4Tensor.*qdata has shape"):
+        load_quantized(path)
+
+
+def test_missing_part_and_foreign_files_are_rejected(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "q.safetensors"
+    save_quantized(_quantized(), path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    del tensors["model.layers.1.self_attn.k_proj._weight_lut"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="parts missing.*k_proj"):
+        load_quantized(path)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not written by any4ao"):
+        load_quantized(plain)
+    with pytest.raises(FileNotFoundError):
+        load_quantized(tmp_path / "nope.safetensors")
+
+
+def test_mismatched_model_is_rejected_and_left_untouched(tmp_path):
+    path = tmp_path / "q.safetensors"
+    save_quantized(_quantized(), path)
+    other = tiny_llama(hidden=96, intermediate=160)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="has shape"):
+        load_quantized(path, other)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert not any(isinstance(p, Any4Tensor) for p in other.parameters())
+
+
+def test_transformers_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "fp32")
+    config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=5))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config, dtype=torch.float32)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.weight, Any4Tensor)
+    assert not isinstance(model.lm_head.weight, Any4Tensor)  # transformers keeps the head in high precision
+    model.save_pretrained(tmp_path / "any4")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "any4", dtype=torch.float32)
+    assert isinstance(reloaded.model.layers[1].mlp.gate_proj.weight, Any4Tensor)
+    assert torch.equal(_logits(reloaded), _logits(model))
+    saved = json.loads((tmp_path / "any4" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_type"]["default"]["_type"] == "Any4WeightOnlyConfig"
+
+
+def test_registration_is_idempotent():
+    any4ao.register_with_torchao()
+    any4ao.register_with_transformers()
+    import torchao.prototype.safetensors.safetensors_utils as su
+
+    assert su.ALLOWED_TENSORS_SUBCLASSES.count("Any4Tensor") == 1
