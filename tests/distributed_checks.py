@@ -58,6 +58,30 @@ def fsdp_forward_matches_unsharded(mesh, device, dtype=torch.float32) -> dict:
             "max_diff_second": (second - reference).abs().max().item()}
 
 
+def fsdp_mixed_precision_matches_a_cast_model(mesh, device) -> dict:
+    """MixedPrecisionPolicy(param_dtype=bf16) on fp32 any4 weights: post_all_gather casts LUT,
+    scales and zeros (the codes stay uint8), so the result must equal the same model cast to bf16,
+    on the first forward and on the second (which re-casts into the buffers of the first)."""
+    import copy
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = _quantized_tiny_llama(64, 161, device, torch.float32)
+    cast = nn.Module.to(copy.deepcopy(model), dtype=torch.bfloat16)
+    for (_, kept), (_, buf) in zip(model.named_buffers(), cast.named_buffers()):
+        buf.data = kept.data.clone()  # FSDP casts parameters only; rotary inv_freq stays fp32
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = cast(ids).logits
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        first, second = model(ids).logits, model(ids).logits
+    return {"dtype": str(first.dtype), "max_diff_first": (first.float() - reference.float()).abs().max().item(),
+            "max_diff_second": (second.float() - reference.float()).abs().max().item()}
+
+
 def fsdp_all_gather_volume(mesh, device, record) -> dict:
     """One bf16 any4 linear (97 x 4096, group 128), sharded: bytes gathered per weight."""
     from torch.distributed.fsdp import fully_shard

@@ -28,6 +28,7 @@ def _worker(rank, init_file, out_dir):
         record = checks.gathered_bytes_recorder()
         results = {"forward": checks.fsdp_forward_matches_unsharded(mesh, "cpu")}
         results["tp"] = checks.tensor_parallel_matches_unsharded(mesh, "cpu")
+        results["mixed_precision"] = checks.fsdp_mixed_precision_matches_a_cast_model(mesh, "cpu")
         if record is not None:
             results["volume"] = checks.fsdp_all_gather_volume(mesh, "cpu", record)
         try:
@@ -93,3 +94,10 @@ def test_row_wise_split_must_keep_whole_groups():
     assert [c.shape[1] for c in torch.chunk(w, 5, dim=1)] == [32] * 5  # 32 = one group per shard
     with pytest.raises(ValueError, match="whole quantization groups"):
         torch.chunk(w, 2, dim=1)  # 80 columns = 2.5 groups
+
+
+def test_fsdp2_mixed_precision_casts_the_gathered_parts_like_a_cast_model(results):
+    for r in results:
+        mp = r["mixed_precision"]
+        assert mp["dtype"] == "torch.bfloat16"
+        assert mp["max_diff_first"] == 0.0 and mp["max_diff_second"] == 0.0, mp
