@@ -54,12 +54,14 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     Every M the fused path serves (<= 16; ops.py sends larger M to dequantize + cuBLAS) runs the
     BM=16 tensor-core GEMM with the LUT gathered from registers: in the second sweep it beat the
     GEMV kernel at M=4 by 2.8-3.2x, and at M=4 it was already faster than the GEMV at M=1
-    (4096x4096: 36.7 vs 44.9 us). The GEMV kernel stays available through an explicit config."""
+    (4096x4096: 36.7 vs 44.9 us). The GEMV kernel stays available through an explicit config.
+    BLOCK_N=128 (with split-K 8 on the Llama shapes) beat BLOCK_N=64 by 7-21% at M=1 and M=16 in the
+    third sweep (sweep-H100-v4-gemm-m1-m16.json: 28672x4096 M=1 180.7 vs 194.5 us)."""
     sms = _num_sms(device)
     if m <= 16:
-        tiles = triton.cdiv(n, 64)
+        tiles = triton.cdiv(n, 128)
         split = _split_k(tiles, triton.cdiv(k, 128), 12 * sms)
-        return KernelConfig("gemm", 16, 64, 128, split, num_warps=4, num_stages=3, lut_mode=LUT_REGISTER)
+        return KernelConfig("gemm", 16, 128, 128, split, num_warps=4, num_stages=3, lut_mode=LUT_REGISTER)
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
     split = _split_k(tiles, triton.cdiv(k, 128), 2 * sms) if tiles < sms else 1
