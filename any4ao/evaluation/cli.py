@@ -25,7 +25,7 @@ from any4ao.api import quantize_model
 from any4ao.calibration.activation_stats import STATISTICS, calibrate, default_calibration_text
 from any4ao.demo import weight_report
 from any4ao.evaluation.methods import DEFAULT_METHODS, MethodSettings, check_methods, config_for, needs_calibration
-from any4ao.evaluation.perplexity import perplexity, token_windows
+from any4ao.evaluation.perplexity import perplexity, scored_tokens, token_windows
 from any4ao.evaluation.texts import load_text
 from any4ao.models import load_causal_lm
 
@@ -146,7 +146,7 @@ def main(argv=None) -> List[EvalRow]:
           f"(stride {protocol['stride']}); group size {args.group_size}")
     rows = evaluate(model, tokenizer, methods, settings, windows, calibration_text, args.statistic,
                     progress=not args.no_progress)
-    protocol["scored_tokens"] = perplexity_tokens(windows)
+    protocol["scored_tokens"] = scored_tokens(windows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "any4ao eval " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -166,7 +166,3 @@ def main(argv=None) -> List[EvalRow]:
     print(table)
     print(f"\nwrote {out}/eval.json, eval.md, eval.png")
     return rows
-
-
-def perplexity_tokens(windows) -> int:
-    return sum(ids.shape[1] - 1 - max(skip - 1, 0) for ids, skip in windows)

@@ -47,6 +47,17 @@ def token_windows(
     return out
 
 
+def _first_scored(skip: int) -> int:
+    """Position p predicts token p + 1, so a window whose first `skip` tokens are context only
+    scores the predictions from position skip - 1 on."""
+    return max(skip - 1, 0)
+
+
+def scored_tokens(windows) -> int:
+    """How many next-token predictions `perplexity` scores over `windows`."""
+    return sum(ids.shape[1] - 1 - _first_scored(skip) for ids, skip in windows)
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
     device = next(model.parameters()).device
@@ -56,8 +67,7 @@ def perplexity(model: torch.nn.Module, windows, progress: bool = True, desc: str
         logits = model(ids).logits[0, :-1].float()
         targets = ids[0, 1:]
         nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-        # Position p predicts token p + 1; the first `skip` tokens are context only.
-        scored = nll[max(skip - 1, 0) :] if skip else nll
+        scored = nll[_first_scored(skip) :]
         if not torch.isfinite(scored).all():
             raise FloatingPointError("the model produced non-finite log-likelihoods (NaN/Inf logits)")
         total_nll += scored.double().sum().item()

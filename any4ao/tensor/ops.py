@@ -145,11 +145,6 @@ def _(func, types, args, kwargs):
 
 
 # ----- row sharding: what FSDP2's fully_shard does to a parameter (see any4ao/tensor/fsdp.py) -----
-def _rows(w: Any4Tensor, rows: slice, num_rows: int) -> Any4Tensor:
-    return _with(w, qdata=w.qdata[rows], lut=w.lut[rows], scales=w.scales[rows], zeros=w.zeros[rows],
-                 shape=torch.Size([num_rows, w.in_features]))
-
-
 def _require_row_major(w: Any4Tensor, op: str) -> None:
     if w.transposed or w.ndim != 2:
         raise NotImplementedError(f"Any4Tensor {op} works on the stored (out, in) orientation only, "
@@ -162,17 +157,14 @@ def _(func, types, args, kwargs):
     must cut at group boundaries: a group's scale and zero cannot be split). torch.chunk lands here."""
     w, split_size, dim = fill_defaults(args, 3, [0])
     _require_row_major(w, "split")
-    if dim % 2 == 0:
-        n = w.shape[0]
-        return [_rows(w, slice(s, min(n, s + split_size)), min(n, s + split_size) - s) for s in range(0, n, split_size)]
-    k, g = w.shape[1], w.group_size
-    if split_size % g and split_size < k:
+    dim, size = dim % 2, w.shape[dim % 2]
+    if dim == 1 and split_size % w.group_size and split_size < size:
         raise ValueError(
-            f"Any4Tensor split along in_features={k} into blocks of {split_size}: blocks must hold whole "
-            f"quantization groups (group_size={g}); for row-wise tensor parallel pick a world size for which "
-            f"ceil(in_features / world) is a multiple of {g}, or quantize with a smaller group_size"
+            f"Any4Tensor split along in_features={size} into blocks of {split_size}: blocks must hold whole "
+            f"quantization groups (group_size={w.group_size}); for row-wise tensor parallel pick a world size "
+            f"for which ceil(in_features / world) is a multiple of {w.group_size}, or quantize with a smaller group_size"
         )
-    return [aten.slice.Tensor(w, 1, s, min(k, s + split_size)) for s in range(0, k, split_size)]
+    return [aten.slice.Tensor(w, dim, s, min(size, s + split_size)) for s in range(0, size, split_size)]
 
 
 @implements(aten.new_zeros.default)
@@ -213,4 +205,4 @@ def _(func, types, args, kwargs):
     if len(size) != 2 or size[1] != w.in_features or size[0] > w.shape[0] or offset or stride != contiguous:
         raise NotImplementedError(f"Any4Tensor.as_strided(size={size}, stride={stride}, offset={offset}) of "
                                   f"shape {tuple(w.shape)}: only a contiguous prefix of whole rows is supported")
-    return _rows(w, slice(0, size[0]), size[0])
+    return aten.slice.Tensor(w, 0, 0, size[0])
