@@ -107,6 +107,9 @@ def test_default_calibration_text_ships_with_the_package():
         (dict(codebook="any4", nbits=2), "4-bit"),
         (dict(lut_dtype=torch.int8), "lut_dtype"),
         (dict(kmeans_iterations=-1), "kmeans_iterations"),
+        (dict(refine_rounds=-1), "refine_rounds"),
+        (dict(refine_rounds=1.5), "refine_rounds"),
+        (dict(scaling="max"), "scaling"),
     ],
 )
 def test_bad_settings(kwargs, match):
