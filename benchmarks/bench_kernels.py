@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import any4ao
 from any4ao import Any4Tensor
@@ -90,15 +91,15 @@ class Poison:
         launch._empty = self.saved
 
 
-def gemv(x, qw):
-    """The GEMV kernel with its best config from the second H100 sweep (the dispatcher uses the
-    BM=16 GEMM instead; this keeps the comparison in the table). Only timed for M <= 4."""
-    from any4ao.kernels.launch import KernelConfig, lut_matmul
+def gather_lut_gemm(x, qw):
+    """The previous decode kernel (BM=16 GEMM, LUT gathered from a register tile with tl.gather),
+    which the dispatcher now uses only where the byte-permute kernels do not apply; kept in the
+    table to show what the register lookup gained. Only timed for M <= 16."""
+    from any4ao.kernels.launch import gather_config, lut_matmul
 
-    if x.shape[0] > 4:
+    if x.shape[0] > 16:
         raise SkipMethod
-    bn, warps = (128, 8) if qw.shape[0] <= 8192 else (64, 4)
-    cfg = KernelConfig("gemv", 1 << (x.shape[0] - 1).bit_length(), bn, 128, 8, warps, 3, 2)
+    cfg = gather_config(x.shape[0], qw.shape[0], qw.shape[1], x.device)
     return lut_matmul(x, qw.qdata, qw.lut, qw.scales, qw.zeros, qw.nbits, qw.group_size, cfg)
 
 
@@ -115,7 +116,7 @@ def make_methods(n, k, dtype, include):
     torch.cuda.synchronize()
     quant_s = time.perf_counter() - start
     methods["any4"] = ([q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)], F.linear)
-    methods["any4 gemv kernel"] = (methods["any4"][0], gemv)
+    methods["any4 gather-LUT (previous)"] = (methods["any4"][0], gather_lut_gemm)
     methods["bf16 cuBLAS"] = ([w] + [w.clone() for _ in range(copies_for(tensor_bytes(w)) - 1)], F.linear)
 
     def naive(x, qw):  # the same format through plain torch ops: gather, scale, then cuBLAS
@@ -169,47 +170,73 @@ def kmeans_throughput(dtype):
     return rows * k * reps, time.perf_counter() - start
 
 
-def sweep_configs(dtype):
-    """Time alternative kernels and block shapes at decode sizes (data for tuning choose_config):
-    GEMV vs the BM=16 tensor-core GEMM for M = 1, 4, 16, and the LUT lookup modes of lut_tile."""
-    from any4ao.kernels.launch import KernelConfig, lut_matmul
+def _sweep_candidates(m, n, k, sms):
+    """Decode-kernel block shapes to try at this M (data for tuning choose_config)."""
+    from any4ao.kernels.launch import KernelConfig, _split_k, gather_config
 
-    out = []
-    for n, k in [(4096, 4096), (28672, 4096)]:
+    cands = [choose_config(m, n, k, torch.device("cuda")), gather_config(m, n, k, torch.device("cuda"))]
+    if m == 1:
+        for bn, warps, bk in [(16, 2, 128), (32, 2, 128), (32, 2, 256), (64, 4, 128), (64, 4, 256), (128, 8, 128)]:
+            for split in (1, 2, 4, 8):
+                for stages in (1, 3, 4):
+                    if split * bk <= k:
+                        cands.append(KernelConfig("decode-fma", 1, bn, bk, split, warps, stages))
+    for bn, warps in [(64, 4), (128, 4), (128, 8)]:
+        for waves in (2, 4, 8):
+            split = _split_k(triton.cdiv(n, bn), k // 128, waves * sms)
+            cands.append(KernelConfig("decode-dot", 16, bn, 128, split, warps, 3))
+    return list(dict.fromkeys(cands))
+
+
+def sweep_configs(dtype):
+    """Every candidate kernel config at decode sizes, each checked against float64 (NaN-poisoned
+    outputs) before it is timed; then the dequantize kernels (LUT by byte permutes vs load)."""
+    from any4ao.kernels.launch import lut_dequantize, lut_matmul
+
+    out, sms = [], torch.cuda.get_device_properties(0).multi_processor_count
+    for n, k in [(4096, 4096), (28672, 4096), (8192, 8192)]:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-        q = Any4Tensor.from_hp(w, group_size=GROUP, codebook="int")
+        q = Any4Tensor.from_hp(w, group_size=GROUP, iterations=2)
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
+        w64 = q.dequantize(torch.float64)
         for m in (1, 4, 16):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            cands = []
-            for bn, bk, warps in [(16, 128, 2), (32, 128, 4), (64, 128, 4), (128, 128, 8)]:
-                for split in (2, 4, 8):
-                    for mode in (0, 2):
-                        cands.append(KernelConfig("gemv", triton_pow2(m), bn, bk, split, warps, 3, mode))
-            if m > 1:
-                for bn, bk, warps in [(64, 64, 4), (64, 128, 4), (128, 128, 8)]:
-                    for split in (1, 2, 4):
-                        for mode in (0, 2):
-                            cands.append(KernelConfig("gemm", 16, bn, bk, split, warps, 3, mode))
-            best = None
-            for cfg in cands:
+            ref = x.double() @ w64.t()
+            results = []
+            for cfg in _sweep_candidates(m, n, k, sms):
                 try:
-                    us = graph_time_us([lambda c=c_: lut_matmul(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, cfg) for c_ in copies], replays=10)
+                    with Poison():
+                        y = lut_matmul(x, q.qdata, q.lut, q.scales, q.zeros, 4, GROUP, cfg)
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        print(f"  sweep {n}x{k} M={m} {cfg}: WRONG rel err {err}", flush=True)
+                        continue
+                    us = graph_time_us([lambda c=c_: lut_matmul(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, cfg)
+                                        for c_ in copies], replays=10)
                 except Exception as e:
-                    print(f"  sweep {n}x{k} M={m} {cfg}: {e!r}"[:300])
+                    print(f"  sweep {n}x{k} M={m} {cfg}: {e!r}"[:300], flush=True)
                     continue
-                out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us})
-                if best is None or us < best[0]:
-                    best = (us, cfg)
-            for kind in ("gemv", "gemm"):
-                for mode in (0, 2):
-                    mine = [r for r in out if r["M"] == m and r["N"] == n and f"kind='{kind}'" in r["config"]
-                            and f"lut_mode={mode}" in r["config"]]
-                    if mine:
-                        b = min(mine, key=lambda r: r["us"])
-                        print(f"  sweep {n}x{k} M={m} {kind} lut_mode={mode}: best {b['us']:.1f} us {b['config']}", flush=True)
-            print(f"  sweep {n}x{k} M={m}: BEST {best[0]:.1f} us with {best[1]}", flush=True)
-        del copies, q, w
+                results.append((us, cfg))
+                out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us, "rel_err": err})
+            results.sort(key=lambda r: r[0])
+            default = choose_config(m, n, k, torch.device("cuda"))
+            mine = [us for us, c in results if c == default]
+            print(f"  sweep {n}x{k} M={m}: default {mine[0] if mine else float('nan'):.1f} us; best:", flush=True)
+            for us, cfg in results[:4]:
+                print(f"     {us:7.1f} us  {cfg}", flush=True)
+        for bn, bk, warps, permute in [(16, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True),
+                                       (64, 128, 4, True), (64, 128, 8, True), (8, 128, 2, True)]:
+            def deq(c, bn=bn, bk=bk, warps=warps, permute=permute):
+                return lut_dequantize(c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, k, dtype, bn, bk, 0, permute, warps)
+            with Poison():
+                err = (deq(q).double() - w64).abs().max().item()
+            us = graph_time_us([lambda c=c_: deq(c) for c_ in copies], replays=10)
+            gbs = (q.storage_bytes() + n * k * 2) / us / 1e3
+            print(f"  dequant {n}x{k} BN={bn} BK={bk} warps={warps} permute={permute}: {us:.1f} us "
+                  f"({gbs:.0f} GB/s), max err {err:.1e}", flush=True)
+            out.append({"N": n, "K": k, "dequant": dict(block_n=bn, block_k=bk, num_warps=warps, permute=permute),
+                        "us": us, "max_abs_err": err})
+        del copies, q, w, w64
         torch.cuda.empty_cache()
     return out
 
@@ -263,6 +290,12 @@ def main():
     result = {"meta": meta, "rows": rows, "checks": checks}
     if args.sweep or args.sweep_only:
         result["sweep"] = sweep_configs(dtype)
+    if args.sweep_only:  # keep the full benchmark's files; the sweep goes to a file of its own
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tag = gpu.replace(" ", "-").replace("/", "-")
+        (out_dir / f"sweep-{tag}.json").write_text(json.dumps({"meta": meta, "sweep": result["sweep"]}, indent=1))
+        return
     if not args.quick and not args.sweep_only:
         numel, seconds = kmeans_throughput(dtype)
         result["kmeans"] = {"weights": numel, "seconds": seconds, "iterations": "10 + 2 refine rounds x 10", "group_size": GROUP}

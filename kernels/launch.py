@@ -10,7 +10,8 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from any4ao.kernels.dequant import dequant_kernel
+from any4ao.kernels.dequant import dequant_kernel, dequant_words_kernel
+from any4ao.kernels.lut_decode import lut_decode_kernel
 from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_gemv import lut_gemv_kernel
 from any4ao.kernels.lut_tile import LUT_REGISTER
@@ -25,14 +26,29 @@ def _empty(shape, device, dtype):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv" or "gemm"
+    # "decode-fma" / "decode-dot": lut_decode (LUT in registers, byte permutes), CUDA-core FMAs or
+    # tensor cores; "gemv" / "gemm": lut_gemv / lut_gemm (LUT by load, select or tl.gather: lut_mode).
+    kind: str
     block_m: int
     block_n: int
     block_k: int
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER
+    lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER (gemv / gemm only)
+
+
+def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:
+    """lut_permute's register lookup reads codes as 32-bit words and the LUT as pairs of 16-bit
+    entries: nibble-packed codes (3 or 4 bits), K % 8 == 0, 4-byte aligned rows, a 16-bit LUT.
+    (Alignment from storage offsets, not data_ptr: this also runs on fake tensors under compile.)"""
+    return (
+        nbits in (3, 4)
+        and lut.dtype in (torch.float16, torch.bfloat16)
+        and k % 8 == 0
+        and qdata.stride(-1) == 1 and qdata.stride(0) % 4 == 0 and qdata.storage_offset() % 4 == 0
+        and lut.is_contiguous() and lut.storage_offset() % 2 == 0
+    )
 
 
 def _num_sms(device: torch.device) -> int:
@@ -49,23 +65,34 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Block shapes from the H100 sweeps in benchmarks/results (bench_kernels.py --sweep).
+    """Block shapes from the H100 sweeps (bench_kernels.py --sweep-only; the last one is
+    benchmarks/results/sweep-H100-v5-register-lut.json).
 
-    Every M the fused path serves (<= 16; ops.py sends larger M to dequantize + cuBLAS) runs the
-    BM=16 tensor-core GEMM with the LUT gathered from registers: in the second sweep it beat the
-    GEMV kernel at M=4 by 2.8-3.2x, and at M=4 it was already faster than the GEMV at M=1
-    (4096x4096: 36.7 vs 44.9 us). The GEMV kernel stays available through an explicit config.
-    BLOCK_N=128 (with split-K 8 on the Llama shapes) beat BLOCK_N=64 by 7-21% at M=1 and M=16 in the
-    third sweep (sweep-H100-v4-gemm-m1-m16.json: 28672x4096 M=1 180.7 vs 194.5 us)."""
+    M <= 16 (ops.py sends larger M to dequantize + cuBLAS) runs lut_decode, whose LUT lookup stays
+    in registers. M=1: CUDA-core FMAs, BLOCK_N=32, BLOCK_K=256, 2 warps, 3 stages, split-K to about
+    8 programs per SM; within 10 % of the sweep's best on 4096x4096, 28672x4096 and 8192x8192
+    (14.4-15.6 / 53.8 / 41.7 us against bests of 14.3 / 53.8 / 38.0). M=2..16: the tensor-core
+    variant, BLOCK_M=16, BLOCK_N=128, 4 warps, split-K to about 8 programs per SM.
+    lut_matmul falls back to gather_config where lut_decode does not apply (lut_permute)."""
     sms = _num_sms(device)
+    if m == 1:
+        split = _split_k(triton.cdiv(n, 32), triton.cdiv(k, 256), 8 * sms, 1)
+        return KernelConfig("decode-fma", 1, 32, 256, split, num_warps=2, num_stages=3)
     if m <= 16:
-        tiles = triton.cdiv(n, 128)
-        split = _split_k(tiles, triton.cdiv(k, 128), 12 * sms)
-        return KernelConfig("gemm", 16, 128, 128, split, num_warps=4, num_stages=3, lut_mode=LUT_REGISTER)
+        split = _split_k(triton.cdiv(n, 128), triton.cdiv(k, 128), 8 * sms)
+        return KernelConfig("decode-dot", 16, 128, 128, split, num_warps=4, num_stages=3)
     block_m = 32 if m <= 32 else 64 if m <= 64 else 128
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 128)
     split = _split_k(tiles, triton.cdiv(k, 128), 2 * sms) if tiles < sms else 1
     return KernelConfig("gemm", block_m, 128, 128, split, num_warps=8, num_stages=3)
+
+
+def gather_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    """Small M where lut_decode does not apply: the BM=16 tensor-core GEMM with the LUT gathered
+    from a register tile. BLOCK_N=128 with split-K 8 won the H100 sweep for that kernel
+    (sweep-H100-v4-gemm-m1-m16.json: 28672x4096 M=1 180.7 vs 194.5 us at BLOCK_N=64)."""
+    split = _split_k(triton.cdiv(n, 128), triton.cdiv(k, 128), 12 * _num_sms(device))
+    return KernelConfig("gemm", 16, 128, 128, split, num_warps=4, num_stages=3, lut_mode=LUT_REGISTER)
 
 
 def block_k_for(group_size: int, block_k: int) -> int:
@@ -82,6 +109,14 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device)
     block_k = block_k_for(group_size, config.block_k)
+    if config.kind == "decode-fma":
+        block_k = config.block_k  # this kernel applies scales per CHUNK columns, any block size works
+    if config.kind.startswith("decode") and not (
+        permute_lookup_applies(qdata, lut, nbits, k) and block_k >= (16 if config.kind == "decode-dot" else 8)
+        and group_size % 8 == 0
+    ):
+        config = gather_config(m, n, k, x.device)
+        block_k = block_k_for(group_size, config.block_k)
     per_byte = 4 if nbits == 2 else 2
     if config.kind == "gemm" and block_k // per_byte < 16:
         # tl.dot needs K >= 16 per phase; groups this small (G=16, 48, ...) take dequantize + mm.
@@ -97,7 +132,9 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
         LUT_MODE=config.lut_mode,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if config.kind == "gemv":
+    if config.kind.startswith("decode"):
+        _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config, block_k)
+    elif config.kind == "gemv":
         grid = (triton.cdiv(n, config.block_n), config.split_k)
         wrap_triton(lut_gemv_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common)
     else:
@@ -108,16 +145,46 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     return workspace.sum(0).to(x.dtype)
 
 
+def _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config, block_k):
+    m, k = x.shape
+    n = qdata.shape[0]
+    grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
+    wrap_triton(lut_decode_kernel)[grid](
+        x, qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
+        M=m, N=n, K=k,
+        stride_xm=x.stride(0), stride_qw=qdata.stride(0) // 4, stride_sn=scales.stride(0),
+        stride_os=workspace.stride(0), stride_om=workspace.stride(1),
+        LUT_SIZE=1 << nbits, GROUP=group_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
+        LUT_FP16=lut.dtype == torch.float16, USE_DOT=config.kind == "decode-dot",
+        DOT_FP32=INTERPRET, USE_ASM=not INTERPRET, CHUNK=min(block_k, 32, group_size & -group_size), STAGES=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
 def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
-                   block_n: int = 16, block_k: int = 128, lut_mode: int = 0):
-    """Dense (N, K) weight in `dtype`."""
+                   block_n: int = 32, block_k: int = 128, lut_mode: int = 0, permute: Optional[bool] = None,
+                   num_warps: int = 4):
+    """Dense (N, K) weight in `dtype`. permute (default: wherever it applies) looks the LUT up in
+    registers (dequant_words_kernel: 2.0-2.5 TB/s on an H100 against 1.5-1.6 TB/s for the LUT
+    load of dequant_kernel, sweep-H100-v5-register-lut.json); otherwise dequant_kernel."""
     n = qdata.shape[0]
     block_k = block_k_for(group_size, block_k)
+    if permute is None:
+        permute = permute_lookup_applies(qdata, lut, nbits, in_features) and block_k >= 8
     out = _empty((n, in_features), qdata.device, dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
+    if permute:
+        wrap_triton(dequant_words_kernel)[grid](
+            qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, out, n, in_features,
+            qdata.stride(0) // 4, scales.stride(0), out.stride(0),
+            LUT_SIZE=1 << nbits, GROUP=group_size, LUT_FP16=lut.dtype == torch.float16,
+            BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=not INTERPRET, num_warps=num_warps,
+        )
+        return out
     wrap_triton(dequant_kernel)[grid](
         qdata, lut, scales, zeros, out, n, in_features,
         qdata.stride(0), scales.stride(0), out.stride(0),
-        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_MODE=lut_mode,
+        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_MODE=lut_mode, num_warps=num_warps,
     )
     return out

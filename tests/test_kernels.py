@@ -5,11 +5,11 @@ to write makes the comparison fail."""
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from any4ao import Any4Tensor
 from any4ao.kernels import launch, ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
-from any4ao.kernels.launch import KernelConfig, choose_config, lut_dequantize, lut_matmul
+from any4ao.kernels.launch import KernelConfig, choose_config, lut_dequantize, lut_matmul, permute_lookup_applies
 from helpers import reference_dequantize
 
 # bf16 / fp16 operands with fp32 accumulation, one final rounding of the output.
@@ -40,6 +40,11 @@ def _rel(out, ref):
 
 CONFIGS = [
     None,  # the dispatcher's own choice
+    # lut_decode (LUT by byte permutes); where it does not apply (2-bit codes, fp32, K % 8 != 0)
+    # lut_matmul falls back to gather_config, so these also exercise the fallback.
+    KernelConfig("decode-fma", 1, 16, 64, split_k=2),
+    KernelConfig("decode-fma", 1, 8, 256, split_k=1, num_stages=1),
+    KernelConfig("decode-dot", 16, 32, 64, split_k=3),
     KernelConfig("gemv", 4, 32, 32, split_k=3),
     KernelConfig("gemv", 8, 16, 64, split_k=1, lut_mode=1),
     KernelConfig("gemv", 1, 32, 128, split_k=2, lut_mode=2),
@@ -77,11 +82,13 @@ def test_lut_matmul_matches_float64(m, n, k_groups, k_tail, group_size, nbits, d
     group_size=st.sampled_from([16, 32, 64]),
     nbits=st.sampled_from([2, 3, 4]),
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    permute=st.sampled_from([None, False, True]),
     seed=st.integers(0, 2**16),
 )
-def test_dequantize_kernel_matches_formula(n, k, group_size, nbits, dtype, seed):
+def test_dequantize_kernel_matches_formula(n, k, group_size, nbits, dtype, permute, seed):
     t, _, _ = _problem(1, n, k, group_size, nbits, dtype, seed)
-    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, k, dtype)
+    permute = permute and permute_lookup_applies(t.qdata, t.lut, nbits, k)  # None: the launcher decides
+    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, k, dtype, permute=permute)
     ref = t.dequantize(torch.float64)
     assert not torch.isnan(out).any()
     # fp32 arithmetic then one conversion to dtype. One full ulp, not half: the triton 3.9
@@ -101,13 +108,42 @@ def test_custom_op_paths(m):
 
 def test_dispatcher_choices():
     cpu = torch.device("cpu")
-    for m in (1, 4, 16):  # decode sizes: the BM=16 GEMM with the register LUT won the H100 sweep
+    assert choose_config(1, 4096, 4096, cpu).kind == "decode-fma"  # the H100 sweeps: CUDA cores at M=1
+    for m in (2, 4, 16):
         cfg = choose_config(m, 4096, 4096, cpu)
-        assert (cfg.kind, cfg.block_m, cfg.lut_mode) == ("gemm", 16, 2)
+        assert (cfg.kind, cfg.block_m) == ("decode-dot", 16)
     small = choose_config(16, 64, 8192, cpu)
     assert small.split_k > 1  # few output tiles: split K to fill the machine
     assert choose_config(512, 4096, 4096, cpu).block_m == 128
     assert ops.DEQUANT_THEN_MM_MIN_M <= 1500  # test_custom_op_paths covers the dequantize + mm branch
+
+
+@settings(max_examples=12)  # each example runs the byte-permute emulation in the interpreter: slow
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 70),
+    k_groups=st.integers(1, 4),
+    group_size=st.sampled_from([16, 32, 48, 64, 128]),
+    nbits=st.sampled_from([3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    kind=st.sampled_from(["decode-fma", "decode-dot"]),
+    block_n=st.sampled_from([8, 16, 64]),
+    block_k=st.sampled_from([32, 64, 256]),
+    split_k=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_register_lut_kernels_match_float64(m, n, k_groups, group_size, nbits, dtype, kind, block_n, block_k, split_k, seed):
+    """lut_decode itself (no fallback): nibble codes, 16-bit LUTs, K a multiple of 8, any block
+    shape; the FMA kernel's K block may span several groups or part of one."""
+    k = k_groups * group_size
+    t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
+    assert permute_lookup_applies(t.qdata, t.lut, nbits, k)
+    block_m = 1 if kind == "decode-fma" else 16
+    block_n = max(block_n, 16) if kind == "decode-dot" else block_n
+    cfg = KernelConfig(kind, block_m, block_n, block_k, split_k)
+    out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, cfg)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref) < TOLERANCE[dtype]
 
 
 def test_split_k_is_deterministic():
@@ -125,6 +161,7 @@ def test_dequantize_kernel_lut_modes_agree(lut_mode):
     torch.testing.assert_close(out, t.dequantize(), rtol=1e-6, atol=1e-6)
 
 
+@settings(max_examples=10)  # the Triton dequantize (byte-permute emulation) in the interpreter is slow
 @given(m=st.integers(1, 40), seed=st.integers(0, 2**16))
 def test_lut_linear_backward_gives_grad_out_times_w(m, seed):
     """QLoRA path: gradient to x through the custom op (Triton dequantize in the backward) equals
