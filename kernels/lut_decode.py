@@ -7,9 +7,10 @@ M tiles). It builds its rows' LUT byte planes once, then per K block reads one
            MMA from registers and x (BLOCK_M >= 16 rows, a few of them real) is the small operand.
            One dot per byte phase (columns 8w + p) with the matching strided columns of x: no
            interleaving of the 8 phases, whose layout conversion went through shared memory.
-  FMA      BLOCK_M == 1 (M = 1): values in column order times a contiguous x block on CUDA cores,
-           one FMA per weight into per-thread partial sums (scale and zero applied per partial);
-           rows are reduced across threads only once, at the end. BLOCK_K need not divide the group.
+  FMA      BLOCK_M == 1 (M = 1): on CUDA cores, each word's 8 phases meet the matching 8 values of
+           a contiguous x block in one FMA chain, into per-thread partial sums (scale and zero
+           applied per partial); rows are reduced across threads only once, at the end. BLOCK_K
+           need not divide the group.
 With SPLIT_K > 1 the partial sums go to an fp32 workspace (SPLIT_K, M, N) that the host sums
 (deterministic, no atomics). Needs 16-bit LUTs, nibble-packed codes (3 or 4 bits) and K % 8 == 0;
 the launcher sends everything else to lut_gemm.
