@@ -14,10 +14,14 @@ from any4ao.calibration.activation_stats import (  # noqa: E402
 )
 from any4ao.api import default_filter, quantize_model  # noqa: E402
 from any4ao.serialization import load_quantized, save_quantized  # noqa: E402
-from any4ao.integrations import register_with_torchao, register_with_transformers  # noqa: E402
+from any4ao.integrations import (  # noqa: E402
+    register_with_torchao,
+    register_with_transformers,
+    register_with_transformers_when_imported,
+)
 
 register_with_torchao()
-register_with_transformers()
+register_with_transformers_when_imported()  # now, or when transformers loads its torchao quantizer
 
 __all__ = [
     "Any4Tensor",

@@ -30,6 +30,7 @@ from any4ao.kernels.launch import choose_config
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 4096), (8192, 8192)]
 MS = [1, 4, 16, 64, 256, 2048, 8192]
 GROUP = 128
+SWEEP_MS = [1, 32, 64, 256]
 L2_BYTES = 50 * 2**20
 
 
@@ -171,26 +172,29 @@ def kmeans_throughput(dtype):
 
 
 def _sweep_candidates(m, n, k, sms):
-    """Decode-kernel block shapes to try at this M (data for tuning choose_config)."""
-    from any4ao.kernels.launch import KernelConfig, _split_k, gather_config
+    """Decode-kernel block shapes to try at this M (data for tuning choose_config and the M at which
+    lut_linear switches to dequantize + cuBLAS)."""
+    from any4ao.kernels.launch import KernelConfig
 
-    cands = [choose_config(m, n, k, torch.device("cuda")), gather_config(m, n, k, torch.device("cuda"))]
+    cands = [choose_config(m, n, k, torch.device("cuda"))] if m <= 16 else []
     if m == 1:
-        for bn, warps, bk in [(16, 2, 128), (32, 2, 128), (32, 2, 256), (64, 4, 128), (64, 4, 256), (128, 8, 128)]:
-            for split in (1, 2, 4, 8):
-                for stages in (1, 3, 4):
-                    if split * bk <= k:
-                        cands.append(KernelConfig("decode-fma", 1, bn, bk, split, warps, stages))
-    for bn, warps in [(64, 4), (128, 4), (128, 8)]:
-        for waves in (2, 4, 8):
-            split = _split_k(triton.cdiv(n, bn), k // 128, waves * sms)
-            cands.append(KernelConfig("decode-dot", 16, bn, 128, split, warps, 3))
+        for bn, warps, bk in [(32, 2, 256), (64, 2, 256), (64, 2, 128), (128, 4, 256), (128, 2, 128), (64, 1, 128)]:
+            for split in (1, 2, 4):
+                cands.append(KernelConfig("decode-fma", 1, bn, bk, split, warps, 3))
+    else:
+        for bm in (16, 32, 64):
+            if bm > max(16, triton_pow2(m)):
+                continue
+            for bn, warps in [(64, 4), (128, 4), (128, 8)]:
+                for split in (1, 2, 4):
+                    cands.append(KernelConfig("decode-dot", bm, bn, 128, split, warps, 3))
     return list(dict.fromkeys(cands))
 
 
 def sweep_configs(dtype):
     """Every candidate kernel config at decode sizes, each checked against float64 (NaN-poisoned
     outputs) before it is timed; then the dequantize kernels (LUT by byte permutes vs load)."""
+    from any4ao.kernels import ops  # noqa: F401  (registers torch.ops.any4ao.*)
     from any4ao.kernels.launch import lut_dequantize, lut_matmul
 
     out, sms = [], torch.cuda.get_device_properties(0).multi_processor_count
@@ -199,10 +203,13 @@ def sweep_configs(dtype):
         q = Any4Tensor.from_hp(w, group_size=GROUP, iterations=2)
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
         w64 = q.dequantize(torch.float64)
-        for m in (1, 4, 16):
+        for m in SWEEP_MS:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.double() @ w64.t()
             results = []
+            op = torch.ops.any4ao.lut_linear  # what the dispatcher does today, for comparison
+            us_op = graph_time_us([lambda c=c_: op(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP) for c_ in copies], replays=10)
+            out.append({"N": n, "K": k, "M": m, "config": "torch.ops.any4ao.lut_linear", "us": us_op})
             for cfg in _sweep_candidates(m, n, k, sms):
                 try:
                     with Poison():
@@ -219,9 +226,7 @@ def sweep_configs(dtype):
                 results.append((us, cfg))
                 out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us, "rel_err": err})
             results.sort(key=lambda r: r[0])
-            default = choose_config(m, n, k, torch.device("cuda"))
-            mine = [us for us, c in results if c == default]
-            print(f"  sweep {n}x{k} M={m}: default {mine[0] if mine else float('nan'):.1f} us; best:", flush=True)
+            print(f"  sweep {n}x{k} M={m}: lut_linear today {us_op:.1f} us; best:", flush=True)
             for us, cfg in results[:4]:
                 print(f"     {us:7.1f} us  {cfg}", flush=True)
         for bn, bk, warps, permute in [(16, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True),

@@ -138,3 +138,40 @@ def test_registration_is_idempotent():
     import torchao.prototype.safetensors.safetensors_utils as su
 
     assert su.ALLOWED_TENSORS_SUBCLASSES.count("Any4Tensor") == 1
+
+
+LAZY_REGISTRATION = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+import any4ao
+from any4ao.integrations import transformers_loading
+assert "transformers" not in sys.modules, "import any4ao must not import transformers"
+assert not transformers_loading._registered
+from transformers import AutoModelForCausalLM, TorchAoConfig
+from tiny_models import tiny_llama
+tiny_llama().save_pretrained({path!r} + "/fp32")
+config = TorchAoConfig(quant_type=any4ao.Any4WeightOnlyConfig(group_size=32, kmeans_iterations=5))
+model = AutoModelForCausalLM.from_pretrained({path!r} + "/fp32", quantization_config=config, dtype=torch.float32)
+model.save_pretrained({path!r} + "/any4")
+reloaded = AutoModelForCausalLM.from_pretrained({path!r} + "/any4", dtype=torch.float32)
+assert isinstance(reloaded.model.layers[1].mlp.gate_proj.weight, any4ao.Any4Tensor)
+ids = torch.arange(12).reshape(1, 12)
+assert torch.equal(reloaded(ids).logits, model(ids).logits)
+assert transformers_loading._registered  # done when from_pretrained imported the torchao quantizer
+print("ok")
+"""
+
+
+def test_import_defers_transformers_and_registers_when_it_loads(tmp_path):
+    """A fresh process: `import any4ao` leaves transformers unloaded (it costs ~1.5 s to import), and
+    the torchao quantizer is still extended when transformers loads, so the round trip works."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = LAZY_REGISTRATION.format(tests=str(Path(__file__).parent), path=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

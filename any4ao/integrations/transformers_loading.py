@@ -11,9 +11,12 @@ Two shapes of transformers are handled (both verified by tests/test_serializatio
     `get_weight_conversions()`; those converters are rebuilt with the extra suffixes.
 """
 
+import importlib.abc
+import sys
 import warnings
 
 EXTRA_SUFFIXES = ("lut", "scales", "zeros")
+QUANTIZER_MODULE = "transformers.quantizers.quantizer_torchao"
 _registered = False
 
 
@@ -45,6 +48,52 @@ def _patch_weight_conversions(quantizer_cls) -> None:
         return converters
 
     quantizer_cls.get_weight_conversions = get_weight_conversions
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs register_with_transformers right after transformers' torchao quantizer module executes,
+    so `import any4ao` does not import transformers (about 1.5 s) for users who never touch it."""
+
+    def find_spec(self, name, path, target=None):
+        if name != QUANTIZER_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _RegisteringLoader(spec.loader)
+                return spec
+        return None
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _remove_hook()
+        register_with_transformers()
+
+
+_hook = _RegisterOnImport()
+
+
+def _remove_hook() -> None:
+    if _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)
+
+
+def register_with_transformers_when_imported() -> None:
+    """Register now if transformers' torchao quantizer is already loaded, else on its import."""
+    if QUANTIZER_MODULE in sys.modules:
+        register_with_transformers()
+    elif not _registered and _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
 
 
 def register_with_transformers() -> None:
