@@ -38,17 +38,20 @@ class KernelConfig:
     lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER (gemv / gemm only)
 
 
-def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:
+def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int,
+                           check_pointers: bool = False) -> bool:
     """lut_permute's register lookup reads codes as 32-bit words and the LUT as pairs of 16-bit
     entries: nibble-packed codes (3 or 4 bits), K % 8 == 0, 4-byte aligned rows, a 16-bit LUT.
-    (Alignment from storage offsets, not data_ptr: this also runs on fake tensors under compile.)"""
-    return (
+    Alignment comes from storage offsets (this also runs on fake tensors under compile, where
+    allocations are aligned); check_pointers also checks the addresses (real tensors only)."""
+    ok = (
         nbits in (3, 4)
         and lut.dtype in (torch.float16, torch.bfloat16)
         and k % 8 == 0
         and qdata.stride(-1) == 1 and qdata.stride(0) % 4 == 0 and qdata.storage_offset() % 4 == 0
         and lut.is_contiguous() and lut.storage_offset() % 2 == 0
     )
+    return ok and (not check_pointers or (qdata.data_ptr() % 4 == 0 and lut.data_ptr() % 4 == 0))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -112,7 +115,8 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     if config.kind == "decode-fma":
         block_k = config.block_k  # this kernel applies scales per CHUNK columns, any block size works
     if config.kind.startswith("decode") and not (
-        permute_lookup_applies(qdata, lut, nbits, k) and block_k >= (16 if config.kind == "decode-dot" else 8)
+        permute_lookup_applies(qdata, lut, nbits, k, check_pointers=True)
+        and block_k >= (16 if config.kind == "decode-dot" else 8)
         and group_size % 8 == 0
     ):
         config = gather_config(m, n, k, x.device)

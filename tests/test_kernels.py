@@ -175,3 +175,21 @@ def test_lut_linear_backward_gives_grad_out_times_w(m, seed):
     ref = grad_out.double() @ w64
     ref.magnitude = grad_out.double().abs() @ w64.abs()
     assert _rel(x.grad, ref) < TOLERANCE[torch.float16]
+
+
+def test_misaligned_codes_take_the_gather_kernel():
+    """Codes whose address is not 4-byte aligned cannot be read as 32-bit words, even when the
+    storage offset looks fine (memory from torch.frombuffer or DLPack): lut_matmul must notice
+    and fall back to the gather kernel, with the same result."""
+    t, x, ref = _problem(1, 24, 64, 32, 4, torch.bfloat16, seed=3)
+    raw = bytearray(t.qdata.numel() + 8)
+    base = torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
+    skew = next(o for o in range(1, 4) if (base + o) % 4)
+    shifted = torch.frombuffer(raw, dtype=torch.uint8, count=t.qdata.numel(), offset=skew).view(t.qdata.shape)
+    shifted.copy_(t.qdata)
+    assert shifted.storage_offset() == 0 and shifted.data_ptr() % 4
+    assert permute_lookup_applies(shifted, t.lut, 4, 64)  # offsets alone cannot see it
+    assert not permute_lookup_applies(shifted, t.lut, 4, 64, check_pointers=True)
+    cfg = KernelConfig("decode-fma", 1, 16, 64, split_k=1)
+    out = lut_matmul(x, shifted, t.lut, t.scales, t.zeros, 4, 32, cfg)
+    assert _rel(out, ref) < TOLERANCE[torch.bfloat16]
