@@ -10,7 +10,7 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from any4ao.kernels.dequant import dequant_kernel, dequant_words_kernel
+from any4ao.kernels.dequant import dequant_kernel
 from any4ao.kernels.lut_decode import lut_decode_kernel
 from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_gemv import lut_gemv_kernel
@@ -111,9 +111,9 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     n = qdata.shape[0]
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device)
-    block_k = block_k_for(group_size, config.block_k)
-    if config.kind == "decode-fma":
-        block_k = config.block_k  # this kernel applies scales per CHUNK columns, any block size works
+    # decode-fma applies scales per CHUNK columns, so any block size works; the others keep a K
+    # block inside one group.
+    block_k = config.block_k if config.kind == "decode-fma" else block_k_for(group_size, config.block_k)
     if config.kind.startswith("decode") and not (
         permute_lookup_applies(qdata, lut, nbits, k, check_pointers=True)
         and block_k >= (16 if config.kind == "decode-dot" else 8)
@@ -127,23 +127,25 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
         w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, k, x.dtype)
         return torch.mm(x, w.t())
     workspace = _empty((config.split_k, m, n), x.device, torch.float32 if config.split_k > 1 else x.dtype)
-    common = dict(
-        M=m, N=n, K=k,
-        stride_xm=x.stride(0), stride_qn=qdata.stride(0), stride_sn=scales.stride(0),
-        stride_os=workspace.stride(0), stride_om=workspace.stride(1),
-        NBITS=nbits, GROUP=group_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
-        LUT_MODE=config.lut_mode,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
     if config.kind.startswith("decode"):
         _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config, block_k)
-    elif config.kind == "gemv":
-        grid = (triton.cdiv(n, config.block_n), config.split_k)
-        wrap_triton(lut_gemv_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common)
     else:
-        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
-        wrap_triton(lut_gemm_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common, GROUP_M=8, DOT_FP32=INTERPRET)
+        common = dict(
+            M=m, N=n, K=k,
+            stride_xm=x.stride(0), stride_qn=qdata.stride(0), stride_sn=scales.stride(0),
+            stride_os=workspace.stride(0), stride_om=workspace.stride(1),
+            NBITS=nbits, GROUP=group_size,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k, SPLIT_K=config.split_k,
+            LUT_MODE=config.lut_mode,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        if config.kind == "gemv":
+            grid = (triton.cdiv(n, config.block_n), config.split_k)
+            wrap_triton(lut_gemv_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common)
+        else:
+            grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
+            wrap_triton(lut_gemm_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common, GROUP_M=8,
+                                               DOT_FP32=INTERPRET)
     if config.split_k == 1:
         return workspace[0]
     return workspace.sum(0).to(x.dtype)
@@ -167,28 +169,28 @@ def _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, c
 
 
 def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
-                   block_n: int = 32, block_k: int = 128, lut_mode: int = 0, permute: Optional[bool] = None,
-                   num_warps: int = 4):
+                   block_n: Optional[int] = None, block_k: int = 128, lut_mode: int = 0,
+                   permute: Optional[bool] = None, num_warps: int = 4):
     """Dense (N, K) weight in `dtype`. permute (default: wherever it applies) looks the LUT up in
-    registers (dequant_words_kernel: 2.0-2.5 TB/s on an H100 against 1.5-1.6 TB/s for the LUT
-    load of dequant_kernel, sweep-H100-v5-register-lut.json); otherwise dequant_kernel."""
+    registers (dequant_kernel with PERMUTE: 2.0-2.5 TB/s on an H100 against 1.5-1.6 TB/s for the LUT
+    load, sweep-H100-v5-register-lut.json); otherwise the LUT is read by lut_mode."""
     n = qdata.shape[0]
     block_k = block_k_for(group_size, block_k)
     if permute is None:
         permute = permute_lookup_applies(qdata, lut, nbits, in_features) and block_k >= 8
+    # H100: BLOCK_N 32 suits the permute path (sweep v5); the LUT-load path ran 20 % slower at 32
+    # than at its own 16 (29.5 vs 35.4 us on 4096x4096).
+    block_n = block_n or (32 if permute else 16)
     out = _empty((n, in_features), qdata.device, dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
-    if permute:
-        wrap_triton(dequant_words_kernel)[grid](
-            qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, out, n, in_features,
-            qdata.stride(0) // 4, scales.stride(0), out.stride(0),
-            LUT_SIZE=1 << nbits, GROUP=group_size, LUT_FP16=lut.dtype == torch.float16,
-            BLOCK_N=block_n, BLOCK_K=block_k, USE_ASM=not INTERPRET, num_warps=num_warps,
-        )
-        return out
+    if permute:  # codes and LUT read as 32-bit words
+        q, table, stride_q = qdata.view(torch.int32), lut.view(torch.int32), qdata.stride(0) // 4
+    else:
+        q, table, stride_q = qdata, lut, qdata.stride(0)
     wrap_triton(dequant_kernel)[grid](
-        qdata, lut, scales, zeros, out, n, in_features,
-        qdata.stride(0), scales.stride(0), out.stride(0),
-        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_MODE=lut_mode, num_warps=num_warps,
+        q, table, scales, zeros, out, n, in_features,
+        stride_q, scales.stride(0), out.stride(0),
+        NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_MODE=lut_mode,
+        PERMUTE=bool(permute), LUT_FP16=lut.dtype == torch.float16, USE_ASM=not INTERPRET, num_warps=num_warps,
     )
     return out

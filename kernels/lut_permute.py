@@ -15,7 +15,7 @@ About 2 instructions per weight, all in registers.
 
 Packed words: codes are stored two per byte, low nibble first (tensor/packing.py), so the 32-bit
 little-endian word w of a row holds columns 8w .. 8w+7 in nibbles 0 .. 7: column order needs no
-shuffle. Under TRITON_INTERPRET=1 there is no PTX; `prmt` is then emulated with shifts and selects
+shuffle. Under TRITON_INTERPRET=1 there is no PTX; `prmt` is then emulated with 64-bit shifts
 (same results), which is what the CPU tests run.
 """
 
@@ -33,11 +33,10 @@ def prmt(a, b, sel, USE_ASM: tl.constexpr):
         )
     else:
         both = (b.to(tl.uint64) << 32) | a.to(tl.uint64)
-        shifts = ((sel.to(tl.uint64) >> 0) & 7) * 8
-        out = (both >> shifts) & 0xFF
-        out |= ((both >> (((sel.to(tl.uint64) >> 4) & 7) * 8)) & 0xFF) << 8
-        out |= ((both >> (((sel.to(tl.uint64) >> 8) & 7) * 8)) & 0xFF) << 16
-        out |= ((both >> (((sel.to(tl.uint64) >> 12) & 7) * 8)) & 0xFF) << 24
+        sel = sel.to(tl.uint64)
+        out = tl.zeros_like(both)
+        for i in tl.static_range(4):
+            out |= ((both >> (((sel >> (4 * i)) & 7) * 8)) & 0xFF) << (8 * i)
         return out.to(tl.uint32)
 
 
