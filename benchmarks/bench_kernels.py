@@ -92,15 +92,15 @@ class Poison:
         launch._empty = self.saved
 
 
-def gather_lut_gemm(x, qw):
-    """The previous decode kernel (BM=16 GEMM, LUT gathered from a register tile with tl.gather),
-    which the dispatcher now uses only where the byte-permute kernels do not apply; kept in the
-    table to show what the register lookup gained. Only timed for M <= 16."""
-    from any4ao.kernels.launch import gather_config, lut_matmul
+def register_lut_cuda_cores(x, qw):
+    """The previous decode kernel (lut_decode: register LUT by byte permutes, CUDA-core FMAs at M=1,
+    tl.dot for M=2..16), which the dispatcher now uses only where lut_mma does not apply; kept in
+    the table to show what feeding the mma from the lookup gained. Only timed for M <= 16."""
+    from any4ao.kernels.launch import lut_matmul, register_lut_config
 
     if x.shape[0] > 16:
         raise SkipMethod
-    cfg = gather_config(x.shape[0], qw.shape[0], qw.shape[1], x.device)
+    cfg = register_lut_config(x.shape[0], qw.shape[0], qw.shape[1], x.device)
     return lut_matmul(x, qw.qdata, qw.lut, qw.scales, qw.zeros, qw.nbits, qw.group_size, cfg)
 
 
@@ -117,7 +117,7 @@ def make_methods(n, k, dtype, include):
     torch.cuda.synchronize()
     quant_s = time.perf_counter() - start
     methods["any4"] = ([q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)], F.linear)
-    methods["any4 gather-LUT (previous)"] = (methods["any4"][0], gather_lut_gemm)
+    methods["any4 lut_decode (previous)"] = (methods["any4"][0], register_lut_cuda_cores)
     methods["bf16 cuBLAS"] = ([w] + [w.clone() for _ in range(copies_for(tensor_bytes(w)) - 1)], F.linear)
 
     def naive(x, qw):  # the same format through plain torch ops: gather, scale, then cuBLAS
@@ -172,26 +172,32 @@ def kmeans_throughput(dtype):
 
 
 def _sweep_candidates(m, n, k, sms):
-    """Decode-kernel block shapes to try at this M (data for tuning choose_config and the M at which
-    lut_linear switches to dequantize + cuBLAS)."""
-    from any4ao.kernels.launch import KernelConfig
+    """Decode-kernel configs to try at this M (data for tuning choose_config and the M at which
+    lut_linear switches to dequantize + cuBLAS): lut_mma over row warps x K warps x pipeline depth
+    x split-K, and the previous register-LUT kernel (lut_decode) as chosen before lut_mma."""
+    from any4ao.kernels.launch import KernelConfig, register_lut_config
 
-    cands = [choose_config(m, n, k, torch.device("cuda"))] if m <= 16 else []
-    if m == 1:
-        for bn, warps, bk in [(32, 2, 256), (64, 2, 256), (64, 2, 128), (128, 4, 256), (128, 2, 128), (64, 1, 128)]:
-            for split in (1, 2, 4):
-                cands.append(KernelConfig("decode-fma", 1, bn, bk, split, warps, 3))
-    else:
+    if m > 16:
+        cands = []
         for bm in (16, 32, 64):
             if bm > max(16, triton_pow2(m)):
                 continue
             for bn, warps in [(64, 4), (128, 4), (128, 8)]:
                 for split in (1, 2, 4):
                     cands.append(KernelConfig("decode-dot", bm, bn, 128, split, warps, 3))
+        return cands
+    device = torch.device("cuda")
+    cands = [choose_config(m, n, k, device), register_lut_config(m, n, k, device)]
+    bm = 8 if m <= 8 else 16
+    for row_warps, k_warps in [(1, 1), (2, 1), (1, 2), (1, 4), (1, 8), (2, 2), (4, 1)]:
+        for stages in (2, 3):
+            for block_k in (64, 128):
+                cands.append(KernelConfig("decode-mma", bm, 16 * row_warps, block_k, 1, row_warps * k_warps, stages,
+                                          k_warps=k_warps))
     return list(dict.fromkeys(cands))
 
 
-def sweep_configs(dtype):
+def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True):
     """Every candidate kernel config at decode sizes, each checked against float64 (NaN-poisoned
     outputs) before it is timed; then the dequantize kernels (LUT by byte permutes vs load)."""
     from any4ao.kernels import ops  # noqa: F401  (registers torch.ops.any4ao.*)
@@ -203,7 +209,7 @@ def sweep_configs(dtype):
         q = Any4Tensor.from_hp(w, group_size=GROUP, iterations=2)
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
         w64 = q.dequantize(torch.float64)
-        for m in SWEEP_MS:
+        for m in sweep_ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.double() @ w64.t()
             results = []
@@ -229,7 +235,7 @@ def sweep_configs(dtype):
             print(f"  sweep {n}x{k} M={m}: lut_linear today {us_op:.1f} us; best:", flush=True)
             for us, cfg in results[:4]:
                 print(f"     {us:7.1f} us  {cfg}", flush=True)
-        for bn, bk, warps, permute in [(16, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True),
+        for bn, bk, warps, permute in [] if not dequant else [(16, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True),
                                        (64, 128, 4, True), (64, 128, 8, True), (8, 128, 2, True)]:
             def deq(c, bn=bn, bk=bk, warps=warps, permute=permute):
                 return lut_dequantize(c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, k, dtype, bn, bk, 0, permute, warps)
@@ -257,6 +263,8 @@ def main():
     p.add_argument("--baselines", default="torchao,gemlite,naive")
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block shapes")
     p.add_argument("--sweep-only", action="store_true")
+    p.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="rows of x for the sweep")
+    p.add_argument("--no-dequant-sweep", action="store_true")
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -294,7 +302,7 @@ def main():
         torch.cuda.empty_cache()
     result = {"meta": meta, "rows": rows, "checks": checks}
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep_configs(dtype)
+        result["sweep"] = sweep_configs(dtype, [int(m) for m in args.sweep_ms.split(",")], not args.no_dequant_sweep)
     if args.sweep_only:  # keep the full benchmark's files; the sweep goes to a file of its own
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@
    with one graph for every prompt length > 1 (dynamic=True; length 1 is specialised by dynamo
    as usual), in default, reduce-overhead (CUDA graphs) and max-autotune modes.
 2. k-means throughput: seconds to quantize 1.07e9 weights with the default any4 settings.
+3. The decode kernels (lut_linear at M <= 16) against float64 on fresh random weights, with
+   NaN-poisoned outputs, over bf16/fp16, 3/4-bit codes, groups 32-256, ragged N and M 1..16; also
+   which kernel the dispatcher took (decode-mma wherever mma_applies holds).
 Prints a summary and writes check-gpu-<gpu>.json.
 """
 
@@ -69,6 +72,34 @@ def kmeans_throughput():
                         f"{config.refine_rounds} refine rounds, {config.scaling} scaling"}
 
 
+def check_decode_kernels():
+    from any4ao.kernels import launch
+
+    rows = []
+    saved = launch._empty
+    launch._empty = lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype)
+    try:
+        for dtype in (torch.bfloat16, torch.float16):
+            for nbits, group, n, k in [(4, 128, 4096, 4096), (4, 64, 1544, 576), (3, 128, 1000, 1024),
+                                       (4, 32, 200, 768), (4, 256, 4104, 2048), (4, 96, 300, 576)]:
+                w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
+                q = Any4Tensor.from_hp(w, nbits=nbits, group_size=group, iterations=2)
+                w64 = q.dequantize(torch.float64)
+                for m in (1, 3, 8, 9, 16):
+                    x = torch.randn(m, k, device="cuda", dtype=dtype)
+                    y = torch.ops.any4ao.lut_linear(x, q.qdata, q.lut, q.scales, q.zeros, nbits, group)
+                    ref = x.double() @ w64.t()
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    kind = launch.choose_config(m, n, k, x.device, group).kind
+                    if kind == "decode-mma" and not launch.mma_applies(x, q.qdata, q.lut, nbits, group):
+                        kind = launch.register_lut_config(m, n, k, x.device).kind
+                    rows.append({"dtype": str(dtype), "nbits": nbits, "group": group, "N": n, "K": k, "M": m,
+                                 "kernel": kind, "rel_err": err, "ok": bool(err < 1e-2)})
+    finally:
+        launch._empty = saved
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
@@ -88,11 +119,19 @@ def main():
         print(json.dumps(row), flush=True)
     result["kmeans"] = kmeans_throughput()
     print(json.dumps(result["kmeans"]), flush=True)
+    result["decode_kernels"] = check_decode_kernels()
+    bad = [r for r in result["decode_kernels"] if not r["ok"]]
+    kinds = sorted({r["kernel"] for r in result["decode_kernels"]})
+    errs = [r["rel_err"] for r in result["decode_kernels"]]
+    print(f"decode kernels: {len(errs) - len(bad)}/{len(errs)} ok, kernels {kinds}, "
+          f"rel err {min(errs):.1e}..{max(errs):.1e}", flush=True)
+    for r in bad:
+        print("  FAIL", json.dumps(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if modes else "-kmeans"  # --modes none: the k-means measurement alone
     (out / f"check-gpu-{gpu.replace(' ', '-')}{suffix}.json").write_text(json.dumps(result, indent=2))
-    if not all(r["ok"] for r in result["compile"]):
+    if not all(r["ok"] for r in result["compile"] + result["decode_kernels"]):
         sys.exit(1)
 
 

@@ -1,21 +1,28 @@
-"""Profile the any4 decode matmul (M=1) with Nsight Compute, to see what bounds it.
+"""Profile the any4 decode matmul with Nsight Compute, to see what bounds it.
 
     ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \\
-        -k regex:lut --launch-skip 3 --launch-count 1 python3 benchmarks/profile_decode.py [N K]
-Runs torch.ops.any4ao.lut_linear for x (1, K) bf16 against an N x K any4 weight (group 128) a few times.
+        -k regex:lut --launch-skip 3 --launch-count 1 python3 benchmarks/profile_decode.py [N K [M [RW,KW,STAGES,BLOCK_K]]]
+Runs the decode matmul for x (M, K) bf16 against an N x K any4 weight (group 128) a few times: the
+dispatcher's choice, or lut_mma with RW row warps x KW K warps STAGES pipeline stages and
+BLOCK_K columns per step.
 """
 
 import sys
 
 import torch
 
-from any4ao.kernels import ops  # noqa: F401  (registers torch.ops.any4ao.*)
 from any4ao import Any4Tensor
+from any4ao.kernels.launch import KernelConfig, lut_matmul
 
 n, k = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (4096, 4096)
+m = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+config = None
+if len(sys.argv) > 4:
+    rw, kw, stages, bk = (int(v) for v in sys.argv[4].split(","))
+    config = KernelConfig("decode-mma", 8 if m <= 8 else 16, 16 * rw, bk, 1, rw * kw, stages, k_warps=kw)
 w = Any4Tensor.from_hp(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), group_size=128, iterations=2)
-x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 for _ in range(6):
-    y = torch.ops.any4ao.lut_linear(x, w.qdata, w.lut, w.scales, w.zeros, 4, 128)
+    y = lut_matmul(x, w.qdata, w.lut, w.scales, w.zeros, 4, 128, config)
 torch.cuda.synchronize()
 print("ok", tuple(y.shape))

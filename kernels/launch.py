@@ -14,6 +14,7 @@ from any4ao.kernels.dequant import dequant_kernel
 from any4ao.kernels.lut_decode import lut_decode_kernel
 from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_gemv import lut_gemv_kernel
+from any4ao.kernels.lut_mma import lut_mma_kernel
 from any4ao.kernels.lut_tile import LUT_REGISTER
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,8 +27,10 @@ def _empty(shape, device, dtype):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    # "decode-fma" / "decode-dot": lut_decode (LUT in registers, byte permutes), CUDA-core FMAs or
-    # tensor cores; "gemv" / "gemm": lut_gemv / lut_gemm (LUT by load, select or tl.gather: lut_mode).
+    # "decode-mma": lut_mma (register LUT feeding warp-level mma.sync; block_n = 16 x row warps,
+    # block_m = 8 x n-tiles, block_k = K columns per step and row, num_warps = row warps x k_warps); "decode-fma" / "decode-dot": lut_decode
+    # (register LUT, CUDA-core FMAs or tl.dot); "gemv" / "gemm": lut_gemv / lut_gemm (LUT by load,
+    # select or tl.gather: lut_mode).
     kind: str
     block_m: int
     block_n: int
@@ -36,6 +39,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER (gemv / gemm only)
+    k_warps: int = 1  # decode-mma: warps of a program that split its K range (summed in shared memory)
 
 
 def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int,
@@ -54,6 +58,18 @@ def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k
     return ok and (not check_pointers or (qdata.data_ptr() % 4 == 0 and lut.data_ptr() % 4 == 0))
 
 
+def mma_applies(x: torch.Tensor, qdata: torch.Tensor, lut: torch.Tensor, nbits: int, group_size: int) -> bool:
+    """lut_mma on top of permute_lookup_applies: x in the LUT's dtype (the looked-up values go into
+    the mma as they are), read 16 bytes at a time (16-byte aligned rows), whole groups of a multiple
+    of 32 columns."""
+    k = x.shape[1]
+    return (
+        permute_lookup_applies(qdata, lut, nbits, k, check_pointers=True)
+        and x.dtype == lut.dtype and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+        and group_size % 32 == 0 and k % group_size == 0
+    )
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -67,16 +83,34 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
     return max(1, min(want, k_blocks // min_blocks_per_split, 8))
 
 
-def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int = 128) -> KernelConfig:
+    """M <= 16 (ops.py sends larger M to dequantize + cuBLAS): lut_mma, the register LUT feeding
+    tensor cores; lut_matmul falls back to register_lut_config / gather_config where it does not
+    apply (mma_applies, permute_lookup_applies).
+
+    From the H100 sweep (benchmarks/results/sweep-H100-v7-mma.json): one row warp (16 rows) per
+    program, 128 columns per step, 3 stages, and as many K warps as bring the grid to about 16 warps
+    per SM (fewer rows, more K warps): 8 for N=4096 (10.0 us at M=1 against 10.8 with 4), 4 for
+    N=8192, 2 for N=28672 (within 1 % of 4), never more than the groups to share."""
+    if m <= 16:
+        want = 16 * _num_sms(device) * 16 / max(n, 1)
+        k_warps = 2
+        while k_warps < 8 and 2 * k_warps <= want and 2 * k_warps <= k // group_size:
+            k_warps *= 2
+        return KernelConfig("decode-mma", 8 if m <= 8 else 16, 16, 128, 1, num_warps=k_warps, num_stages=3,
+                            k_warps=k_warps)
+    return register_lut_config(m, n, k, device)
+
+
+def register_lut_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """Block shapes from the H100 sweeps (bench_kernels.py --sweep-only; the last one is
     benchmarks/results/sweep-H100-v5-register-lut.json).
 
-    M <= 16 (ops.py sends larger M to dequantize + cuBLAS) runs lut_decode, whose LUT lookup stays
-    in registers. M=1: CUDA-core FMAs, BLOCK_N=32, BLOCK_K=256, 2 warps, 3 stages, split-K to about
-    8 programs per SM; within 10 % of the sweep's best on 4096x4096, 28672x4096 and 8192x8192
-    (14.4-15.6 / 53.8 / 41.7 us against bests of 14.3 / 53.8 / 38.0). M=2..16: the tensor-core
-    variant, BLOCK_M=16, BLOCK_N=128, 4 warps, split-K to about 8 programs per SM.
-    lut_matmul falls back to gather_config where lut_decode does not apply (lut_permute)."""
+    M <= 16 where lut_mma does not apply runs lut_decode, whose LUT lookup stays in registers.
+    M=1: CUDA-core FMAs, BLOCK_N=32, BLOCK_K=256, 2 warps, 3 stages, split-K to about 8 programs
+    per SM; within 10 % of the sweep's best on 4096x4096, 28672x4096 and 8192x8192 (14.4-15.6 /
+    53.8 / 41.7 us against bests of 14.3 / 53.8 / 38.0). M=2..16: the tensor-core variant,
+    BLOCK_M=16, BLOCK_N=128, 4 warps, split-K to about 8 programs per SM."""
     sms = _num_sms(device)
     if m == 1:
         split = _split_k(triton.cdiv(n, 32), triton.cdiv(k, 256), 8 * sms, 1)
@@ -110,11 +144,13 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     m, k = x.shape
     n = qdata.shape[0]
     x = x.contiguous()
-    config = config or choose_config(m, n, k, x.device)
-    # decode-fma applies scales per CHUNK columns, so any block size works; the others keep a K
-    # block inside one group.
-    block_k = config.block_k if config.kind == "decode-fma" else block_k_for(group_size, config.block_k)
-    if config.kind.startswith("decode") and not (
+    config = config or choose_config(m, n, k, x.device, group_size)
+    if config.kind == "decode-mma" and not (m <= config.block_m and mma_applies(x, qdata, lut, nbits, group_size)):
+        config = register_lut_config(m, n, k, x.device)
+    # decode-fma applies scales per CHUNK columns, so any block size works; decode-mma steps through
+    # whole groups; the others keep a K block inside one group.
+    block_k = config.block_k if config.kind in ("decode-fma", "decode-mma") else block_k_for(group_size, config.block_k)
+    if config.kind in ("decode-fma", "decode-dot") and not (
         permute_lookup_applies(qdata, lut, nbits, k, check_pointers=True)
         and block_k >= (16 if config.kind == "decode-dot" else 8)
         and group_size % 8 == 0
@@ -127,7 +163,9 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
         w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, k, x.dtype)
         return torch.mm(x, w.t())
     workspace = _empty((config.split_k, m, n), x.device, torch.float32 if config.split_k > 1 else x.dtype)
-    if config.kind.startswith("decode"):
+    if config.kind == "decode-mma":
+        _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config)
+    elif config.kind.startswith("decode"):
         _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config, block_k)
     else:
         common = dict(
@@ -149,6 +187,33 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     if config.split_k == 1:
         return workspace[0]
     return workspace.sum(0).to(x.dtype)
+
+
+def _words_per_step(group_size: int, block_k: int) -> int:
+    """lut_mma reads V 32-bit code words per lane and row each step (the 4 lanes of a row: 32 V
+    columns, block_k at most), with 32 V dividing the group."""
+    v = 4
+    while v > 1 and (32 * v > block_k or group_size % (32 * v)):
+        v //= 2
+    return v
+
+
+def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config):
+    m, k = x.shape
+    n = qdata.shape[0]
+    row_warps = config.block_n // 16
+    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    wrap_triton(lut_mma_kernel)[grid](
+        x.view(torch.int32), qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
+        M=m, N=n, K=k,
+        stride_xw=x.stride(0) // 2, stride_qw=qdata.stride(0) // 4, stride_sn=scales.stride(0),
+        stride_os=workspace.stride(0), stride_om=workspace.stride(1), pow2_16=1 << 16, pow2_31=1 << 31,
+        LUT_SIZE=1 << nbits, GROUP=group_size,
+        V=_words_per_step(group_size, config.block_k),
+        ROW_WARPS=row_warps, K_WARPS=config.k_warps, N_TILES=config.block_m // 8, SPLIT_K=config.split_k,
+        LUT_FP16=lut.dtype == torch.float16, USE_ASM=not INTERPRET, STAGES=config.num_stages,
+        num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
+    )
 
 
 def _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config, block_k):

@@ -1,5 +1,8 @@
 """Decode matmul (small M) out = x @ W^T with the LUT looked up in registers (lut_permute).
 
+Since lut_mma (the same lookup feeding mma.sync directly) this is the fallback for M <= 16 where
+lut_mma does not apply (x in another dtype than the LUT, groups not a multiple of 32, unaligned x).
+
 Each program owns BLOCK_N rows of W, one K split and BLOCK_M rows of x (grid: N tiles, SPLIT_K,
 M tiles). It builds its rows' LUT byte planes once, then per K block reads one
 (BLOCK_N, BLOCK_K / 8) tile of 32-bit code words and looks the codes up, two ways:

@@ -9,7 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from any4ao import Any4Tensor
 from any4ao.kernels import launch, ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
-from any4ao.kernels.launch import KernelConfig, choose_config, lut_dequantize, lut_matmul, permute_lookup_applies
+from any4ao.kernels.launch import (
+    KernelConfig, choose_config, lut_dequantize, lut_matmul, mma_applies, permute_lookup_applies, register_lut_config,
+)
 from helpers import reference_dequantize
 
 # bf16 / fp16 operands with fp32 accumulation, one final rounding of the output.
@@ -40,6 +42,9 @@ def _rel(out, ref):
 
 CONFIGS = [
     None,  # the dispatcher's own choice
+    # lut_mma (register LUT into mma.sync); lut_matmul falls back where it does not apply (x dtype
+    # other than the LUT's, groups not a multiple of 32, M above block_m, ...)
+    KernelConfig("decode-mma", 8, 32, 64, split_k=2, num_warps=4, num_stages=2, k_warps=2),
     # lut_decode (LUT by byte permutes); where it does not apply (2-bit codes, fp32, K % 8 != 0)
     # lut_matmul falls back to gather_config, so these also exercise the fallback.
     KernelConfig("decode-fma", 1, 16, 64, split_k=2),
@@ -107,15 +112,80 @@ def test_custom_op_paths(m):
 
 
 def test_dispatcher_choices():
-    cpu = torch.device("cpu")
-    assert choose_config(1, 4096, 4096, cpu).kind == "decode-fma"  # the H100 sweeps: CUDA cores at M=1
-    for m in (2, 4, 16):
+    cpu = torch.device("cpu")  # 4 "SMs" on CPU (launch._num_sms)
+    for m in (1, 4, 8, 9, 16):
         cfg = choose_config(m, 4096, 4096, cpu)
-        assert (cfg.kind, cfg.block_m) == ("decode-dot", 16)
-    small = choose_config(16, 64, 8192, cpu)
-    assert small.split_k > 1  # few output tiles: split K to fill the machine
+        assert (cfg.kind, cfg.block_m, cfg.block_n) == ("decode-mma", 8 if m <= 8 else 16, 16)
+        assert cfg.num_warps == cfg.k_warps == 2  # 256 row warps already fill 4 SMs
+    assert choose_config(1, 64, 8192, cpu).k_warps == 8  # few rows: more warps share K
+    assert choose_config(1, 64, 256, cpu, group_size=128).k_warps == 2  # never more K warps than groups (min 2)
+    # Where lut_mma does not apply, the previous register-LUT kernels (H100 sweeps: CUDA cores at M=1).
+    assert register_lut_config(1, 4096, 4096, cpu).kind == "decode-fma"
+    assert (register_lut_config(4, 4096, 4096, cpu).kind, register_lut_config(4, 4096, 4096, cpu).block_m) == ("decode-dot", 16)
+    assert register_lut_config(16, 64, 8192, cpu).split_k > 1  # few output tiles: split K to fill the machine
     assert choose_config(512, 4096, 4096, cpu).block_m == 128
     assert ops.DEQUANT_THEN_MM_MIN_M <= 1500  # test_custom_op_paths covers the dequantize + mm branch
+
+
+@settings(max_examples=14)  # each example runs the byte-permute and mma emulation in the interpreter: slow
+@given(
+    m=st.integers(1, 16),
+    n=st.integers(1, 70),
+    k_groups=st.integers(1, 3),
+    group_size=st.sampled_from([32, 64, 96, 128, 256]),
+    nbits=st.sampled_from([3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    row_warps=st.sampled_from([1, 2]),
+    k_warps=st.sampled_from([1, 2, 4]),
+    block_k=st.sampled_from([32, 64, 128]),
+    split_k=st.integers(1, 2),
+    stages=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_mma_kernel_matches_float64(m, n, k_groups, group_size, nbits, dtype, row_warps, k_warps, block_k, split_k,
+                                    stages, seed):
+    """lut_mma itself (no fallback): one or two n-tiles (M <= 8 / <= 16), ragged N, 1-4 code words
+    per lane and step, steps per group 1-8, K warps that get no group, split K; the interpreter
+    assembles the mma fragments into matrices, so the fragment bookkeeping is what is tested here."""
+    k = k_groups * group_size
+    t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
+    assert mma_applies(x, t.qdata, t.lut, nbits, group_size)
+    cfg = KernelConfig("decode-mma", 8 if m <= 8 else 16, 16 * row_warps, block_k, split_k, row_warps * k_warps, stages,
+                       k_warps=k_warps)
+    calls = []
+    real = launch._launch_mma
+    launch._launch_mma = lambda *a: (calls.append(a[-1]), real(*a))
+    try:
+        out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, cfg)
+    finally:
+        launch._launch_mma = real
+    assert calls == [cfg]
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("case", ["x-dtype", "group-16", "x-misaligned", "m-above-block"])
+def test_mma_falls_back_where_it_does_not_apply(case):
+    """lut_mma needs x in the LUT's dtype, 16-byte aligned x rows, groups of a multiple of 32 and
+    M <= block_m; otherwise lut_matmul takes the previous kernels, with the same result."""
+    group, dtype, m = (16 if case == "group-16" else 32), torch.bfloat16, (12 if case == "m-above-block" else 3)
+    t, x, ref = _problem(m, 24, 64, group, 4, dtype, seed=5)
+    if case == "x-dtype":
+        x = x.half()
+    if case == "x-misaligned":
+        x = torch.cat([torch.zeros(1, dtype=dtype), x.flatten()])[1:].view(x.shape)  # data_ptr % 16 == 2
+    applies = mma_applies(x, t.qdata, t.lut, 4, group)
+    assert applies == (case == "m-above-block")
+    calls = []
+    real = launch._launch_mma
+    launch._launch_mma = lambda *a: (calls.append(a), real(*a))
+    try:
+        out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, group, KernelConfig("decode-mma", 8, 16, 128))
+    finally:
+        launch._launch_mma = real
+    assert calls == []
+    assert out.dtype == x.dtype
+    assert _rel(out.to(dtype), ref) < TOLERANCE[torch.bfloat16]
 
 
 @settings(max_examples=12)  # each example runs the byte-permute emulation in the interpreter: slow

@@ -1,0 +1,301 @@
+"""Decode matmul (M <= 16) on tensor cores: warp-level mma.sync fed from the register LUT lookup.
+
+Why: the CUDA-core decode kernel (lut_decode, FMA path) is bound by instruction issue, ~7.6
+instructions per weight (profile-decode-*.md): after the byte-permute lookup every weight still
+needs a bf16 -> fp32 conversion and an FMA. The lookup's output, a pair of 16-bit LUT values of
+neighbouring columns in one register, already *is* an mma.m16n8k16 A-fragment register, so here
+the products and sums run on tensor cores and only the lookup stays on the CUDA cores (H100, M=1,
+28672x4096: 44.4 us against 54.7 for lut_decode; bench_kernels.py).
+
+Fragments (PTX ISA, mma.m16n8k16 with .bf16/.f16 inputs): lane l of a warp, g = l // 4, t = l % 4
+    A (16 rows x 16 k)  reg0: row g, k 2t, 2t+1     reg1: row g+8, k 2t, 2t+1
+                        reg2: row g, k 2t+8, 2t+9   reg3: row g+8, k 2t+8, 2t+9
+    B (16 k x 8 cols)   reg0: k 2t, 2t+1, col g     reg1: k 2t+8, 2t+9, col g
+    C (16 x 8, fp32)    c0, c1: row g, cols 2t, 2t+1     c2, c3: row g+8, cols 2t, 2t+1
+An mma sums over its 16 k in any order, so k positions are assigned to suit the packing: lane t's
+positions {2t, 2t+1, 2t+8, 2t+9} are codes {0, 1, 2, 3} (first mma) or {4, 5, 6, 7} (second mma)
+of one 32-bit code word, for weight rows g and g+8 (A) and for the same columns of x (B; a column
+of B is a row of x). So out^T = W x^T, a warp owns 16 weight rows, and an n-tile serves up to 8
+rows of x (the rest of B is zero; tensor-core time is not what bounds decode).
+Per step lane t reads V consecutive code words of each of its two rows (128-bit loads for V = 4):
+the 4 lanes of a row cover 32 V columns. Warps split into ROW_WARPS (16 rows each) x K_WARPS
+(interleaved groups of K), summed through shared memory at the end: deterministic, no workspace.
+
+Zero term: sum_k (lut s + z) x = s sum_k lut x + z sum_k x. The x sums come from a second mma
+with an all-ones A, which puts them straight into the C layout (no shuffles).
+
+All tensors in the main loop are "lane tensors", one value per thread, shape (32 * num_warps,).
+The mma needs element e on thread e, which is how Triton lays out such a 1-D tensor; the kernel
+checks it against %tid.x and writes NaN rather than a wrong result if that ever changes.
+Under TRITON_INTERPRET=1 the mma is emulated by assembling the fragments into matrices.
+"""
+
+import triton
+import triton.language as tl
+
+from any4ao.kernels.lut_permute import _halves, lut_byte_planes, prmt
+
+
+@triton.jit
+def thread_ids(lane, USE_ASM: tl.constexpr):
+    """%tid.x of the thread holding each element of a lane tensor (the element index under the interpreter)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [lane], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return lane
+
+
+@triton.jit
+def lookup8(word, P, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 8 codes of a uint32 word (nibble i = column i) -> 4 uint32 pairs of 16-bit LUT values,
+    columns (0, 1), (2, 3), (4, 5), (6, 7). P: the row's byte planes (L0..L3, H0..H3). prmt reads only
+    the low 16 bits of a selector, so each selector is computed once for all 8 nibbles.
+    The shifts are written as umulhi (x >> s == umulhi(x, 2**(32 - s))): the permutes keep the ALU
+    pipe busy (ncu: 69 % of its peak, the FMA pipe 7 %), and mul.hi runs on the FMA pipe. The powers
+    of two come in as kernel arguments (pow2_16 = 2**16, pow2_31 = 2**31): as literals, ptxas turns
+    the multiply back into a shift."""
+    low3 = word & 0x77777777
+    low3_hi = tl.umulhi(low3, pow2_16)  # low3 >> 16
+    if LUT_SIZE == 16:
+        # nibble i: byte i of the entries 0..7 result, or (code bit 3) byte i + 4 of the 8..15 result
+        by_bit3 = (tl.umulhi(word, pow2_31) & 0x44444444) | 0x32103210
+        by_bit3_hi = tl.umulhi(by_bit3, pow2_16)
+        lo_a = prmt(prmt(P[0], P[1], low3, USE_ASM), prmt(P[2], P[3], low3, USE_ASM), by_bit3, USE_ASM)
+        hi_a = prmt(prmt(P[4], P[5], low3, USE_ASM), prmt(P[6], P[7], low3, USE_ASM), by_bit3, USE_ASM)
+        lo_b = prmt(prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[2], P[3], low3_hi, USE_ASM), by_bit3_hi, USE_ASM)
+        hi_b = prmt(prmt(P[4], P[5], low3_hi, USE_ASM), prmt(P[6], P[7], low3_hi, USE_ASM), by_bit3_hi, USE_ASM)
+    else:  # 3-bit codes: 8 entries, bit 3 never set, one permute per plane
+        lo_a, hi_a = prmt(P[0], P[1], low3, USE_ASM), prmt(P[4], P[5], low3, USE_ASM)
+        lo_b, hi_b = prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[4], P[5], low3_hi, USE_ASM)
+    first = tl.zeros_like(lo_a) + 0x5140  # (lo0 hi0 lo1 hi1): entries of columns 0, 1
+    second = tl.zeros_like(lo_a) + 0x7362
+    return (prmt(lo_a, hi_a, first, USE_ASM), prmt(lo_a, hi_a, second, USE_ASM),
+            prmt(lo_b, hi_b, first, USE_ASM), prmt(lo_b, hi_b, second, USE_ASM))
+
+
+@triton.jit
+def mma_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """C += A B on one warp, fp32 accumulators; all arguments are lane tensors of one warp-multiple."""
+    if USE_ASM:
+        if FP16:
+            asm: tl.constexpr = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        else:
+            asm: tl.constexpr = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        return tl.inline_asm_elementwise(
+            asm + "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+            [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
+        )
+    else:
+        return _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16)
+
+
+@triton.jit
+def _pairs(r0, r1, FP16: tl.constexpr):
+    """Two uint32 registers of 16-bit pairs -> (L, 2 [j: low/high half], 2 [register]) float32."""
+    r0l, r0h = _halves(r0.to(tl.uint32, bitcast=True), FP16, True)
+    r1l, r1h = _halves(r1.to(tl.uint32, bitcast=True), FP16, True)
+    return tl.join(tl.join(r0l, r0h), tl.join(r1l, r1h))
+
+
+@triton.jit
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16: tl.constexpr):
+    """Interpreter stand-in for mma_m16n8k16: fragments -> matrices per warp, product, fragments."""
+    L: tl.constexpr = a0.shape[0]
+    WARPS: tl.constexpr = L // 32
+    # A[w, 8h + g, 8q + 2t + j] sits in register (h + 2q) of lane (g, t), half j
+    a = tl.join(_pairs(a0, a2, FP16), _pairs(a1, a3, FP16))  # (L, j, q, h)
+    a = tl.permute(tl.reshape(a, (WARPS, 8, 4, 2, 2, 2)), (0, 5, 1, 4, 2, 3))  # (w, h, g, q, t, j)
+    a = tl.reshape(a, (WARPS, 16, 16))
+    # B[w, 8q + 2t + j, g] sits in register q of lane (g, t), half j
+    b = tl.permute(tl.reshape(_pairs(b0, b1, FP16), (WARPS, 8, 4, 2, 2)), (0, 4, 2, 3, 1))  # (w, q, t, j, g)
+    b = tl.reshape(b, (WARPS, 16, 8))
+    c = tl.sum(a[:, :, :, None] * b[:, None, :, :], axis=2)  # (w, 16, 8), float32
+    # C[w, 8h + g, 2t + j] goes to c(2h + j) of lane (g, t)
+    c = tl.reshape(tl.permute(tl.reshape(c, (WARPS, 2, 8, 4, 2)), (0, 2, 3, 1, 4)), (L, 2, 2))  # (L, h, j)
+    j0, j1 = tl.split(c)
+    d0, d2 = tl.split(j0)
+    d1, d3 = tl.split(j1)
+    return c0 + d0, c1 + d1, c2 + d2, c3 + d3
+
+
+@triton.jit
+def _unstack(t, V: tl.constexpr):
+    """(L, V) -> its V columns as (L,) tensors, padded to four (register-only: a thread holds its row)."""
+    if V == 4:
+        even, odd = tl.split(tl.reshape(t, (t.shape[0], 2, 2)))
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        return c0, c1, c2, c3
+    elif V == 2:
+        c0, c1 = tl.split(t)
+        return c0, c1, c1, c1
+    else:
+        c0 = tl.reshape(t, (t.shape[0],))
+        return c0, c0, c0, c0
+
+
+@triton.jit
+def _load_x_word(x_row, word, ok, USE_ASM: tl.constexpr):
+    """The 4 x pairs (int32) that meet code word `word` (x_row: (L,) pointers to a row of x as int32).
+    On the GPU an inline-asm ld.global.nc.v4: the loop's tt.loads are pipelined through shared
+    memory by tl.range, which for x (tiny, shared by every warp of the SM) only costs shared memory
+    and occupancy; a plain load hits L1. Needs x 16-byte aligned (mma_applies)."""
+    ptr = x_row + word * 4
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
+            " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }",
+            "=r,=r,=r,=r,l,r", [ptr, ok.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+            is_pure=True, pack=1,
+        )
+    else:
+        return (tl.load(ptr, mask=ok, other=0), tl.load(ptr + 1, mask=ok, other=0),
+                tl.load(ptr + 2, mask=ok, other=0), tl.load(ptr + 3, mask=ok, other=0))
+
+
+@triton.jit
+def _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw,
+               GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr):
+    """Step u of this warp: code words (L, V) of rows g and g+8, the first word's index and whether
+    the step is inside this split."""
+    STEPS: tl.constexpr = GROUP // (32 * V)
+    group = g_begin + kw + K_WARPS * (u // STEPS)
+    valid = group < g_end
+    word = tl.multiple_of(group * (GROUP // 8) + (u % STEPS) * (4 * V) + V * t, V)
+    cols = word[:, None] + tl.arange(0, V)[None, :]
+    w0 = tl.load(qw_ptr + row0[:, None] * stride_qw + cols, mask=(valid & (row0 < N))[:, None], other=0)
+    w1 = tl.load(qw_ptr + row1[:, None] * stride_qw + cols, mask=(valid & (row1 < N))[:, None], other=0)
+    w0, w1 = w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True)
+    return w0, w1, word, valid
+
+
+@triton.jit
+def _word_mma(a, xq, c, e, ONE, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """One code word per row: a = 8 A registers (rows g, g+8 interleaved), xq = its 4 x pairs.
+    c: weight accumulators, e: x-sum accumulators (the all-ones product; all four are kept, e2 = e0
+    and e3 = e1, so the mma's accumulator registers need no copies)."""
+    c0, c1, c2, c3 = mma_m16n8k16(a[0], a[1], a[2], a[3], xq[0], xq[1], c[0], c[1], c[2], c[3], FP16, USE_ASM)
+    c0, c1, c2, c3 = mma_m16n8k16(a[4], a[5], a[6], a[7], xq[2], xq[3], c0, c1, c2, c3, FP16, USE_ASM)
+    e0, e1, e2, e3 = mma_m16n8k16(ONE, ONE, ONE, ONE, xq[0], xq[1], e[0], e[1], e[2], e[3], FP16, USE_ASM)
+    e0, e1, e2, e3 = mma_m16n8k16(ONE, ONE, ONE, ONE, xq[2], xq[3], e0, e1, e2, e3, FP16, USE_ASM)
+    return (c0, c1, c2, c3), (e0, e1, e2, e3)
+
+
+@triton.jit
+def _step_mma(w0, w1, word, x_row0, ok0, x_row1, ok1, P0, P1, c, e, c_b, e_b, ONE, pow2_16, pow2_31,
+              V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, FP16: tl.constexpr,
+              USE_ASM: tl.constexpr):
+    """All V words of a step; c, e for n-tile 0 (x rows x_row0), c_b, e_b for n-tile 1."""
+    r0 = _unstack(w0, V)
+    r1 = _unstack(w1, V)
+    for i in tl.static_range(V):
+        p = lookup8(r0[i], P0, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
+        q = lookup8(r1[i], P1, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
+        a = (p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3])
+        c, e = _word_mma(a, _load_x_word(x_row0, word + i, ok0, USE_ASM), c, e, ONE, FP16, USE_ASM)
+        if N_TILES == 2:
+            c_b, e_b = _word_mma(a, _load_x_word(x_row1, word + i, ok1, USE_ASM), c_b, e_b, ONE, FP16, USE_ASM)
+    return c, e, c_b, e_b
+
+
+@triton.jit
+def _fold(acc, c, e, s0, s1, z0, z1):
+    """acc += scale * (sum lut x) + zero * (sum x), per row (g: s0, z0; g+8: s1, z1)."""
+    return (acc[0] + s0 * c[0] + z0 * e[0], acc[1] + s0 * c[1] + z0 * e[1],
+            acc[2] + s1 * c[2] + z1 * e[2], acc[3] + s1 * c[3] + z1 * e[3])
+
+
+@triton.jit
+def _store(out_ptr, acc, m0, row0, row1, M, N, stride_om):
+    """acc (four (L,) lane values, C layout) -> out[m0 + j, row] for the lanes' rows and columns."""
+    tl.store(out_ptr + m0 * stride_om + row0, acc[0], mask=(m0 < M) & (row0 < N))
+    tl.store(out_ptr + (m0 + 1) * stride_om + row0, acc[1], mask=(m0 + 1 < M) & (row0 < N))
+    tl.store(out_ptr + m0 * stride_om + row1, acc[2], mask=(m0 < M) & (row1 < N))
+    tl.store(out_ptr + (m0 + 1) * stride_om + row1, acc[3], mask=(m0 + 1 < M) & (row1 < N))
+
+
+@triton.jit
+def _sum_k_warps(v, ROW_LANES: tl.constexpr, K_WARPS: tl.constexpr):
+    """Lane values of the K_WARPS warps that share rows, summed in a fixed order."""
+    if K_WARPS == 1:
+        return v
+    else:
+        return tl.sum(tl.reshape(v, (K_WARPS, ROW_LANES)), axis=0)
+
+
+@triton.jit
+def lut_mma_kernel(
+    x_ptr, qw_ptr, lut_words_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K,
+    stride_xw, stride_qw, stride_sn, stride_os, stride_om, pow2_16, pow2_31,
+    LUT_SIZE: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
+    ROW_WARPS: tl.constexpr, K_WARPS: tl.constexpr, N_TILES: tl.constexpr, SPLIT_K: tl.constexpr,
+    LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr,
+):
+    """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for m < 8 N_TILES.
+    x_ptr / qw_ptr / lut_words_ptr: x, codes and LUT viewed as int32 (strides in 32-bit words);
+    pow2_16 = 2**16 and pow2_31 = 2**31 (see lookup8)."""
+    ROW_LANES: tl.constexpr = 32 * ROW_WARPS
+    L: tl.constexpr = ROW_LANES * K_WARPS
+    pow2_16, pow2_31 = pow2_16.to(tl.uint32), pow2_31.to(tl.uint32)
+    STEPS: tl.constexpr = GROUP // (32 * V)  # steps per group
+    lane = tl.arange(0, L)
+    in_place = thread_ids(lane, USE_ASM) == lane
+    warp = lane // 32
+    g = (lane % 32) // 4
+    t = lane % 4
+    kw = warp // ROW_WARPS
+    row0 = tl.program_id(0) * (16 * ROW_WARPS) + (warp % ROW_WARPS) * 16 + g
+    row1 = row0 + 8
+    P0 = lut_byte_planes(lut_words_ptr, row0, N, LUT_SIZE, USE_ASM)
+    P1 = lut_byte_planes(lut_words_ptr, row1, N, LUT_SIZE, USE_ASM)
+    ONE = tl.zeros_like(lane) + (0x3C003C00 if LUT_FP16 else 0x3F803F80)  # a pair of 1.0
+    x_row0 = x_ptr + g * stride_xw  # lane (g, t) feeds row g of x (n-tile 0) and row g + 8 (n-tile 1)
+    x_row1 = x_ptr + (g + 8) * stride_xw
+
+    # This split's groups; warp kw takes groups g_begin + kw, + kw + K_WARPS, ...
+    n_groups = K // GROUP
+    per_split = tl.cdiv(n_groups, SPLIT_K)
+    g_begin = tl.program_id(1) * per_split
+    g_end = tl.minimum(g_begin + per_split, n_groups)
+    n_steps = tl.cdiv(g_end - g_begin, K_WARPS) * STEPS
+
+    zero = tl.zeros((L,), dtype=tl.float32)
+    acc, acc_b = (zero, zero, zero, zero), (zero, zero, zero, zero)
+    c, e, c_b, e_b = (zero, zero, zero, zero), (zero, zero, zero, zero), (zero, zero, zero, zero), (zero, zero, zero, zero)
+    # tl.range pipelines the code-word loads (cp.async into shared memory, STAGES deep): a plain
+    # one-step-ahead prefetch in registers was sunk by ptxas to the end of the loop body. x is read
+    # inside _step_mma (L1-cached, see _load_x_word); scales and zeros are plain loads.
+    for u in tl.range(0, n_steps, num_stages=STAGES):
+        w0, w1, word, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP, V,
+                                         K_WARPS)
+        group = g_begin + kw + K_WARPS * (u // STEPS)
+        ok = group < g_end
+        s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0).to(tl.float32)
+        s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0).to(tl.float32)
+        z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0).to(tl.float32)
+        z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0).to(tl.float32)
+        c, e, c_b, e_b = _step_mma(w0, w1, word, x_row0, valid & (g < M), x_row1, valid & (g + 8 < M), P0, P1,
+                                   c, e, c_b, e_b, ONE, pow2_16, pow2_31, V, LUT_SIZE, N_TILES, LUT_FP16, USE_ASM)
+        if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
+            acc = _fold(acc, c, e, s0, s1, z0, z1)
+            c, e = (zero, zero, zero, zero), (zero, zero, zero, zero)
+            if N_TILES == 2:
+                acc_b = _fold(acc_b, c_b, e_b, s0, s1, z0, z1)
+                c_b, e_b = (zero, zero, zero, zero), (zero, zero, zero, zero)
+
+    # Warps that share rows meet here; NaN marks a layout that broke the element-to-thread map.
+    bad = tl.where(in_place, 0.0, float("nan"))
+    acc = (_sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
+           _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS))
+    out_lane = tl.arange(0, ROW_LANES)
+    r0 = tl.program_id(0) * (16 * ROW_WARPS) + (out_lane // 32) * 16 + (out_lane % 32) // 4
+    m0 = 2 * (out_lane % 4)
+    out = out_ptr + tl.program_id(1) * stride_os
+    _store(out, acc, m0, r0, r0 + 8, M, N, stride_om)
+    if N_TILES == 2:
+        acc_b = (_sum_k_warps(acc_b[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc_b[1] + bad, ROW_LANES, K_WARPS),
+                 _sum_k_warps(acc_b[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc_b[3] + bad, ROW_LANES, K_WARPS))
+        _store(out, acc_b, m0 + 8, r0, r0 + 8, M, N, stride_om)
