@@ -177,14 +177,13 @@ def _sweep_candidates(m, n, k, sms):
     x split-K, and the previous register-LUT kernel (lut_decode) as chosen before lut_mma."""
     from any4ao.kernels.launch import KernelConfig, register_lut_config
 
-    if m > 16:
+    if m > 16:  # lut_mma with 2 or 4 n-tiles per program, against today's dequantize + cuBLAS
         cands = []
-        for bm in (16, 32, 64):
-            if bm > max(16, triton_pow2(m)):
-                continue
-            for bn, warps in [(64, 4), (128, 4), (128, 8)]:
-                for split in (1, 2, 4):
-                    cands.append(KernelConfig("decode-dot", bm, bn, 128, split, warps, 3))
+        for bm in (16, 32):
+            for row_warps, k_warps in [(1, 1), (1, 2), (1, 4), (2, 1)]:
+                for stages in (2, 3):
+                    cands.append(KernelConfig("decode-mma", bm, 16 * row_warps, 128, 1, row_warps * k_warps, stages,
+                                              k_warps=k_warps))
         return cands
     device = torch.device("cuda")
     cands = [choose_config(m, n, k, device), register_lut_config(m, n, k, device)]

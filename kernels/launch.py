@@ -84,21 +84,27 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int = 128) -> KernelConfig:
-    """M <= 16 (ops.py sends larger M to dequantize + cuBLAS): lut_mma, the register LUT feeding
+    """M <= 32 (ops.py sends larger M to dequantize + cuBLAS): lut_mma, the register LUT feeding
     tensor cores; lut_matmul falls back to register_lut_config / gather_config where it does not
     apply (mma_applies, permute_lookup_applies).
 
-    From the H100 sweep (benchmarks/results/sweep-H100-v7-mma.json): one row warp (16 rows) per
-    program, 128 columns per step, 3 stages, and as many K warps as bring the grid to about 16 warps
-    per SM (fewer rows, more K warps): 8 for N=4096 (10.0 us at M=1 against 10.8 with 4), 4 for
-    N=8192, 2 for N=28672 (within 1 % of 4), never more than the groups to share."""
+    From the H100 sweeps (benchmarks/results/sweep-H100-v7-mma.json, -v8-mma-m32-m64.json).
+    M <= 16: one row warp (16 rows) per program, 128 columns per step, 3 stages, and 4 K warps,
+    8 where that brings the grid closer to about 16 warps per SM (N=4096: 10.0 us at M=1 against
+    10.8 with 4), never more than the groups to share. On N=28672, 2 and 4 K warps traded places
+    between sweeps (42.7 / 42.9 us in v7, 47.8 / 43.8 in v8): 4 is the steadier.
+    M=17..32: two programs of 16 rows of x each, 2 K warps (20.4 / 118.4 / 68.5 us on 4096x4096 /
+    28672x4096 / 8192x8192 at M=32, within 8 % of each shape's best; dequantize + cuBLAS: 27.2 /
+    222.6 / 122.3)."""
     if m <= 16:
         want = 16 * _num_sms(device) * 16 / max(n, 1)
-        k_warps = 2
+        k_warps = 4 if k // group_size >= 4 else 2
         while k_warps < 8 and 2 * k_warps <= want and 2 * k_warps <= k // group_size:
             k_warps *= 2
         return KernelConfig("decode-mma", 8 if m <= 8 else 16, 16, 128, 1, num_warps=k_warps, num_stages=3,
                             k_warps=k_warps)
+    if m <= 32:
+        return KernelConfig("decode-mma", 16, 16, 128, 1, num_warps=2, num_stages=3, k_warps=2)
     return register_lut_config(m, n, k, device)
 
 
@@ -145,7 +151,9 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     n = qdata.shape[0]
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device, group_size)
-    if config.kind == "decode-mma" and not (m <= config.block_m and mma_applies(x, qdata, lut, nbits, group_size)):
+    if config.kind == "decode-mma" and not mma_applies(x, qdata, lut, nbits, group_size):
+        if m > 16:  # above 16 rows the previous kernels lose to dequantize + cuBLAS
+            return torch.mm(x, lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, k, x.dtype).t())
         config = register_lut_config(m, n, k, x.device)
     # decode-fma applies scales per CHUNK columns, so any block size works; decode-mma steps through
     # whole groups; the others keep a K block inside one group.
@@ -202,7 +210,7 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
     m, k = x.shape
     n = qdata.shape[0]
     row_warps = config.block_n // 16
-    grid = (triton.cdiv(n, config.block_n), config.split_k)
+    grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
     wrap_triton(lut_mma_kernel)[grid](
         x.view(torch.int32), qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
         M=m, N=n, K=k,

@@ -1,4 +1,4 @@
-"""Decode matmul (M <= 16) on tensor cores: warp-level mma.sync fed from the register LUT lookup.
+"""Decode matmul (M <= 32) on tensor cores: warp-level mma.sync fed from the register LUT lookup.
 
 Why: the CUDA-core decode kernel (lut_decode, FMA path) is bound by instruction issue, ~7.6
 instructions per weight (profile-decode-*.md): after the byte-permute lookup every weight still
@@ -16,7 +16,8 @@ An mma sums over its 16 k in any order, so k positions are assigned to suit the 
 positions {2t, 2t+1, 2t+8, 2t+9} are codes {0, 1, 2, 3} (first mma) or {4, 5, 6, 7} (second mma)
 of one 32-bit code word, for weight rows g and g+8 (A) and for the same columns of x (B; a column
 of B is a row of x). So out^T = W x^T, a warp owns 16 weight rows, and an n-tile serves up to 8
-rows of x (the rest of B is zero; tensor-core time is not what bounds decode).
+rows of x (the rest of B is zero; tensor-core time is not what bounds decode). A program takes
+1, 2 or 4 n-tiles (M <= 8, 16, 32 rows of x), all fed by the same looked-up A fragments.
 Per step lane t reads V consecutive code words of each of its two rows (128-bit loads for V = 4):
 the 4 lanes of a row cover 32 V columns. Warps split into ROW_WARPS (16 rows each) x K_WARPS
 (interleaved groups of K), summed through shared memory at the end: deterministic, no workspace.
@@ -184,20 +185,36 @@ def _word_mma(a, xq, c, e, ONE, FP16: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _step_mma(w0, w1, word, x_row0, ok0, x_row1, ok1, P0, P1, c, e, c_b, e_b, ONE, pow2_16, pow2_31,
+def _tiles_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES: tl.constexpr, FP16: tl.constexpr,
+               USE_ASM: tl.constexpr):
+    """One code word's A fragments against the x of each n-tile j (rows m_row + 8 j of x, where
+    x_row points at row m_row); cs / es: per tile the weight / x-sum accumulators."""
+    c0, e0 = _word_mma(a, _load_x_word(x_row, word, valid & (m_row < M), USE_ASM), cs[0], es[0], ONE, FP16, USE_ASM)
+    c1, e1, c2, e2, c3, e3 = cs[1], es[1], cs[2], es[2], cs[3], es[3]
+    if N_TILES >= 2:
+        c1, e1 = _word_mma(a, _load_x_word(x_row + 8 * stride_xw, word, valid & (m_row + 8 < M), USE_ASM),
+                           c1, e1, ONE, FP16, USE_ASM)
+    if N_TILES == 4:
+        c2, e2 = _word_mma(a, _load_x_word(x_row + 16 * stride_xw, word, valid & (m_row + 16 < M), USE_ASM),
+                           c2, e2, ONE, FP16, USE_ASM)
+        c3, e3 = _word_mma(a, _load_x_word(x_row + 24 * stride_xw, word, valid & (m_row + 24 < M), USE_ASM),
+                           c3, e3, ONE, FP16, USE_ASM)
+    return (c0, c1, c2, c3), (e0, e1, e2, e3)
+
+
+@triton.jit
+def _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, cs, es, ONE, pow2_16, pow2_31,
               V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, FP16: tl.constexpr,
               USE_ASM: tl.constexpr):
-    """All V words of a step; c, e for n-tile 0 (x rows x_row0), c_b, e_b for n-tile 1."""
+    """All V words of a step: each word is looked up once and meets every n-tile's x."""
     r0 = _unstack(w0, V)
     r1 = _unstack(w1, V)
     for i in tl.static_range(V):
         p = lookup8(r0[i], P0, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
         q = lookup8(r1[i], P1, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
         a = (p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3])
-        c, e = _word_mma(a, _load_x_word(x_row0, word + i, ok0, USE_ASM), c, e, ONE, FP16, USE_ASM)
-        if N_TILES == 2:
-            c_b, e_b = _word_mma(a, _load_x_word(x_row1, word + i, ok1, USE_ASM), c_b, e_b, ONE, FP16, USE_ASM)
-    return c, e, c_b, e_b
+        cs, es = _tiles_mma(a, word + i, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES, FP16, USE_ASM)
+    return cs, es
 
 
 @triton.jit
@@ -205,6 +222,18 @@ def _fold(acc, c, e, s0, s1, z0, z1):
     """acc += scale * (sum lut x) + zero * (sum x), per row (g: s0, z0; g+8: s1, z1)."""
     return (acc[0] + s0 * c[0] + z0 * e[0], acc[1] + s0 * c[1] + z0 * e[1],
             acc[2] + s1 * c[2] + z1 * e[2], acc[3] + s1 * c[3] + z1 * e[3])
+
+
+@triton.jit
+def _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES: tl.constexpr):
+    a0 = _fold(accs[0], cs[0], es[0], s0, s1, z0, z1)
+    a1, a2, a3 = accs[1], accs[2], accs[3]
+    if N_TILES >= 2:
+        a1 = _fold(a1, cs[1], es[1], s0, s1, z0, z1)
+    if N_TILES == 4:
+        a2 = _fold(a2, cs[2], es[2], s0, s1, z0, z1)
+        a3 = _fold(a3, cs[3], es[3], s0, s1, z0, z1)
+    return (a0, a1, a2, a3)
 
 
 @triton.jit
@@ -234,7 +263,8 @@ def lut_mma_kernel(
     ROW_WARPS: tl.constexpr, K_WARPS: tl.constexpr, N_TILES: tl.constexpr, SPLIT_K: tl.constexpr,
     LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for m < 8 N_TILES.
+    """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for the 8 N_TILES rows of x of
+    program_id(2) (N_TILES = 1, 2 or 4).
     x_ptr / qw_ptr / lut_words_ptr: x, codes and LUT viewed as int32 (strides in 32-bit words);
     pow2_16 = 2**16 and pow2_31 = 2**31 (see lookup8)."""
     ROW_LANES: tl.constexpr = 32 * ROW_WARPS
@@ -252,8 +282,8 @@ def lut_mma_kernel(
     P0 = lut_byte_planes(lut_words_ptr, row0, N, LUT_SIZE, USE_ASM)
     P1 = lut_byte_planes(lut_words_ptr, row1, N, LUT_SIZE, USE_ASM)
     ONE = tl.zeros_like(lane) + (0x3C003C00 if LUT_FP16 else 0x3F803F80)  # a pair of 1.0
-    x_row0 = x_ptr + g * stride_xw  # lane (g, t) feeds row g of x (n-tile 0) and row g + 8 (n-tile 1)
-    x_row1 = x_ptr + (g + 8) * stride_xw
+    m_row = tl.program_id(2) * (8 * N_TILES) + g  # lane (g, t) feeds rows m_row + 8 j of x (n-tile j)
+    x_row = x_ptr + m_row * stride_xw
 
     # This split's groups; warp kw takes groups g_begin + kw, + kw + K_WARPS, ...
     n_groups = K // GROUP
@@ -263,8 +293,8 @@ def lut_mma_kernel(
     n_steps = tl.cdiv(g_end - g_begin, K_WARPS) * STEPS
 
     zero = tl.zeros((L,), dtype=tl.float32)
-    acc, acc_b = (zero, zero, zero, zero), (zero, zero, zero, zero)
-    c, e, c_b, e_b = (zero, zero, zero, zero), (zero, zero, zero, zero), (zero, zero, zero, zero), (zero, zero, zero, zero)
+    zeros4 = (zero, zero, zero, zero)  # accumulators: per n-tile, four lane tensors (the C registers)
+    accs, cs, es = (zeros4, zeros4, zeros4, zeros4), (zeros4, zeros4, zeros4, zeros4), (zeros4, zeros4, zeros4, zeros4)
     # tl.range pipelines the code-word loads (cp.async into shared memory, STAGES deep): a plain
     # one-step-ahead prefetch in registers was sunk by ptxas to the end of the loop body. x is read
     # inside _step_mma (L1-cached, see _load_x_word); scales and zeros are plain loads.
@@ -277,25 +307,20 @@ def lut_mma_kernel(
         s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0).to(tl.float32)
         z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0).to(tl.float32)
         z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0).to(tl.float32)
-        c, e, c_b, e_b = _step_mma(w0, w1, word, x_row0, valid & (g < M), x_row1, valid & (g + 8 < M), P0, P1,
-                                   c, e, c_b, e_b, ONE, pow2_16, pow2_31, V, LUT_SIZE, N_TILES, LUT_FP16, USE_ASM)
+        cs, es = _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, cs, es, ONE, pow2_16, pow2_31,
+                           V, LUT_SIZE, N_TILES, LUT_FP16, USE_ASM)
         if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
-            acc = _fold(acc, c, e, s0, s1, z0, z1)
-            c, e = (zero, zero, zero, zero), (zero, zero, zero, zero)
-            if N_TILES == 2:
-                acc_b = _fold(acc_b, c_b, e_b, s0, s1, z0, z1)
-                c_b, e_b = (zero, zero, zero, zero), (zero, zero, zero, zero)
+            accs = _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES)
+            cs, es = (zeros4, zeros4, zeros4, zeros4), (zeros4, zeros4, zeros4, zeros4)
 
     # Warps that share rows meet here; NaN marks a layout that broke the element-to-thread map.
     bad = tl.where(in_place, 0.0, float("nan"))
-    acc = (_sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
-           _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS))
     out_lane = tl.arange(0, ROW_LANES)
     r0 = tl.program_id(0) * (16 * ROW_WARPS) + (out_lane // 32) * 16 + (out_lane % 32) // 4
-    m0 = 2 * (out_lane % 4)
+    m0 = tl.program_id(2) * (8 * N_TILES) + 2 * (out_lane % 4)
     out = out_ptr + tl.program_id(1) * stride_os
-    _store(out, acc, m0, r0, r0 + 8, M, N, stride_om)
-    if N_TILES == 2:
-        acc_b = (_sum_k_warps(acc_b[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc_b[1] + bad, ROW_LANES, K_WARPS),
-                 _sum_k_warps(acc_b[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc_b[3] + bad, ROW_LANES, K_WARPS))
-        _store(out, acc_b, m0 + 8, r0, r0 + 8, M, N, stride_om)
+    for j in tl.static_range(N_TILES):
+        acc = accs[j]
+        acc = (_sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
+               _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS))
+        _store(out, acc, m0 + 8 * j, r0, r0 + 8, M, N, stride_om)

@@ -12,10 +12,11 @@ from torch.library import custom_op, triton_op
 
 from any4ao.kernels.launch import lut_dequantize, lut_matmul
 
-# From this many rows of x on, dequantizing W once (one pass, ~1.4 TB/s on an H100) and calling
-# cuBLAS beat the fused GEMM in the H100 sweeps (benchmarks/results): at M=64 on 4096x4096 the
-# fused kernel took 92 us against ~29 us dequantize + ~16 us cuBLAS.
-DEQUANT_THEN_MM_MIN_M = 17
+# From this many rows of x on, dequantizing W once (one pass, 2.0-2.5 TB/s on an H100) and calling
+# cuBLAS beats the fused kernel: at M=32 lut_mma took 20.4 / 118.4 / 68.5 us on 4096x4096 /
+# 28672x4096 / 8192x8192 against 27.2 / 222.6 / 122.3 for dequantize + cuBLAS; at M=64 it is
+# 8 % slower on 4096x4096 and at most 12 % faster on the others (sweep-H100-v8-mma-m32-m64.json).
+DEQUANT_THEN_MM_MIN_M = 33
 
 
 @custom_op("any4ao::lut_linear", mutates_args=())
