@@ -173,8 +173,9 @@ def kmeans_throughput(dtype):
 
 def _sweep_candidates(m, n, k, sms):
     """Decode-kernel configs to try at this M (data for tuning choose_config and the M at which
-    lut_linear switches to dequantize + cuBLAS): lut_mma over row warps x K warps x pipeline depth
-    x split-K, and the previous register-LUT kernel (lut_decode) as chosen before lut_mma."""
+    lut_linear switches to dequantize + cuBLAS). M <= 16: lut_mma over K warps x register cap
+    (the earlier sweeps, sweep-H100-v7-mma.json, covered row warps, pipeline depth and step width),
+    and the previous register-LUT kernel (lut_decode). M > 16: lut_mma with 2 or 4 n-tiles."""
     from any4ao.kernels.launch import KernelConfig, register_lut_config
 
     if m > 16:  # lut_mma with 2 or 4 n-tiles per program, against today's dequantize + cuBLAS
@@ -188,11 +189,9 @@ def _sweep_candidates(m, n, k, sms):
     device = torch.device("cuda")
     cands = [choose_config(m, n, k, device), register_lut_config(m, n, k, device)]
     bm = 8 if m <= 8 else 16
-    for row_warps, k_warps in [(1, 1), (2, 1), (1, 2), (1, 4), (1, 8), (2, 2), (4, 1)]:
-        for stages in (2, 3):
-            for block_k in (64, 128):
-                cands.append(KernelConfig("decode-mma", bm, 16 * row_warps, block_k, 1, row_warps * k_warps, stages,
-                                          k_warps=k_warps))
+    for k_warps in (2, 4, 8):
+        for maxnreg in (None, 64, 72, 80):
+            cands.append(KernelConfig("decode-mma", bm, 16, 128, 1, k_warps, 3, k_warps=k_warps, maxnreg=maxnreg))
     return list(dict.fromkeys(cands))
 
 

@@ -40,6 +40,7 @@ class KernelConfig:
     num_stages: int = 3
     lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER (gemv / gemm only)
     k_warps: int = 1  # decode-mma: warps of a program that split its K range (summed in shared memory)
+    maxnreg: Optional[int] = None  # decode-mma: register cap per thread (ptxas), for occupancy
 
 
 def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int,
@@ -90,16 +91,18 @@ def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int 
 
     From the H100 sweeps (benchmarks/results/sweep-H100-v7-mma.json, -v8-mma-m32-m64.json).
     M <= 16: one row warp (16 rows) per program, 128 columns per step, 3 stages, and 4 K warps,
-    8 where that brings the grid closer to about 16 warps per SM (N=4096: 10.0 us at M=1 against
-    10.8 with 4), never more than the groups to share. On N=28672, 2 and 4 K warps traded places
-    between sweeps (42.7 / 42.9 us in v7, 47.8 / 43.8 in v8): 4 is the steadier.
+    8 where that brings the grid closer to about 16 warps per SM (N=4096, M <= 8: 9.8 us at M=1
+    against 10.6 with 4; at M=16 4 is faster, 13.7 against 14.6 us), never more than the groups to
+    share. On N=28672, 2 and 4 K warps traded places between sweeps (42.7 / 42.9 us in v7, 47.8 /
+    43.8 in v8): 4 is the steadier. A register cap (maxnreg 64-80, v9) gained nothing measurable at
+    M=1 and cost up to 37 % at M=16, so there is none.
     M=17..32: two programs of 16 rows of x each, 2 K warps (20.4 / 118.4 / 68.5 us on 4096x4096 /
     28672x4096 / 8192x8192 at M=32, within 8 % of each shape's best; dequantize + cuBLAS: 27.2 /
     222.6 / 122.3)."""
     if m <= 16:
         want = 16 * _num_sms(device) * 16 / max(n, 1)
         k_warps = 4 if k // group_size >= 4 else 2
-        while k_warps < 8 and 2 * k_warps <= want and 2 * k_warps <= k // group_size:
+        while k_warps < (8 if m <= 8 else 4) and 2 * k_warps <= want and 2 * k_warps <= k // group_size:
             k_warps *= 2
         return KernelConfig("decode-mma", 8 if m <= 8 else 16, 16, 128, 1, num_warps=k_warps, num_stages=3,
                             k_warps=k_warps)
@@ -221,6 +224,7 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
         ROW_WARPS=row_warps, K_WARPS=config.k_warps, N_TILES=config.block_m // 8, SPLIT_K=config.split_k,
         LUT_FP16=lut.dtype == torch.float16, USE_ASM=not INTERPRET, STAGES=config.num_stages,
         num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
+        **({"maxnreg": config.maxnreg} if config.maxnreg and not INTERPRET else {}),
     )
 
 

@@ -118,6 +118,7 @@ def test_dispatcher_choices():
         assert (cfg.kind, cfg.block_m, cfg.block_n) == ("decode-mma", 8 if m <= 8 else 16, 16)
         assert cfg.num_warps == cfg.k_warps == 4  # 256 row warps already fill 4 SMs: the floor of 4
     assert choose_config(1, 64, 8192, cpu).k_warps == 8  # few rows: more warps share K
+    assert choose_config(16, 64, 8192, cpu).k_warps == 4  # two n-tiles: at most 4 (H100 sweep v9)
     assert (choose_config(32, 4096, 4096, cpu).kind, choose_config(32, 4096, 4096, cpu).block_m) == ("decode-mma", 16)
     assert choose_config(1, 64, 384, cpu, group_size=128).k_warps == 2  # never more K warps than groups (min 2)
     # Where lut_mma does not apply, the previous register-LUT kernels (H100 sweeps: CUDA cores at M=1).
