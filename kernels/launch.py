@@ -148,6 +148,11 @@ def block_k_for(group_size: int, block_k: int) -> int:
     return block_k
 
 
+def dequantize_then_mm(x, qdata, lut, scales, zeros, nbits: int, group_size: int):
+    """x @ W^T with W dequantized once to x's dtype (the Triton dequantize kernel), then cuBLAS."""
+    return torch.mm(x, lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, x.shape[1], x.dtype).t())
+
+
 def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config: Optional[KernelConfig] = None):
     """out[m, n] = sum_k x[m, k] * W[n, k] for a 2-D x (M, K); out has x's dtype."""
     m, k = x.shape
@@ -156,7 +161,7 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     config = config or choose_config(m, n, k, x.device, group_size)
     if config.kind == "decode-mma" and not mma_applies(x, qdata, lut, nbits, group_size):
         if m > 16:  # above 16 rows the previous kernels lose to dequantize + cuBLAS
-            return torch.mm(x, lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, k, x.dtype).t())
+            return dequantize_then_mm(x, qdata, lut, scales, zeros, nbits, group_size)
         config = register_lut_config(m, n, k, x.device)
     # decode-fma applies scales per CHUNK columns, so any block size works; decode-mma steps through
     # whole groups; the others keep a K block inside one group.
@@ -171,8 +176,7 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     per_byte = 4 if nbits == 2 else 2
     if config.kind == "gemm" and block_k // per_byte < 16:
         # tl.dot needs K >= 16 per phase; groups this small (G=16, 48, ...) take dequantize + mm.
-        w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, k, x.dtype)
-        return torch.mm(x, w.t())
+        return dequantize_then_mm(x, qdata, lut, scales, zeros, nbits, group_size)
     workspace = _empty((config.split_k, m, n), x.device, torch.float32 if config.split_k > 1 else x.dtype)
     if config.kind == "decode-mma":
         _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config)

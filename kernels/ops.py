@@ -10,7 +10,7 @@ Opaque, one graph serves every length. dequantize has no such branch and stays a
 import torch
 from torch.library import custom_op, triton_op
 
-from any4ao.kernels.launch import lut_dequantize, lut_matmul
+from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_matmul
 
 # From this many rows of x on, dequantizing W once (one pass, 2.0-2.5 TB/s on an H100) and calling
 # cuBLAS beats the fused kernel: at M=32 lut_mma took 20.4 / 118.4 / 68.5 us on 4096x4096 /
@@ -26,8 +26,7 @@ def lut_linear(
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype."""
     if x.shape[0] >= DEQUANT_THEN_MM_MIN_M:
-        w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, x.shape[1], x.dtype)
-        return torch.mm(x, w.t())
+        return dequantize_then_mm(x, qdata, lut, scales, zeros, nbits, group_size)
     return lut_matmul(x, qdata, lut, scales, zeros, nbits, group_size)
 
 
