@@ -7,7 +7,7 @@
    as usual), in default, reduce-overhead (CUDA graphs) and max-autotune modes.
 2. k-means throughput: seconds to quantize 1.07e9 weights with the default any4 settings.
 3. The decode kernels (lut_linear at M <= 16) against float64 on fresh random weights, with
-   NaN-poisoned outputs, over bf16/fp16, 3/4-bit codes, groups 32-256, ragged N and M 1..16; also
+   NaN-poisoned outputs, over bf16/fp16, 3/4-bit codes, groups 32-256, ragged N and M 1..32; also
    which kernel the dispatcher took (decode-mma wherever mma_applies holds).
 Prints a summary and writes check-gpu-<gpu>.json.
 """
@@ -73,7 +73,7 @@ def kmeans_throughput():
 
 
 def check_decode_kernels():
-    from any4ao.kernels import launch
+    from any4ao.kernels import launch, ops
 
     rows = []
     saved = launch._empty
@@ -85,14 +85,18 @@ def check_decode_kernels():
                 w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
                 q = Any4Tensor.from_hp(w, nbits=nbits, group_size=group, iterations=2)
                 w64 = q.dequantize(torch.float64)
-                for m in (1, 3, 8, 9, 16):
+                for m in (1, 3, 8, 9, 16, 20, 32):
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     y = torch.ops.any4ao.lut_linear(x, q.qdata, q.lut, q.scales, q.zeros, nbits, group)
                     ref = x.double() @ w64.t()
                     err = ((y.double() - ref).norm() / ref.norm()).item()
-                    kind = launch.choose_config(m, n, k, x.device, group).kind
-                    if kind == "decode-mma" and not launch.mma_applies(x, q.qdata, q.lut, nbits, group):
-                        kind = launch.register_lut_config(m, n, k, x.device).kind
+                    # the path lut_linear / lut_matmul take (ops.py, launch.lut_matmul)
+                    if m >= ops.DEQUANT_THEN_MM_MIN_M:
+                        kind = "dequantize+mm"
+                    elif launch.mma_applies(x, q.qdata, q.lut, nbits, group):
+                        kind = "decode-mma"
+                    else:
+                        kind = "dequantize+mm" if m > 16 else launch.register_lut_config(m, n, k, x.device).kind
                     rows.append({"dtype": str(dtype), "nbits": nbits, "group": group, "N": n, "K": k, "M": m,
                                  "kernel": kind, "rel_err": err, "ok": bool(err < 1e-2)})
     finally:
@@ -129,7 +133,7 @@ def main():
         print("  FAIL", json.dumps(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if modes else "-kmeans"  # --modes none: the k-means measurement alone
+    suffix = "" if modes else "-no-compile"  # --modes none: k-means and the decode kernels only
     (out / f"check-gpu-{gpu.replace(' ', '-')}{suffix}.json").write_text(json.dumps(result, indent=2))
     if not all(r["ok"] for r in result["compile"] + result["decode_kernels"]):
         sys.exit(1)
