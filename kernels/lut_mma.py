@@ -34,7 +34,7 @@ Under TRITON_INTERPRET=1 the mma is emulated by assembling the fragments into ma
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_permute import _halves, lut_byte_planes, prmt
+from any4ao.kernels.lut_permute import halves, lookup8, lut_byte_planes
 
 
 @triton.jit
@@ -44,34 +44,6 @@ def thread_ids(lane, USE_ASM: tl.constexpr):
         return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [lane], dtype=tl.int32, is_pure=True, pack=1)
     else:
         return lane
-
-
-@triton.jit
-def lookup8(word, P, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, USE_ASM: tl.constexpr):
-    """The 8 codes of a uint32 word (nibble i = column i) -> 4 uint32 pairs of 16-bit LUT values,
-    columns (0, 1), (2, 3), (4, 5), (6, 7). P: the row's byte planes (L0..L3, H0..H3). prmt reads only
-    the low 16 bits of a selector, so each selector is computed once for all 8 nibbles.
-    The shifts are written as umulhi (x >> s == umulhi(x, 2**(32 - s))): the permutes keep the ALU
-    pipe busy (ncu: 69 % of its peak, the FMA pipe 7 %), and mul.hi runs on the FMA pipe. The powers
-    of two come in as kernel arguments (pow2_16 = 2**16, pow2_31 = 2**31): as literals, ptxas turns
-    the multiply back into a shift."""
-    low3 = word & 0x77777777
-    low3_hi = tl.umulhi(low3, pow2_16)  # low3 >> 16
-    if LUT_SIZE == 16:
-        # nibble i: byte i of the entries 0..7 result, or (code bit 3) byte i + 4 of the 8..15 result
-        by_bit3 = (tl.umulhi(word, pow2_31) & 0x44444444) | 0x32103210
-        by_bit3_hi = tl.umulhi(by_bit3, pow2_16)
-        lo_a = prmt(prmt(P[0], P[1], low3, USE_ASM), prmt(P[2], P[3], low3, USE_ASM), by_bit3, USE_ASM)
-        hi_a = prmt(prmt(P[4], P[5], low3, USE_ASM), prmt(P[6], P[7], low3, USE_ASM), by_bit3, USE_ASM)
-        lo_b = prmt(prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[2], P[3], low3_hi, USE_ASM), by_bit3_hi, USE_ASM)
-        hi_b = prmt(prmt(P[4], P[5], low3_hi, USE_ASM), prmt(P[6], P[7], low3_hi, USE_ASM), by_bit3_hi, USE_ASM)
-    else:  # 3-bit codes: 8 entries, bit 3 never set, one permute per plane
-        lo_a, hi_a = prmt(P[0], P[1], low3, USE_ASM), prmt(P[4], P[5], low3, USE_ASM)
-        lo_b, hi_b = prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[4], P[5], low3_hi, USE_ASM)
-    first = tl.zeros_like(lo_a) + 0x5140  # (lo0 hi0 lo1 hi1): entries of columns 0, 1
-    second = tl.zeros_like(lo_a) + 0x7362
-    return (prmt(lo_a, hi_a, first, USE_ASM), prmt(lo_a, hi_a, second, USE_ASM),
-            prmt(lo_b, hi_b, first, USE_ASM), prmt(lo_b, hi_b, second, USE_ASM))
 
 
 @triton.jit
@@ -95,8 +67,8 @@ def mma_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16: tl.constexpr, USE
 @triton.jit
 def _pairs(r0, r1, FP16: tl.constexpr):
     """Two uint32 registers of 16-bit pairs -> (L, 2 [j: low/high half], 2 [register]) float32."""
-    r0l, r0h = _halves(r0.to(tl.uint32, bitcast=True), FP16, True)
-    r1l, r1h = _halves(r1.to(tl.uint32, bitcast=True), FP16, True)
+    r0l, r0h = halves(r0.to(tl.uint32, bitcast=True), FP16, True)
+    r1l, r1h = halves(r1.to(tl.uint32, bitcast=True), FP16, True)
     return tl.join(tl.join(r0l, r0h), tl.join(r1l, r1h))
 
 

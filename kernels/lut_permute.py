@@ -69,18 +69,35 @@ def lut_byte_planes(lut_words_ptr, offs_n, N, LUT_SIZE: tl.constexpr, USE_ASM: t
 
 
 @triton.jit
-def _lookup4(codes, L0, L1, L2, L3, H0, H1, H2, H3, USE_ASM: tl.constexpr):
-    """Four codes in the low 16 bits of `codes` -> two uint32 words, each a pair of 16-bit LUT
-    values (code 0 | code 1 << 16, code 2 | code 3 << 16)."""
-    low3 = codes & 0x7777
-    by_bit3 = ((codes >> 1) & 0x4444) | 0x3210  # nibble i: byte i of the 0..7 half, or i + 4 of the 8..15 half
-    lo = prmt(prmt(L0, L1, low3, USE_ASM), prmt(L2, L3, low3, USE_ASM), by_bit3, USE_ASM)
-    hi = prmt(prmt(H0, H1, low3, USE_ASM), prmt(H2, H3, low3, USE_ASM), by_bit3, USE_ASM)
-    return prmt(lo, hi, tl.zeros_like(lo) + 0x5140, USE_ASM), prmt(lo, hi, tl.zeros_like(lo) + 0x7362, USE_ASM)
+def lookup8(word, P, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 8 codes of a uint32 word (nibble i = column i) -> 4 uint32 pairs of 16-bit LUT values,
+    columns (0, 1), (2, 3), (4, 5), (6, 7). P: the row's byte planes (L0..L3, H0..H3). prmt reads only
+    the low 16 bits of a selector, so each selector is computed once for all 8 nibbles.
+    The shifts are written as umulhi (x >> s == umulhi(x, 2**(32 - s))), with pow2_16 = 2**16 and
+    pow2_31 = 2**31 as uint32: in lut_mma, where the permutes keep the ALU pipe busy (ncu: 69 % of
+    its peak, the FMA pipe 7 %), they come in as kernel arguments so that mul.hi runs on the FMA
+    pipe (as literals, ptxas turns the multiply back into a shift, which is what lookup_phases does)."""
+    low3 = word & 0x77777777
+    low3_hi = tl.umulhi(low3, pow2_16)  # low3 >> 16
+    if LUT_SIZE == 16:
+        # nibble i: byte i of the entries 0..7 result, or (code bit 3) byte i + 4 of the 8..15 result
+        by_bit3 = (tl.umulhi(word, pow2_31) & 0x44444444) | 0x32103210
+        by_bit3_hi = tl.umulhi(by_bit3, pow2_16)
+        lo_a = prmt(prmt(P[0], P[1], low3, USE_ASM), prmt(P[2], P[3], low3, USE_ASM), by_bit3, USE_ASM)
+        hi_a = prmt(prmt(P[4], P[5], low3, USE_ASM), prmt(P[6], P[7], low3, USE_ASM), by_bit3, USE_ASM)
+        lo_b = prmt(prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[2], P[3], low3_hi, USE_ASM), by_bit3_hi, USE_ASM)
+        hi_b = prmt(prmt(P[4], P[5], low3_hi, USE_ASM), prmt(P[6], P[7], low3_hi, USE_ASM), by_bit3_hi, USE_ASM)
+    else:  # 3-bit codes: 8 entries, bit 3 never set, one permute per plane
+        lo_a, hi_a = prmt(P[0], P[1], low3, USE_ASM), prmt(P[4], P[5], low3, USE_ASM)
+        lo_b, hi_b = prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[4], P[5], low3_hi, USE_ASM)
+    first = tl.zeros_like(lo_a) + 0x5140  # (lo0 hi0 lo1 hi1): entries of columns 0, 1
+    second = tl.zeros_like(lo_a) + 0x7362
+    return (prmt(lo_a, hi_a, first, USE_ASM), prmt(lo_a, hi_a, second, USE_ASM),
+            prmt(lo_b, hi_b, first, USE_ASM), prmt(lo_b, hi_b, second, USE_ASM))
 
 
 @triton.jit
-def _halves(pair, LUT_FP16: tl.constexpr, F32: tl.constexpr):
+def halves(pair, LUT_FP16: tl.constexpr, F32: tl.constexpr):
     """The two 16-bit values of a uint32 pair, in the LUT dtype or (F32) as float32. A bf16 is the
     top half of its float32, so for bf16 LUTs that takes one bit operation per value."""
     if F32 and not LUT_FP16:
@@ -103,14 +120,13 @@ def lookup_phases(words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16: tl.constexpr,
     """(BLOCK_N, W) uint32 packed words -> 8 tensors (BLOCK_N, W) of LUT values in the LUT's 16-bit
     dtype (fp16 if LUT_FP16, else bf16; exact) or float32 (F32): phase p holds columns 8w + p.
     Tables are (BLOCK_N,) per row, from lut_byte_planes."""
-    L0, L1, L2, L3 = L0[:, None], L1[:, None], L2[:, None], L3[:, None]
-    H0, H1, H2, H3 = H0[:, None], H1[:, None], H2[:, None], H3[:, None]
-    p01, p23 = _lookup4(words, L0, L1, L2, L3, H0, H1, H2, H3, USE_ASM)
-    p45, p67 = _lookup4(words >> 16, L0, L1, L2, L3, H0, H1, H2, H3, USE_ASM)
-    v0, v1 = _halves(p01, LUT_FP16, F32)
-    v2, v3 = _halves(p23, LUT_FP16, F32)
-    v4, v5 = _halves(p45, LUT_FP16, F32)
-    v6, v7 = _halves(p67, LUT_FP16, F32)
+    P = (L0[:, None], L1[:, None], L2[:, None], L3[:, None], H0[:, None], H1[:, None], H2[:, None], H3[:, None])
+    # 16: the full permute tree also serves 3-bit LUTs (lut_byte_planes repeats their planes)
+    p01, p23, p45, p67 = lookup8(words, P, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM)
+    v0, v1 = halves(p01, LUT_FP16, F32)
+    v2, v3 = halves(p23, LUT_FP16, F32)
+    v4, v5 = halves(p45, LUT_FP16, F32)
+    v6, v7 = halves(p67, LUT_FP16, F32)
     return v0, v1, v2, v3, v4, v5, v6, v7
 
 
