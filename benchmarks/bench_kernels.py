@@ -28,9 +28,10 @@ from any4ao.kernels import launch
 from any4ao.kernels.launch import choose_config
 
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 4096), (8192, 8192)]
-MS = [1, 4, 16, 64, 256, 2048, 8192]
+MS = [1, 4, 16, 32, 64, 256, 2048, 8192]
 GROUP = 128
 SWEEP_MS = [1, 32, 64, 256]
+SWEEP_SHAPES = [(4096, 4096), (28672, 4096), (8192, 8192)]
 L2_BYTES = 50 * 2**20
 
 
@@ -173,36 +174,43 @@ def kmeans_throughput(dtype):
 
 def _sweep_candidates(m, n, k, sms):
     """Decode-kernel configs to try at this M (data for tuning choose_config and the M at which
-    lut_linear switches to dequantize + cuBLAS). M <= 16: lut_mma over K warps x register cap
-    (the earlier sweeps, sweep-H100-v7-mma.json, covered row warps, pipeline depth and step width),
-    and the previous register-LUT kernel (lut_decode). M > 16: lut_mma with 2 or 4 n-tiles."""
-    from any4ao.kernels.launch import KernelConfig, register_lut_config
+    lut_linear switches to dequantize + cuBLAS): lut_mma with the scales folded after the mma or
+    applied to the fragments (scaled_a; sweep v10 found it faster at every M), a lane's words of a
+    step consecutive or 4 apart (spread), K warps; M > 16: 2, 4 or 8 n-tiles per program, row
+    warps and step width. The earlier sweeps (sweep-H100-v7-mma.json .. -v10) covered stages,
+    register caps and the unscaled kernel at M > 16."""
+    from any4ao.kernels.launch import KernelConfig
 
-    if m > 16:  # lut_mma with 2 or 4 n-tiles per program, against today's dequantize + cuBLAS
-        cands = []
-        for bm in (16, 32):
-            for row_warps, k_warps in [(1, 1), (1, 2), (1, 4), (2, 1)]:
-                for stages in (2, 3):
-                    cands.append(KernelConfig("decode-mma", bm, 16 * row_warps, 128, 1, row_warps * k_warps, stages,
-                                              k_warps=k_warps))
-        return cands
-    device = torch.device("cuda")
-    cands = [choose_config(m, n, k, device), register_lut_config(m, n, k, device)]
-    bm = 8 if m <= 8 else 16
-    for k_warps in (2, 4, 8):
-        for maxnreg in (None, 64, 72, 80):
-            cands.append(KernelConfig("decode-mma", bm, 16, 128, 1, k_warps, 3, k_warps=k_warps, maxnreg=maxnreg))
+    cands = [choose_config(m, n, k, torch.device("cuda"))]
+    if m <= 16:
+        bm = 8 if m <= 8 else 16
+        for scaled in (False, True):
+            for spread in (False, True):
+                for k_warps in (2, 4, 8):
+                    cands.append(KernelConfig("decode-mma", bm, 16, 128, 1, k_warps, 3, k_warps=k_warps,
+                                              scaled_a=scaled, spread=spread))
+        return list(dict.fromkeys(cands))
+    if m <= 32:  # the choice before scaled_a (sweep v8), for reference
+        cands.append(KernelConfig("decode-mma", 16, 16, 128, 1, 2, 3, k_warps=2))
+    for bm in (16, 32, 64):
+        if bm > triton_pow2(m) or 4 * bm < triton_pow2(m):
+            continue
+        for spread in (False, True):
+            for row_warps, k_warps in [(1, 2), (1, 4), (2, 2)]:
+                for bk in (128, 64, 32):
+                    cands.append(KernelConfig("decode-mma", bm, 16 * row_warps, bk, 1, row_warps * k_warps, 3,
+                                              k_warps=k_warps, scaled_a=True, spread=spread))
     return list(dict.fromkeys(cands))
 
 
-def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True):
+def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True, shapes=SWEEP_SHAPES):
     """Every candidate kernel config at decode sizes, each checked against float64 (NaN-poisoned
     outputs) before it is timed; then the dequantize kernels (LUT by byte permutes vs load)."""
     from any4ao.kernels import ops  # noqa: F401  (registers torch.ops.any4ao.*)
     from any4ao.kernels.launch import lut_dequantize, lut_matmul
 
     out, sms = [], torch.cuda.get_device_properties(0).multi_processor_count
-    for n, k in [(4096, 4096), (28672, 4096), (8192, 8192)]:
+    for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         q = Any4Tensor.from_hp(w, group_size=GROUP, iterations=2)
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
@@ -211,6 +219,10 @@ def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.double() @ w64.t()
             results = []
+            wb = [w] + [w.clone() for _ in range(copies_for(w.numel() * w.element_size()) - 1)]
+            us_bf16 = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb], replays=10)
+            del wb
+            out.append({"N": n, "K": k, "M": m, "config": "bf16 cuBLAS", "us": us_bf16})
             op = torch.ops.any4ao.lut_linear  # what the dispatcher does today, for comparison
             us_op = graph_time_us([lambda c=c_: op(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP) for c_ in copies], replays=10)
             out.append({"N": n, "K": k, "M": m, "config": "torch.ops.any4ao.lut_linear", "us": us_op})
@@ -230,7 +242,8 @@ def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True):
                 results.append((us, cfg))
                 out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us, "rel_err": err})
             results.sort(key=lambda r: r[0])
-            print(f"  sweep {n}x{k} M={m}: lut_linear today {us_op:.1f} us; best:", flush=True)
+            print(f"  sweep {n}x{k} M={m}: bf16 cuBLAS {us_bf16:.1f} us, lut_linear today {us_op:.1f} us; best:",
+                  flush=True)
             for us, cfg in results[:4]:
                 print(f"     {us:7.1f} us  {cfg}", flush=True)
         for bn, bk, warps, permute in [] if not dequant else [(16, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True),
@@ -263,6 +276,7 @@ def main():
     p.add_argument("--sweep-only", action="store_true")
     p.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="rows of x for the sweep")
     p.add_argument("--no-dequant-sweep", action="store_true")
+    p.add_argument("--sweep-shapes", default=",".join(f"{n}x{k}" for n, k in SWEEP_SHAPES), help="N x K for the sweep")
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -300,7 +314,9 @@ def main():
         torch.cuda.empty_cache()
     result = {"meta": meta, "rows": rows, "checks": checks}
     if args.sweep or args.sweep_only:
-        result["sweep"] = sweep_configs(dtype, [int(m) for m in args.sweep_ms.split(",")], not args.no_dequant_sweep)
+        sweep_shapes = [tuple(int(v) for v in nk.split("x")) for nk in args.sweep_shapes.split(",")]
+        result["sweep"] = sweep_configs(dtype, [int(m) for m in args.sweep_ms.split(",")], not args.no_dequant_sweep,
+                                        sweep_shapes)
     if args.sweep_only:  # keep the full benchmark's files; the sweep goes to a file of its own
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)

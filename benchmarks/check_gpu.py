@@ -85,7 +85,7 @@ def check_decode_kernels():
                 w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
                 q = Any4Tensor.from_hp(w, nbits=nbits, group_size=group, iterations=2)
                 w64 = q.dequantize(torch.float64)
-                for m in (1, 3, 8, 9, 16, 20, 32):
+                for m in (1, 3, 8, 9, 16, 20, 32, 33, 64):
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     y = torch.ops.any4ao.lut_linear(x, q.qdata, q.lut, q.scales, q.zeros, nbits, group)
                     ref = x.double() @ w64.t()

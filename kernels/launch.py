@@ -41,6 +41,8 @@ class KernelConfig:
     lut_mode: int = 0  # lut_tile.LUT_LOAD / LUT_SELECT / LUT_REGISTER (gemv / gemm only)
     k_warps: int = 1  # decode-mma: warps of a program that split its K range (summed in shared memory)
     maxnreg: Optional[int] = None  # decode-mma: register cap per thread (ptxas), for occupancy
+    scaled_a: bool = False  # decode-mma: scales and zeros applied to the A fragments (lut_mma SCALED_A)
+    spread: bool = False  # decode-mma: a lane's words of a step 4 apart (lut_mma SPREAD)
 
 
 def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int,
@@ -85,29 +87,39 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int = 128) -> KernelConfig:
-    """M <= 32 (ops.py sends larger M to dequantize + cuBLAS): lut_mma, the register LUT feeding
-    tensor cores; lut_matmul falls back to register_lut_config / gather_config where it does not
-    apply (mma_applies, permute_lookup_applies).
+    """M <= 64 (ops.py sends larger M to dequantize + cuBLAS): lut_mma, the register LUT feeding
+    tensor cores, with the scales applied to the fragments (scaled_a); lut_matmul falls back to
+    register_lut_config / gather_config where it does not apply (mma_applies,
+    permute_lookup_applies).
 
-    From the H100 sweeps (benchmarks/results/sweep-H100-v7-mma.json, -v8-mma-m32-m64.json).
+    From the H100 sweeps (benchmarks/results/sweep-H100-v7-mma.json .. -v12-mma-llama-shapes.json).
     M <= 16: one row warp (16 rows) per program, 128 columns per step, 3 stages, and 4 K warps,
     8 where that brings the grid closer to about 16 warps per SM (N=4096, M <= 8: 9.8 us at M=1
     against 10.6 with 4; at M=16 4 is faster, 13.7 against 14.6 us), never more than the groups to
-    share. On N=28672, 2 and 4 K warps traded places between sweeps (42.7 / 42.9 us in v7, 47.8 /
-    43.8 in v8): 4 is the steadier. A register cap (maxnreg 64-80, v9) gained nothing measurable at
-    M=1 and cost up to 37 % at M=16, so there is none.
-    M=17..32: two programs of 16 rows of x each, 2 K warps (20.4 / 118.4 / 68.5 us on 4096x4096 /
-    28672x4096 / 8192x8192 at M=32, within 8 % of each shape's best; dequantize + cuBLAS: 27.2 /
-    222.6 / 122.3)."""
+    share. scaled_a (v10, v11): 40.7 / 26.2 us against 42.4 / 26.7 on 28672x4096 / 8192x8192 at
+    M=1, 63.4 / 35.5 against 66.7 / 38.5 at M=16. A register cap (maxnreg 64-80, v9) gained
+    nothing measurable at M=1 and cost up to 37 % at M=16, so there is none.
+    M=17..64, over the six shapes of bench_kernels.py (v11 + v12; the best config differs per
+    shape, so these minimise the geometric mean of time / that shape's best):
+    M=17..32: programs of 16 rows of x, 2 K warps, scaled_a; 1.14x the per-shape best on average,
+    1.27x at worst (the unscaled kernel before: 1.19x; 32 rows of x per program: 1.19x, 1.42x).
+    M=33..64: 8 n-tiles (64 rows of x), 4 K warps, a lane's words 4 apart (spread); 1.12x the best
+    on average, 1.46x at worst (6144x4096), and 1.03-1.49x faster than dequantize + cuBLAS (full
+    runs of bench_kernels.py, before and after)."""
+    groups = max(k // group_size, 1)
     if m <= 16:
         want = 16 * _num_sms(device) * 16 / max(n, 1)
-        k_warps = 4 if k // group_size >= 4 else 2
-        while k_warps < (8 if m <= 8 else 4) and 2 * k_warps <= want and 2 * k_warps <= k // group_size:
+        k_warps = 4 if groups >= 4 else 2
+        while k_warps < (8 if m <= 8 else 4) and 2 * k_warps <= want and 2 * k_warps <= groups:
             k_warps *= 2
         return KernelConfig("decode-mma", 8 if m <= 8 else 16, 16, 128, 1, num_warps=k_warps, num_stages=3,
-                            k_warps=k_warps)
-    if m <= 32:
-        return KernelConfig("decode-mma", 16, 16, 128, 1, num_warps=2, num_stages=3, k_warps=2)
+                            k_warps=k_warps, scaled_a=True)
+    if m <= 64:
+        bm, k_warps = (16, 2) if m <= 32 else (64, 4)
+        while k_warps > 1 and k_warps > groups:
+            k_warps //= 2
+        return KernelConfig("decode-mma", bm, 16, 128, 1, num_warps=k_warps, num_stages=3, k_warps=k_warps,
+                            scaled_a=True, spread=bm == 64)
     return register_lut_config(m, n, k, device)
 
 
@@ -226,7 +238,7 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
         LUT_SIZE=1 << nbits, GROUP=group_size,
         V=_words_per_step(group_size, config.block_k),
         ROW_WARPS=row_warps, K_WARPS=config.k_warps, N_TILES=config.block_m // 8, SPLIT_K=config.split_k,
-        LUT_FP16=lut.dtype == torch.float16, USE_ASM=not INTERPRET, STAGES=config.num_stages,
+        SCALED_A=config.scaled_a, SPREAD=config.spread, LUT_FP16=lut.dtype == torch.float16, USE_ASM=not INTERPRET, STAGES=config.num_stages,
         num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg and not INTERPRET else {}),
     )

@@ -1,4 +1,4 @@
-"""Decode matmul (M <= 32) on tensor cores: warp-level mma.sync fed from the register LUT lookup.
+"""Decode matmul (M <= 64) on tensor cores: warp-level mma.sync fed from the register LUT lookup.
 
 Why: the CUDA-core decode kernel (lut_decode, FMA path) is bound by instruction issue, ~7.6
 instructions per weight (profile-decode-*.md): after the byte-permute lookup every weight still
@@ -17,13 +17,22 @@ positions {2t, 2t+1, 2t+8, 2t+9} are codes {0, 1, 2, 3} (first mma) or {4, 5, 6,
 of one 32-bit code word, for weight rows g and g+8 (A) and for the same columns of x (B; a column
 of B is a row of x). So out^T = W x^T, a warp owns 16 weight rows, and an n-tile serves up to 8
 rows of x (the rest of B is zero; tensor-core time is not what bounds decode). A program takes
-1, 2 or 4 n-tiles (M <= 8, 16, 32 rows of x), all fed by the same looked-up A fragments.
-Per step lane t reads V consecutive code words of each of its two rows (128-bit loads for V = 4):
+1, 2, 4 or 8 n-tiles (M <= 8, 16, 32, 64 rows of x; 8 needs SCALED_A), all fed by the same
+looked-up A fragments.
+Per step lane t reads V consecutive code words of each of its two rows (128-bit loads for V = 4),
+or with SPREAD the words t, t + 4, .. (so the 4 lanes' 16-byte x loads of one word are contiguous):
 the 4 lanes of a row cover 32 V columns. Warps split into ROW_WARPS (16 rows each) x K_WARPS
 (interleaved groups of K), summed through shared memory at the end: deterministic, no workspace.
 
-Zero term: sum_k (lut s + z) x = s sum_k lut x + z sum_k x. The x sums come from a second mma
-with an all-ones A, which puts them straight into the C layout (no shuffles).
+Scales and zeros, two ways (SCALED_A):
+- off: sum_k (lut s + z) x = s sum_k lut x + z sum_k x per group; the x sums come from a second mma
+  with an all-ones A, which puts them straight into the C layout (no shuffles). Needs per n-tile
+  12 accumulator registers (group sums, x sums, total) and two mmas per fragment.
+- on: each looked-up pair becomes lut s + z with one fma.rn.bf16x2 (f16x2) on the FMA pipe, i.e.
+  W rounded to the x dtype once, exactly as dequantize + cuBLAS rounds it. One mma per fragment,
+  4 accumulator registers per n-tile; this is what lets a program take 8 n-tiles (M <= 64).
+  The dispatcher uses this everywhere (faster at every M in the H100 sweeps); "off" stays for the
+  sweeps and as the more exact variant (fp32 scaling).
 
 All tensors in the main loop are "lane tensors", one value per thread, shape (32 * num_warps,).
 The mma needs element e on thread e, which is how Triton lays out such a 1-D tensor; the kernel
@@ -94,6 +103,38 @@ def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16: tl.constexpr):
 
 
 @triton.jit
+def _to_bits(v, FP16: tl.constexpr):
+    """float32 -> the uint32 holding its 16-bit (fp16 / bf16) rounding in the low half."""
+    if FP16:
+        return v.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        return v.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def scale_pairs(pair, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """pair * S + Z on both 16-bit halves (S, Z: a row's scale / zero in both halves), rounded once
+    (fma.rn.bf16x2 / fma.rn.f16x2; the interpreter computes it in float32, where lut * s is exact)."""
+    if USE_ASM:
+        if FP16:
+            asm: tl.constexpr = "fma.rn.f16x2 $0, $1, $2, $3;"
+        else:
+            asm: tl.constexpr = "fma.rn.bf16x2 $0, $1, $2, $3;"
+        return tl.inline_asm_elementwise(asm, "=r,r,r,r", [pair, S, Z], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        lo, hi = halves(pair, FP16, True)
+        s, _ = halves(S, FP16, True)
+        z, _ = halves(Z, FP16, True)
+        return _to_bits(lo * s + z, FP16) | (_to_bits(hi * s + z, FP16) << 16)
+
+
+@triton.jit
+def _both_halves(v, rep):
+    """A 16-bit float -> uint32 with it in both halves (rep = 2**16 + 1: an IMAD, on the FMA pipe)."""
+    return v.to(tl.uint16, bitcast=True).to(tl.uint32) * rep
+
+
+@triton.jit
 def _unstack(t, V: tl.constexpr):
     """(L, V) -> its V columns as (L,) tensors, padded to four (register-only: a thread holds its row)."""
     if V == 4:
@@ -130,14 +171,22 @@ def _load_x_word(x_row, word, ok, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw,
-               GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr):
+               GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, SPREAD: tl.constexpr):
     """Step u of this warp: code words (L, V) of rows g and g+8, the first word's index and whether
-    the step is inside this split."""
+    the step is inside this split. The 4 lanes of a row cover 4 V consecutive words: lane t takes
+    words V t .. V t + V - 1 (one 16-byte load at V = 4), or with SPREAD words t, t + 4, .. (so
+    that the 4 lanes' x loads for one word, 16 bytes each, are 64 contiguous bytes of a row of x:
+    fewer L1 sectors per load, which is what bounds M >= 16)."""
     STEPS: tl.constexpr = GROUP // (32 * V)
     group = g_begin + kw + K_WARPS * (u // STEPS)
     valid = group < g_end
-    word = tl.multiple_of(group * (GROUP // 8) + (u % STEPS) * (4 * V) + V * t, V)
-    cols = word[:, None] + tl.arange(0, V)[None, :]
+    base = group * (GROUP // 8) + (u % STEPS) * (4 * V)
+    if SPREAD:
+        word = base + t
+        cols = word[:, None] + 4 * tl.arange(0, V)[None, :]
+    else:
+        word = tl.multiple_of(base + V * t, V)
+        cols = word[:, None] + tl.arange(0, V)[None, :]
     w0 = tl.load(qw_ptr + row0[:, None] * stride_qw + cols, mask=(valid & (row0 < N))[:, None], other=0)
     w1 = tl.load(qw_ptr + row1[:, None] * stride_qw + cols, mask=(valid & (row1 < N))[:, None], other=0)
     w0, w1 = w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True)
@@ -145,47 +194,68 @@ def _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw,
 
 
 @triton.jit
-def _word_mma(a, xq, c, e, ONE, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+def _word_mma(a, xq, c, e, ONE, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
     """One code word per row: a = 8 A registers (rows g, g+8 interleaved), xq = its 4 x pairs.
-    c: weight accumulators, e: x-sum accumulators (the all-ones product; all four are kept, e2 = e0
-    and e3 = e1, so the mma's accumulator registers need no copies)."""
+    c: weight accumulators, e: x-sum accumulators (the all-ones product, not SCALED_A; all four are
+    kept, e2 = e0 and e3 = e1, so the mma's accumulator registers need no copies)."""
     c0, c1, c2, c3 = mma_m16n8k16(a[0], a[1], a[2], a[3], xq[0], xq[1], c[0], c[1], c[2], c[3], FP16, USE_ASM)
     c0, c1, c2, c3 = mma_m16n8k16(a[4], a[5], a[6], a[7], xq[2], xq[3], c0, c1, c2, c3, FP16, USE_ASM)
+    if SCALED_A:
+        return (c0, c1, c2, c3), e
     e0, e1, e2, e3 = mma_m16n8k16(ONE, ONE, ONE, ONE, xq[0], xq[1], e[0], e[1], e[2], e[3], FP16, USE_ASM)
     e0, e1, e2, e3 = mma_m16n8k16(ONE, ONE, ONE, ONE, xq[2], xq[3], e0, e1, e2, e3, FP16, USE_ASM)
     return (c0, c1, c2, c3), (e0, e1, e2, e3)
 
 
 @triton.jit
-def _tiles_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES: tl.constexpr, FP16: tl.constexpr,
-               USE_ASM: tl.constexpr):
-    """One code word's A fragments against the x of each n-tile j (rows m_row + 8 j of x, where
-    x_row points at row m_row); cs / es: per tile the weight / x-sum accumulators."""
-    c0, e0 = _word_mma(a, _load_x_word(x_row, word, valid & (m_row < M), USE_ASM), cs[0], es[0], ONE, FP16, USE_ASM)
-    c1, e1, c2, e2, c3, e3 = cs[1], es[1], cs[2], es[2], cs[3], es[3]
-    if N_TILES >= 2:
-        c1, e1 = _word_mma(a, _load_x_word(x_row + 8 * stride_xw, word, valid & (m_row + 8 < M), USE_ASM),
-                           c1, e1, ONE, FP16, USE_ASM)
-    if N_TILES == 4:
-        c2, e2 = _word_mma(a, _load_x_word(x_row + 16 * stride_xw, word, valid & (m_row + 16 < M), USE_ASM),
-                           c2, e2, ONE, FP16, USE_ASM)
-        c3, e3 = _word_mma(a, _load_x_word(x_row + 24 * stride_xw, word, valid & (m_row + 24 < M), USE_ASM),
-                           c3, e3, ONE, FP16, USE_ASM)
-    return (c0, c1, c2, c3), (e0, e1, e2, e3)
+def _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, J: tl.constexpr, SCALED_A: tl.constexpr,
+              FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """n-tile J: the A fragments against rows m_row + 8 J of x (x_row points at row m_row)."""
+    xq = _load_x_word(x_row + (8 * J) * stride_xw, word, valid & (m_row + 8 * J < M), USE_ASM)
+    return _word_mma(a, xq, cs[J], es[J], ONE, SCALED_A, FP16, USE_ASM)
 
 
 @triton.jit
-def _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, cs, es, ONE, pow2_16, pow2_31,
-              V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, FP16: tl.constexpr,
-              USE_ASM: tl.constexpr):
-    """All V words of a step: each word is looked up once and meets every n-tile's x."""
+def _tiles_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES: tl.constexpr,
+               SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """One code word's A fragments against the x of each n-tile; cs / es: per tile (8 slots, the
+    first N_TILES used) the weight / x-sum accumulators."""
+    c0, e0 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 0, SCALED_A, FP16, USE_ASM)
+    c1, e1, c2, e2, c3, e3 = cs[1], es[1], cs[2], es[2], cs[3], es[3]
+    c4, e4, c5, e5, c6, e6, c7, e7 = cs[4], es[4], cs[5], es[5], cs[6], es[6], cs[7], es[7]
+    if N_TILES >= 2:
+        c1, e1 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 1, SCALED_A, FP16, USE_ASM)
+    if N_TILES >= 4:
+        c2, e2 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 2, SCALED_A, FP16, USE_ASM)
+        c3, e3 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 3, SCALED_A, FP16, USE_ASM)
+    if N_TILES == 8:
+        c4, e4 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 4, SCALED_A, FP16, USE_ASM)
+        c5, e5 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 5, SCALED_A, FP16, USE_ASM)
+        c6, e6 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 6, SCALED_A, FP16, USE_ASM)
+        c7, e7 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 7, SCALED_A, FP16, USE_ASM)
+    return (c0, c1, c2, c3, c4, c5, c6, c7), (e0, e1, e2, e3, e4, e5, e6, e7)
+
+
+@triton.jit
+def _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, SZ, cs, es, ONE, pow2_16, pow2_31,
+              V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, SCALED_A: tl.constexpr,
+              SPREAD: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """All V words of a step: each word is looked up once (and, SCALED_A, scaled: SZ = the two
+    rows' scale and zero pairs) and meets every n-tile's x."""
     r0 = _unstack(w0, V)
     r1 = _unstack(w1, V)
+    STRIDE: tl.constexpr = 4 if SPREAD else 1
     for i in tl.static_range(V):
         p = lookup8(r0[i], P0, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
         q = lookup8(r1[i], P1, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
+        if SCALED_A:
+            p = (scale_pairs(p[0], SZ[0], SZ[2], FP16, USE_ASM), scale_pairs(p[1], SZ[0], SZ[2], FP16, USE_ASM),
+                 scale_pairs(p[2], SZ[0], SZ[2], FP16, USE_ASM), scale_pairs(p[3], SZ[0], SZ[2], FP16, USE_ASM))
+            q = (scale_pairs(q[0], SZ[1], SZ[3], FP16, USE_ASM), scale_pairs(q[1], SZ[1], SZ[3], FP16, USE_ASM),
+                 scale_pairs(q[2], SZ[1], SZ[3], FP16, USE_ASM), scale_pairs(q[3], SZ[1], SZ[3], FP16, USE_ASM))
         a = (p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3])
-        cs, es = _tiles_mma(a, word + i, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES, FP16, USE_ASM)
+        cs, es = _tiles_mma(a, word + STRIDE * i, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES, SCALED_A,
+                            FP16, USE_ASM)
     return cs, es
 
 
@@ -198,6 +268,7 @@ def _fold(acc, c, e, s0, s1, z0, z1):
 
 @triton.jit
 def _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES: tl.constexpr):
+    """Not SCALED_A, so N_TILES <= 4."""
     a0 = _fold(accs[0], cs[0], es[0], s0, s1, z0, z1)
     a1, a2, a3 = accs[1], accs[2], accs[3]
     if N_TILES >= 2:
@@ -205,7 +276,7 @@ def _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES: tl.constexpr):
     if N_TILES == 4:
         a2 = _fold(a2, cs[2], es[2], s0, s1, z0, z1)
         a3 = _fold(a3, cs[3], es[3], s0, s1, z0, z1)
-    return (a0, a1, a2, a3)
+    return (a0, a1, a2, a3, accs[4], accs[5], accs[6], accs[7])
 
 
 @triton.jit
@@ -233,12 +304,14 @@ def lut_mma_kernel(
     stride_xw, stride_qw, stride_sn, stride_os, stride_om, pow2_16, pow2_31,
     LUT_SIZE: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
     ROW_WARPS: tl.constexpr, K_WARPS: tl.constexpr, N_TILES: tl.constexpr, SPLIT_K: tl.constexpr,
-    LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, STAGES: tl.constexpr,
+    SCALED_A: tl.constexpr, SPREAD: tl.constexpr, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for the 8 N_TILES rows of x of
-    program_id(2) (N_TILES = 1, 2 or 4).
+    program_id(2) (N_TILES = 1, 2, 4, or 8 with SCALED_A).
     x_ptr / qw_ptr / lut_words_ptr: x, codes and LUT viewed as int32 (strides in 32-bit words);
     pow2_16 = 2**16 and pow2_31 = 2**31 (see lookup8)."""
+    tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4 or (N_TILES == 8 and SCALED_A))
     ROW_LANES: tl.constexpr = 32 * ROW_WARPS
     L: tl.constexpr = ROW_LANES * K_WARPS
     pow2_16, pow2_31 = pow2_16.to(tl.uint32), pow2_31.to(tl.uint32)
@@ -266,24 +339,31 @@ def lut_mma_kernel(
 
     zero = tl.zeros((L,), dtype=tl.float32)
     zeros4 = (zero, zero, zero, zero)  # accumulators: per n-tile, four lane tensors (the C registers)
-    accs, cs, es = (zeros4, zeros4, zeros4, zeros4), (zeros4, zeros4, zeros4, zeros4), (zeros4, zeros4, zeros4, zeros4)
+    zeros8 = (zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4)
+    accs, cs, es = zeros8, zeros8, zeros8
+    rep = pow2_16 + 1
     # tl.range pipelines the code-word loads (cp.async into shared memory, STAGES deep): a plain
     # one-step-ahead prefetch in registers was sunk by ptxas to the end of the loop body. x is read
     # inside _step_mma (L1-cached, see _load_x_word); scales and zeros are plain loads.
     for u in tl.range(0, n_steps, num_stages=STAGES):
         w0, w1, word, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP, V,
-                                         K_WARPS)
+                                         K_WARPS, SPREAD)
         group = g_begin + kw + K_WARPS * (u // STEPS)
         ok = group < g_end
-        s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0).to(tl.float32)
-        s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0).to(tl.float32)
-        z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0).to(tl.float32)
-        z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0).to(tl.float32)
-        cs, es = _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, cs, es, ONE, pow2_16, pow2_31,
-                           V, LUT_SIZE, N_TILES, LUT_FP16, USE_ASM)
-        if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
-            accs = _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES)
-            cs, es = (zeros4, zeros4, zeros4, zeros4), (zeros4, zeros4, zeros4, zeros4)
+        s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0)
+        s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0)
+        z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0)
+        z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0)
+        SZ = (_both_halves(s0, rep), _both_halves(s1, rep), _both_halves(z0, rep), _both_halves(z1, rep))
+        cs, es = _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, SZ, cs, es, ONE, pow2_16,
+                           pow2_31, V, LUT_SIZE, N_TILES, SCALED_A, SPREAD, LUT_FP16, USE_ASM)
+        if not SCALED_A:
+            if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
+                accs = _fold_tiles(accs, cs, es, s0.to(tl.float32), s1.to(tl.float32), z0.to(tl.float32),
+                                   z1.to(tl.float32), N_TILES)
+                cs, es = zeros8, zeros8
+    if SCALED_A:  # the scales went into the fragments: the mma sums are the result
+        accs = cs
 
     # Warps that share rows meet here; NaN marks a layout that broke the element-to-thread map.
     bad = tl.where(in_place, 0.0, float("nan"))

@@ -13,10 +13,11 @@ from torch.library import custom_op, triton_op
 from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_matmul
 
 # From this many rows of x on, dequantizing W once (one pass, 2.0-2.5 TB/s on an H100) and calling
-# cuBLAS beats the fused kernel: at M=32 lut_mma took 20.4 / 118.4 / 68.5 us on 4096x4096 /
-# 28672x4096 / 8192x8192 against 27.2 / 222.6 / 122.3 for dequantize + cuBLAS; at M=64 it is
-# 8 % slower on 4096x4096 and at most 12 % faster on the others (sweep-H100-v8-mma-m32-m64.json).
-DEQUANT_THEN_MM_MIN_M = 33
+# cuBLAS beats the fused kernel. H100, 4096x4096 / 28672x4096 / 8192x8192 (sweep-H100-v11-mma-spread.json):
+# at M=64 lut_mma (8 n-tiles) took 23.7 / 157.4 / 80.8 us against 27.7 / 219.7 / 120.9 for dequantize
+# + cuBLAS; at M=128 (two programs along M, each looking the weights up again) its best configs took
+# 36.8 / 238.2 / 168.0 against 29.8 / 224.3 / 122.6.
+DEQUANT_THEN_MM_MIN_M = 65
 
 
 @custom_op("any4ao::lut_linear", mutates_args=())

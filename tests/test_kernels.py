@@ -103,7 +103,7 @@ def test_dequantize_kernel_matches_formula(n, k, group_size, nbits, dtype, permu
     assert torch.all((out.double() - ref).abs() <= 2**-22 * terms + ulp * ref.abs())
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 100, 1500])
+@pytest.mark.parametrize("m", [1, 3, 16, 40, 100, 1500])
 def test_custom_op_paths(m):
     """torch.ops.any4ao.lut_linear over every dispatcher branch (gemv, gemm, dequantize + mm)."""
     t, x, ref = _problem(m, 48, 96, 32, 4, torch.float16, seed=m)
@@ -117,22 +117,28 @@ def test_dispatcher_choices():
         cfg = choose_config(m, 4096, 4096, cpu)
         assert (cfg.kind, cfg.block_m, cfg.block_n) == ("decode-mma", 8 if m <= 8 else 16, 16)
         assert cfg.num_warps == cfg.k_warps == 4  # 256 row warps already fill 4 SMs: the floor of 4
+        assert cfg.scaled_a and not cfg.spread
     assert choose_config(1, 64, 8192, cpu).k_warps == 8  # few rows: more warps share K
     assert choose_config(16, 64, 8192, cpu).k_warps == 4  # two n-tiles: at most 4 (H100 sweep v9)
-    assert (choose_config(32, 4096, 4096, cpu).kind, choose_config(32, 4096, 4096, cpu).block_m) == ("decode-mma", 16)
+    for m, bm, kw in [(17, 16, 2), (32, 16, 2), (33, 64, 4), (64, 64, 4)]:  # 2 or 8 n-tiles per program
+        cfg = choose_config(m, 4096, 4096, cpu)
+        assert (cfg.kind, cfg.block_m, cfg.k_warps, cfg.scaled_a, cfg.spread) == ("decode-mma", bm, kw, True, bm == 64)
+    assert choose_config(40, 64, 256, cpu).k_warps == 2  # two groups: two K warps
     assert choose_config(1, 64, 384, cpu, group_size=128).k_warps == 2  # never more K warps than groups (min 2)
     # Where lut_mma does not apply, the previous register-LUT kernels (H100 sweeps: CUDA cores at M=1).
     assert register_lut_config(1, 4096, 4096, cpu).kind == "decode-fma"
     assert (register_lut_config(4, 4096, 4096, cpu).kind, register_lut_config(4, 4096, 4096, cpu).block_m) == ("decode-dot", 16)
     assert register_lut_config(16, 64, 8192, cpu).split_k > 1  # few output tiles: split K to fill the machine
     assert choose_config(512, 4096, 4096, cpu).block_m == 128
-    assert ops.DEQUANT_THEN_MM_MIN_M <= 1500  # test_custom_op_paths covers the dequantize + mm branch
+    assert 40 < ops.DEQUANT_THEN_MM_MIN_M <= 100  # test_custom_op_paths covers both sides of the switch
 
 
 @settings(max_examples=10)  # each example runs the byte-permute and mma emulation in the interpreter: slow
 @given(
-    m=st.integers(1, 40),
-    n_tiles=st.sampled_from([1, 2, 4]),
+    m=st.integers(1, 72),
+    n_tiles=st.sampled_from([1, 2, 4, 8]),
+    scaled_a=st.booleans(),
+    spread=st.booleans(),
     n=st.integers(1, 70),
     k_groups=st.integers(1, 3),
     group_size=st.sampled_from([32, 64, 96, 128, 256]),
@@ -145,17 +151,19 @@ def test_dispatcher_choices():
     stages=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_mma_kernel_matches_float64(m, n_tiles, n, k_groups, group_size, nbits, dtype, row_warps, k_warps, block_k,
-                                    split_k, stages, seed):
-    """lut_mma itself (no fallback): 1, 2 or 4 n-tiles per program and several programs along M,
+def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, group_size, nbits, dtype, row_warps, k_warps,
+                                    block_k, split_k, stages, seed):
+    """lut_mma itself (no fallback): 1, 2, 4 or 8 n-tiles per program (scales folded after the
+    mma or applied to the fragments) and several programs along M,
     ragged N and M, 1-4 code words per lane and step, 1-8 steps per group, K warps that get no
     group, split K; the interpreter assembles the mma fragments into matrices, so the fragment
     bookkeeping is what is tested here."""
     k = k_groups * group_size
     t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
     assert mma_applies(x, t.qdata, t.lut, nbits, group_size)
+    scaled_a = scaled_a or n_tiles == 8  # 8 n-tiles only with the scales in the fragments
     cfg = KernelConfig("decode-mma", 8 * n_tiles, 16 * row_warps, block_k, split_k, row_warps * k_warps, stages,
-                       k_warps=k_warps)
+                       k_warps=k_warps, scaled_a=scaled_a, spread=spread)
     calls = []
     real = launch._launch_mma
     launch._launch_mma = lambda *a: (calls.append(a[-1]), real(*a))
