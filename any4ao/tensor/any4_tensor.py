@@ -6,6 +6,7 @@ The class holds data and a handful of constructors; the aten ops it supports liv
 `any4ao.tensor.ops` and the matmul routing in `any4ao.tensor.linear`.
 """
 
+import hashlib
 from typing import List, Optional
 
 import torch
@@ -201,6 +202,17 @@ class Any4Tensor(TorchAOBaseTensor):
         )
         w = w.to(output_dtype)
         return w.t() if self.transposed else w
+
+    def _stable_hash_for_caching(self) -> str:
+        """Key for AOT autograd's compile cache (torch's extension point for tensor subclasses):
+        metadata only, the same across processes. The codes, LUT, scales and zeros are graph inputs,
+        so their values do not change the compiled code; their shapes, strides and dtypes do."""
+        parts = [type(self).__qualname__, tuple(self.shape), str(self.dtype), self.requires_grad, self.nbits,
+                 tuple(self.block_size), self.transposed]
+        for name in self.tensor_data_names:
+            t = getattr(self, name)
+            parts.append((name, tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type))
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
     def storage_bytes(self) -> int:
         """Bytes held by every inner tensor (what the weight really costs in memory)."""
