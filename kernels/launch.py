@@ -28,9 +28,9 @@ def _empty(shape, device, dtype):
 @dataclass(frozen=True)
 class KernelConfig:
     # "decode-mma": lut_mma (register LUT feeding warp-level mma.sync; block_n = 16 x row warps,
-    # block_m = 8 x n-tiles, block_k = K columns per step and row, num_warps = row warps x k_warps); "decode-fma" / "decode-dot": lut_decode
-    # (register LUT, CUDA-core FMAs or tl.dot); "gemv" / "gemm": lut_gemv / lut_gemm (LUT by load,
-    # select or tl.gather: lut_mode).
+    # block_m = 8 x n-tiles, block_k = K columns per step and row, num_warps = row warps x k_warps);
+    # "decode-fma" / "decode-dot": lut_decode (register LUT, CUDA-core FMAs or tl.dot);
+    # "gemv" / "gemm": lut_gemv / lut_gemm (LUT by load, select or tl.gather: lut_mode).
     kind: str
     block_m: int
     block_n: int
@@ -238,7 +238,8 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
         LUT_SIZE=1 << nbits, GROUP=group_size,
         V=_words_per_step(group_size, config.block_k),
         ROW_WARPS=row_warps, K_WARPS=config.k_warps, N_TILES=config.block_m // 8, SPLIT_K=config.split_k,
-        SCALED_A=config.scaled_a, SPREAD=config.spread, LUT_FP16=lut.dtype == torch.float16, USE_ASM=not INTERPRET, STAGES=config.num_stages,
+        SCALED_A=config.scaled_a, SPREAD=config.spread, LUT_FP16=lut.dtype == torch.float16,
+        USE_ASM=not INTERPRET, STAGES=config.num_stages,
         num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg and not INTERPRET else {}),
     )

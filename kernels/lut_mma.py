@@ -129,6 +129,13 @@ def scale_pairs(pair, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _scale4(p, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """scale_pairs over the 4 pairs one lookup8 gives for a row."""
+    return (scale_pairs(p[0], S, Z, FP16, USE_ASM), scale_pairs(p[1], S, Z, FP16, USE_ASM),
+            scale_pairs(p[2], S, Z, FP16, USE_ASM), scale_pairs(p[3], S, Z, FP16, USE_ASM))
+
+
+@triton.jit
 def _both_halves(v, rep):
     """A 16-bit float -> uint32 with it in both halves (rep = 2**16 + 1: an IMAD, on the FMA pipe)."""
     return v.to(tl.uint16, bitcast=True).to(tl.uint32) * rep
@@ -172,8 +179,8 @@ def _load_x_word(x_row, word, ok, USE_ASM: tl.constexpr):
 @triton.jit
 def _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw,
                GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, SPREAD: tl.constexpr):
-    """Step u of this warp: code words (L, V) of rows g and g+8, the first word's index and whether
-    the step is inside this split. The 4 lanes of a row cover 4 V consecutive words: lane t takes
+    """Step u of this warp: code words (L, V) of rows g and g+8, the first word's index, the step's
+    group and whether that group is inside this split. The 4 lanes of a row cover 4 V consecutive words: lane t takes
     words V t .. V t + V - 1 (one 16-byte load at V = 4), or with SPREAD words t, t + 4, .. (so
     that the 4 lanes' x loads for one word, 16 bytes each, are 64 contiguous bytes of a row of x:
     fewer L1 sectors per load, which is what bounds M >= 16)."""
@@ -190,7 +197,7 @@ def _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw,
     w0 = tl.load(qw_ptr + row0[:, None] * stride_qw + cols, mask=(valid & (row0 < N))[:, None], other=0)
     w1 = tl.load(qw_ptr + row1[:, None] * stride_qw + cols, mask=(valid & (row1 < N))[:, None], other=0)
     w0, w1 = w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True)
-    return w0, w1, word, valid
+    return w0, w1, word, group, valid
 
 
 @triton.jit
@@ -249,10 +256,8 @@ def _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, SZ, cs, e
         p = lookup8(r0[i], P0, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
         q = lookup8(r1[i], P1, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
         if SCALED_A:
-            p = (scale_pairs(p[0], SZ[0], SZ[2], FP16, USE_ASM), scale_pairs(p[1], SZ[0], SZ[2], FP16, USE_ASM),
-                 scale_pairs(p[2], SZ[0], SZ[2], FP16, USE_ASM), scale_pairs(p[3], SZ[0], SZ[2], FP16, USE_ASM))
-            q = (scale_pairs(q[0], SZ[1], SZ[3], FP16, USE_ASM), scale_pairs(q[1], SZ[1], SZ[3], FP16, USE_ASM),
-                 scale_pairs(q[2], SZ[1], SZ[3], FP16, USE_ASM), scale_pairs(q[3], SZ[1], SZ[3], FP16, USE_ASM))
+            p = _scale4(p, SZ[0], SZ[2], FP16, USE_ASM)
+            q = _scale4(q, SZ[1], SZ[3], FP16, USE_ASM)
         a = (p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3])
         cs, es = _tiles_mma(a, word + STRIDE * i, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES, SCALED_A,
                             FP16, USE_ASM)
@@ -346,14 +351,12 @@ def lut_mma_kernel(
     # one-step-ahead prefetch in registers was sunk by ptxas to the end of the loop body. x is read
     # inside _step_mma (L1-cached, see _load_x_word); scales and zeros are plain loads.
     for u in tl.range(0, n_steps, num_stages=STAGES):
-        w0, w1, word, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP, V,
-                                         K_WARPS, SPREAD)
-        group = g_begin + kw + K_WARPS * (u // STEPS)
-        ok = group < g_end
-        s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0)
-        s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0)
-        z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=ok & (row0 < N), other=0.0)
-        z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=ok & (row1 < N), other=0.0)
+        w0, w1, word, group, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP,
+                                                V, K_WARPS, SPREAD)
+        s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
+        s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
+        z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
+        z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
         SZ = (_both_halves(s0, rep), _both_halves(s1, rep), _both_halves(z0, rep), _both_halves(z1, rep))
         cs, es = _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, SZ, cs, es, ONE, pow2_16,
                            pow2_31, V, LUT_SIZE, N_TILES, SCALED_A, SPREAD, LUT_FP16, USE_ASM)
