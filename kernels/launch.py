@@ -226,6 +226,10 @@ def _words_per_step(group_size: int, block_k: int) -> int:
 
 
 def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config):
+    if (config.block_m not in (8, 16, 32, 64) or (config.block_m == 64 and not config.scaled_a)
+            or config.block_n % 16 or config.block_n < 16 or config.k_warps < 1):
+        raise ValueError(f"decode-mma takes block_m 8, 16, 32 (64 only with scaled_a), block_n a multiple of 16 "
+                         f"and k_warps >= 1; got {config}")
     m, k = x.shape
     n = qdata.shape[0]
     row_warps = config.block_n // 16

@@ -176,6 +176,17 @@ def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, g
     assert _rel(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("cfg", [
+    KernelConfig("decode-mma", 64, 16, 128),  # 8 n-tiles need the scales in the fragments
+    KernelConfig("decode-mma", 24, 16, 128, scaled_a=True),  # 3 n-tiles
+    KernelConfig("decode-mma", 8, 24, 128),  # not whole 16-row warps
+])
+def test_mma_rejects_configs_it_cannot_run(cfg):
+    t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="decode-mma takes"):
+        lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 32, cfg)
+
+
 @pytest.mark.parametrize("case", ["x-dtype", "group-16", "x-misaligned"])
 def test_mma_falls_back_where_it_does_not_apply(case):
     """lut_mma needs x in the LUT's dtype, 16-byte aligned x rows and groups of a multiple of 32;
