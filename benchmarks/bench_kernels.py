@@ -174,32 +174,38 @@ def kmeans_throughput(dtype):
 
 def _sweep_candidates(m, n, k, sms):
     """Decode-kernel configs to try at this M (data for tuning choose_config and the M at which
-    lut_linear switches to dequantize + cuBLAS): lut_mma with the scales folded after the mma or
-    applied to the fragments (scaled_a; sweep v10 found it faster at every M), a lane's words of a
-    step consecutive or 4 apart (spread), K warps; M > 16: 2, 4 or 8 n-tiles per program, row
-    warps and step width. The earlier sweeps (sweep-H100-v7-mma.json .. -v10) covered stages,
-    register caps and the unscaled kernel at M > 16."""
+    lut_linear switches to dequantize + cuBLAS), all lut_mma with the scales applied to the
+    fragments (scaled_a; sweep v10 found it faster at every M): a lane's words of a step
+    consecutive or 4 apart (spread), K warps, one or two 16-row weight tiles per warp (row_tiles),
+    step width; small N also split K; M > 16: 2, 4 or 8 n-tiles per program. The earlier sweeps
+    (sweep-H100-v7-mma.json .. -v12) covered stages, register caps, row warps and the unscaled kernel."""
     from any4ao.kernels.launch import KernelConfig
 
     cands = [choose_config(m, n, k, torch.device("cuda"))]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        for scaled in (False, True):
-            for spread in (False, True):
-                for k_warps in (2, 4, 8):
-                    cands.append(KernelConfig("decode-mma", bm, 16, 128, 1, k_warps, 3, k_warps=k_warps,
-                                              scaled_a=scaled, spread=spread))
+        for spread in (False, True):
+            for k_warps in (2, 4, 8):
+                for row_tiles, bk in [(1, 128), (2, 128), (2, 64)]:
+                    cands.append(KernelConfig("decode-mma", bm, 16 * row_tiles, bk, 1, k_warps, 3, k_warps=k_warps,
+                                              scaled_a=True, spread=spread, row_tiles=row_tiles))
+        if n <= 2048:  # few row tiles: more programs by splitting K (an fp32 workspace, then a sum)
+            for split in (2, 4):
+                for k_warps in (4, 8):
+                    cands.append(KernelConfig("decode-mma", bm, 16, 128, split, k_warps, 3, k_warps=k_warps,
+                                              scaled_a=True))
         return list(dict.fromkeys(cands))
-    if m <= 32:  # the choice before scaled_a (sweep v8), for reference
-        cands.append(KernelConfig("decode-mma", 16, 16, 128, 1, 2, 3, k_warps=2))
     for bm in (16, 32, 64):
         if bm > triton_pow2(m) or 4 * bm < triton_pow2(m):
             continue
-        for spread in (False, True):
-            for row_warps, k_warps in [(1, 2), (1, 4), (2, 2)]:
-                for bk in (128, 64, 32):
-                    cands.append(KernelConfig("decode-mma", bm, 16 * row_warps, bk, 1, row_warps * k_warps, 3,
-                                              k_warps=k_warps, scaled_a=True, spread=spread))
+        for k_warps in (2, 4):
+            for bk in (128, 64):
+                cands.append(KernelConfig("decode-mma", bm, 16, bk, 1, k_warps, 3, k_warps=k_warps, scaled_a=True,
+                                          spread=True))
+                if bm <= 32:
+                    for spread in (False, True):
+                        cands.append(KernelConfig("decode-mma", bm, 32, bk, 1, k_warps, 3, k_warps=k_warps,
+                                                  scaled_a=True, spread=spread, row_tiles=2))
     return list(dict.fromkeys(cands))
 
 

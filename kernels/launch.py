@@ -27,8 +27,8 @@ def _empty(shape, device, dtype):
 
 @dataclass(frozen=True)
 class KernelConfig:
-    # "decode-mma": lut_mma (register LUT feeding warp-level mma.sync; block_n = 16 x row warps,
-    # block_m = 8 x n-tiles, block_k = K columns per step and row, num_warps = row warps x k_warps);
+    # "decode-mma": lut_mma (register LUT feeding warp-level mma.sync; block_n = 16 x row tiles x
+    # row warps, block_m = 8 x n-tiles, block_k = K columns per step and row, num_warps = row warps x k_warps);
     # "decode-fma" / "decode-dot": lut_decode (register LUT, CUDA-core FMAs or tl.dot);
     # "gemv" / "gemm": lut_gemv / lut_gemm (LUT by load, select or tl.gather: lut_mode).
     kind: str
@@ -43,6 +43,7 @@ class KernelConfig:
     maxnreg: Optional[int] = None  # decode-mma: register cap per thread (ptxas), for occupancy
     scaled_a: bool = False  # decode-mma: scales and zeros applied to the A fragments (lut_mma SCALED_A)
     spread: bool = False  # decode-mma: a lane's words of a step 4 apart (lut_mma SPREAD)
+    row_tiles: int = 1  # decode-mma: 16-row weight tiles per warp (2: each x fragment feeds two mmas)
 
 
 def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int,
@@ -86,41 +87,54 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
     return max(1, min(want, k_blocks // min_blocks_per_split, 8))
 
 
+def _k_warps(programs: int, groups: int, sms: int, warps_per_sm: int, lo: int, hi: int) -> int:
+    """K warps per program: the most in lo..hi (powers of two, at most one per group) that keep
+    the grid within warps_per_sm warps per SM."""
+    k_warps = min(lo, groups)
+    while 2 * k_warps <= min(hi, groups) and programs * 2 * k_warps <= warps_per_sm * sms:
+        k_warps *= 2
+    return k_warps
+
+
 def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int = 128) -> KernelConfig:
     """M <= 64 (ops.py sends larger M to dequantize + cuBLAS): lut_mma, the register LUT feeding
-    tensor cores, with the scales applied to the fragments (scaled_a); lut_matmul falls back to
-    register_lut_config / gather_config where it does not apply (mma_applies,
-    permute_lookup_applies).
+    tensor cores, with the scales applied to the fragments (scaled_a; faster at every M in sweeps
+    v10, v11); lut_matmul falls back to register_lut_config / gather_config where it does not
+    apply (mma_applies, permute_lookup_applies).
 
-    From the H100 sweeps (benchmarks/results/sweep-H100-v7-mma.json .. -v12-mma-llama-shapes.json).
-    M <= 16: one row warp (16 rows) per program, 128 columns per step, 3 stages, and 4 K warps,
-    8 where that brings the grid closer to about 16 warps per SM (N=4096, M <= 8: 9.8 us at M=1
-    against 10.6 with 4; at M=16 4 is faster, 13.7 against 14.6 us), never more than the groups to
-    share. scaled_a (v10, v11): 40.7 / 26.2 us against 42.4 / 26.7 on 28672x4096 / 8192x8192 at
-    M=1, 63.4 / 35.5 against 66.7 / 38.5 at M=16. A register cap (maxnreg 64-80, v9) gained
-    nothing measurable at M=1 and cost up to 37 % at M=16, so there is none.
-    M=17..64, over the six shapes of bench_kernels.py (v11 + v12; the best config differs per
-    shape, so these minimise the geometric mean of time / that shape's best):
-    M=17..32: programs of 16 rows of x, 2 K warps, scaled_a; 1.14x the per-shape best on average,
-    1.27x at worst (the unscaled kernel before: 1.19x; 32 rows of x per program: 1.19x, 1.42x).
-    M=33..64: 8 n-tiles (64 rows of x), 4 K warps, a lane's words 4 apart (spread); 1.12x the best
-    on average, 1.46x at worst (6144x4096), and 1.03-1.49x faster than dequantize + cuBLAS (full
-    runs of bench_kernels.py, before and after)."""
+    Fitted to the H100 sweeps v13 / v13b (benchmarks/results/sweep-H100-v13*-row-tiles.json: 7
+    shapes, N 1024-28672, K 4096-14336, M 1, 8, 16, 32, 64; geometric mean of time over that
+    shape's best config: 1.00 at M=1 and 8, 1.02 at 16, 1.03 at 32 and 64, worst 1.17; the rule
+    before took 1.00, 1.02, 1.14, 1.35, 1.21, worst 1.58). The choices:
+    - rows of x per program: 8 (M <= 8), 16 (M <= 16, and M <= 32 below N = 8192, where two
+      programs along M give the grid enough programs), else 32;
+    - row tiles: two 16-row weight tiles per warp (each x fragment feeds two mmas, halving the x
+      traffic that bounds M >= 16) above M = 16 (from N = 2048 at M > 32), and at M <= 16 only for
+      N >= 16384, where the grid has programs enough; spread word order with 8 K warps at M 9-16
+      and with one row tile at M > 32;
+    - K warps: as many as keep the grid within 16 warps per SM at M <= 16 (12 at M <= 32, 8 above,
+      where a warp holds more accumulators), 2 to 8 (at least 4 with two row tiles; at most 4
+      above M = 16); more than that idles SMs waiting on the slowest warps of a program, fewer
+      leaves latency unhidden (N=4096: 8 K warps; N=14336: 2)."""
     groups = max(k // group_size, 1)
+    sms = _num_sms(device)
     if m <= 16:
-        want = 16 * _num_sms(device) * 16 / max(n, 1)
-        k_warps = 4 if groups >= 4 else 2
-        while k_warps < (8 if m <= 8 else 4) and 2 * k_warps <= want and 2 * k_warps <= groups:
-            k_warps *= 2
-        return KernelConfig("decode-mma", 8 if m <= 8 else 16, 16, 128, 1, num_warps=k_warps, num_stages=3,
-                            k_warps=k_warps, scaled_a=True)
-    if m <= 64:
-        bm, k_warps = (16, 2) if m <= 32 else (64, 4)
-        while k_warps > 1 and k_warps > groups:
-            k_warps //= 2
-        return KernelConfig("decode-mma", bm, 16, 128, 1, num_warps=k_warps, num_stages=3, k_warps=k_warps,
-                            scaled_a=True, spread=bm == 64)
-    return register_lut_config(m, n, k, device)
+        bm = 8 if m <= 8 else 16
+        row_tiles = 2 if n >= 16384 else 1
+        programs = triton.cdiv(n, 16 * row_tiles)
+        k_warps = _k_warps(programs, groups, sms, 16, 4 if row_tiles == 2 else 2, 8)
+        spread = m > 8 and k_warps == 8
+    elif m <= 64:
+        if m <= 32:
+            bm, row_tiles, spread, warps_per_sm = (32 if n >= 8192 else 16), 2, False, 12
+        else:
+            bm, row_tiles, spread, warps_per_sm = (32, 2, False, 8) if n >= 2048 else (16, 1, True, 8)
+        programs = triton.cdiv(n, 16 * row_tiles) * triton.cdiv(m, bm)
+        k_warps = _k_warps(programs, groups, sms, warps_per_sm, 2, 4)
+    else:
+        return register_lut_config(m, n, k, device)
+    return KernelConfig("decode-mma", bm, 16 * row_tiles, 128, 1, num_warps=k_warps, num_stages=3, k_warps=k_warps,
+                        scaled_a=True, spread=spread, row_tiles=row_tiles)
 
 
 def register_lut_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
@@ -226,13 +240,16 @@ def _words_per_step(group_size: int, block_k: int) -> int:
 
 
 def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, config):
+    rows = 16 * config.row_tiles  # weight rows per warp
     if (config.block_m not in (8, 16, 32, 64) or (config.block_m == 64 and not config.scaled_a)
-            or config.block_n % 16 or config.block_n < 16 or config.k_warps < 1):
-        raise ValueError(f"decode-mma takes block_m 8, 16, 32 (64 only with scaled_a), block_n a multiple of 16 "
-                         f"and k_warps >= 1; got {config}")
+            or config.row_tiles not in (1, 2) or (config.row_tiles == 2 and (not config.scaled_a or config.block_m > 32))
+            or config.block_n % rows or config.block_n < rows or config.k_warps < 1):
+        raise ValueError(f"decode-mma takes block_m 8, 16, 32 (64 only with scaled_a), row_tiles 1 or 2 (2 only "
+                         f"with scaled_a and block_m <= 32), block_n a multiple of 16 x row_tiles and k_warps >= 1; "
+                         f"got {config}")
     m, k = x.shape
     n = qdata.shape[0]
-    row_warps = config.block_n // 16
+    row_warps = config.block_n // rows
     grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
     wrap_triton(lut_mma_kernel)[grid](
         x.view(torch.int32), qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
@@ -243,7 +260,7 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
         V=_words_per_step(group_size, config.block_k),
         ROW_WARPS=row_warps, K_WARPS=config.k_warps, N_TILES=config.block_m // 8, SPLIT_K=config.split_k,
         SCALED_A=config.scaled_a, SPREAD=config.spread, LUT_FP16=lut.dtype == torch.float16,
-        USE_ASM=not INTERPRET, STAGES=config.num_stages,
+        USE_ASM=not INTERPRET, STAGES=config.num_stages, ROW_TILES=config.row_tiles,
         num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg and not INTERPRET else {}),
     )

@@ -15,13 +15,15 @@ Fragments (PTX ISA, mma.m16n8k16 with .bf16/.f16 inputs): lane l of a warp, g = 
 An mma sums over its 16 k in any order, so k positions are assigned to suit the packing: lane t's
 positions {2t, 2t+1, 2t+8, 2t+9} are codes {0, 1, 2, 3} (first mma) or {4, 5, 6, 7} (second mma)
 of one 32-bit code word, for weight rows g and g+8 (A) and for the same columns of x (B; a column
-of B is a row of x). So out^T = W x^T, a warp owns 16 weight rows, and an n-tile serves up to 8
+of B is a row of x). So out^T = W x^T, a row tile is 16 weight rows, and an n-tile serves up to 8
 rows of x (the rest of B is zero; tensor-core time is not what bounds decode). A program takes
 1, 2, 4 or 8 n-tiles (M <= 8, 16, 32, 64 rows of x; 8 needs SCALED_A), all fed by the same
-looked-up A fragments.
+looked-up A fragments, and a warp owns ROW_TILES = 1 or 2 row tiles (2: SCALED_A, at most 4
+n-tiles), so that each x fragment it loads feeds ROW_TILES mmas: from M = 16 on, the x loads
+through L1 are what bounds the kernel (profile-decode-*.md).
 Per step lane t reads V consecutive code words of each of its two rows (128-bit loads for V = 4),
 or with SPREAD the words t, t + 4, .. (so the 4 lanes' 16-byte x loads of one word are contiguous):
-the 4 lanes of a row cover 32 V columns. Warps split into ROW_WARPS (16 rows each) x K_WARPS
+the 4 lanes of a row cover 32 V columns. Warps split into ROW_WARPS (16 ROW_TILES rows each) x K_WARPS
 (interleaved groups of K), summed through shared memory at the end: deterministic, no workspace.
 
 Scales and zeros, two ways (SCALED_A):
@@ -215,53 +217,81 @@ def _word_mma(a, xq, c, e, ONE, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_
 
 
 @triton.jit
-def _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, J: tl.constexpr, SCALED_A: tl.constexpr,
-              FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """n-tile J: the A fragments against rows m_row + 8 J of x (x_row points at row m_row)."""
+def _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, J: tl.constexpr,
+              ROW_TILES: tl.constexpr, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """n-tile J: the A fragments of the warp's first 16 rows (a) and, ROW_TILES = 2, of its next 16
+    (b, into ds) against rows m_row + 8 J of x (x_row points at row m_row): one x load, two mmas."""
     xq = _load_x_word(x_row + (8 * J) * stride_xw, word, valid & (m_row + 8 * J < M), USE_ASM)
-    return _word_mma(a, xq, cs[J], es[J], ONE, SCALED_A, FP16, USE_ASM)
+    c, e = _word_mma(a, xq, cs[J], es[J], ONE, SCALED_A, FP16, USE_ASM)
+    d = ds[J]
+    if ROW_TILES == 2:
+        d, _ = _word_mma(b, xq, d, es[J], ONE, SCALED_A, FP16, USE_ASM)
+    return c, e, d
 
 
 @triton.jit
-def _tiles_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES: tl.constexpr,
-               SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """One code word's A fragments against the x of each n-tile; cs / es: per tile (8 slots, the
-    first N_TILES used) the weight / x-sum accumulators."""
-    c0, e0 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 0, SCALED_A, FP16, USE_ASM)
-    c1, e1, c2, e2, c3, e3 = cs[1], es[1], cs[2], es[2], cs[3], es[3]
+def _tiles_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, N_TILES: tl.constexpr,
+               ROW_TILES: tl.constexpr, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """One code word's A fragments against the x of each n-tile; cs / ds / es: per tile (8 slots,
+    the first N_TILES used) the accumulators of the first and second row tile and the x sums."""
+    c0, e0, d0 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 0, ROW_TILES, SCALED_A,
+                           FP16, USE_ASM)
+    c1, e1, d1, c2, e2, d2, c3, e3, d3 = cs[1], es[1], ds[1], cs[2], es[2], ds[2], cs[3], es[3], ds[3]
     c4, e4, c5, e5, c6, e6, c7, e7 = cs[4], es[4], cs[5], es[5], cs[6], es[6], cs[7], es[7]
     if N_TILES >= 2:
-        c1, e1 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 1, SCALED_A, FP16, USE_ASM)
+        c1, e1, d1 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 1, ROW_TILES,
+                               SCALED_A, FP16, USE_ASM)
     if N_TILES >= 4:
-        c2, e2 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 2, SCALED_A, FP16, USE_ASM)
-        c3, e3 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 3, SCALED_A, FP16, USE_ASM)
-    if N_TILES == 8:
-        c4, e4 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 4, SCALED_A, FP16, USE_ASM)
-        c5, e5 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 5, SCALED_A, FP16, USE_ASM)
-        c6, e6 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 6, SCALED_A, FP16, USE_ASM)
-        c7, e7 = _tile_mma(a, word, x_row, stride_xw, m_row, M, valid, cs, es, ONE, 7, SCALED_A, FP16, USE_ASM)
-    return (c0, c1, c2, c3, c4, c5, c6, c7), (e0, e1, e2, e3, e4, e5, e6, e7)
+        c2, e2, d2 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 2, ROW_TILES,
+                               SCALED_A, FP16, USE_ASM)
+        c3, e3, d3 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 3, ROW_TILES,
+                               SCALED_A, FP16, USE_ASM)
+    if N_TILES == 8:  # ROW_TILES == 1 (static_assert in the kernel)
+        c4, e4, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 4, 1, SCALED_A, FP16,
+                              USE_ASM)
+        c5, e5, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 5, 1, SCALED_A, FP16,
+                              USE_ASM)
+        c6, e6, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 6, 1, SCALED_A, FP16,
+                              USE_ASM)
+        c7, e7, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 7, 1, SCALED_A, FP16,
+                              USE_ASM)
+    return ((c0, c1, c2, c3, c4, c5, c6, c7), (d0, d1, d2, d3, ds[4], ds[5], ds[6], ds[7]),
+            (e0, e1, e2, e3, e4, e5, e6, e7))
 
 
 @triton.jit
-def _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, SZ, cs, es, ONE, pow2_16, pow2_31,
-              V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, SCALED_A: tl.constexpr,
-              SPREAD: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """All V words of a step: each word is looked up once (and, SCALED_A, scaled: SZ = the two
-    rows' scale and zero pairs) and meets every n-tile's x."""
-    r0 = _unstack(w0, V)
-    r1 = _unstack(w1, V)
+def _fragments(wa, wb, Pa, Pb, SZ, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, SCALED_A: tl.constexpr,
+               FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """One code word of rows g (wa) and g + 8 (wb) -> the 8 A registers of its two mmas, rows
+    interleaved; SCALED_A: each pair scaled (SZ: the rows' scale and zero pairs)."""
+    p = lookup8(wa, Pa, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
+    q = lookup8(wb, Pb, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
+    if SCALED_A:
+        p = _scale4(p, SZ[0], SZ[2], FP16, USE_ASM)
+        q = _scale4(q, SZ[1], SZ[3], FP16, USE_ASM)
+    return p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3]
+
+
+@triton.jit
+def _step_mma(W, word, x_row, stride_xw, m_row, M, valid, P, SZ, cs, ds, es, ONE, pow2_16, pow2_31,
+              V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, ROW_TILES: tl.constexpr,
+              SCALED_A: tl.constexpr, SPREAD: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """All V words of a step: each word is looked up once (and, SCALED_A, scaled) and meets every
+    n-tile's x. W, P, SZ: per row tile, the code words, byte planes and scale / zero pairs of its
+    two rows (W[2:], P[2:], SZ[1] for the second row tile, used when ROW_TILES = 2)."""
+    r0 = _unstack(W[0], V)
+    r1 = _unstack(W[1], V)
+    r2 = _unstack(W[2], V)
+    r3 = _unstack(W[3], V)
     STRIDE: tl.constexpr = 4 if SPREAD else 1
     for i in tl.static_range(V):
-        p = lookup8(r0[i], P0, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
-        q = lookup8(r1[i], P1, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
-        if SCALED_A:
-            p = _scale4(p, SZ[0], SZ[2], FP16, USE_ASM)
-            q = _scale4(q, SZ[1], SZ[3], FP16, USE_ASM)
-        a = (p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3])
-        cs, es = _tiles_mma(a, word + STRIDE * i, x_row, stride_xw, m_row, M, valid, cs, es, ONE, N_TILES, SCALED_A,
-                            FP16, USE_ASM)
-    return cs, es
+        a = _fragments(r0[i], r1[i], P[0], P[1], SZ[0], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
+        b = a
+        if ROW_TILES == 2:
+            b = _fragments(r2[i], r3[i], P[2], P[3], SZ[1], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
+        cs, ds, es = _tiles_mma(a, b, word + STRIDE * i, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE,
+                                N_TILES, ROW_TILES, SCALED_A, FP16, USE_ASM)
+    return cs, ds, es
 
 
 @triton.jit
@@ -303,6 +333,16 @@ def _sum_k_warps(v, ROW_LANES: tl.constexpr, K_WARPS: tl.constexpr):
 
 
 @triton.jit
+def _scales_zeros(s_ptr, z_ptr, row0, row1, group, valid, N, stride_sn):
+    """The step's group's scale and zero of rows row0 and row1 (0 outside this split or N)."""
+    s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
+    s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
+    z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
+    z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
+    return s0, s1, z0, z1
+
+
+@triton.jit
 def lut_mma_kernel(
     x_ptr, qw_ptr, lut_words_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
@@ -310,14 +350,18 @@ def lut_mma_kernel(
     LUT_SIZE: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
     ROW_WARPS: tl.constexpr, K_WARPS: tl.constexpr, N_TILES: tl.constexpr, SPLIT_K: tl.constexpr,
     SCALED_A: tl.constexpr, SPREAD: tl.constexpr, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, ROW_TILES: tl.constexpr = 1,
 ):
     """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for the 8 N_TILES rows of x of
-    program_id(2) (N_TILES = 1, 2, 4, or 8 with SCALED_A).
+    program_id(2) (N_TILES = 1, 2, 4, or 8 with SCALED_A). A warp owns 16 ROW_TILES weight rows:
+    with ROW_TILES = 2 (SCALED_A, N_TILES <= 4) each x fragment it loads feeds two mmas, which
+    halves the x traffic through L1 that bounds M >= 16 (profile-decode-*.md).
     x_ptr / qw_ptr / lut_words_ptr: x, codes and LUT viewed as int32 (strides in 32-bit words);
     pow2_16 = 2**16 and pow2_31 = 2**31 (see lookup8)."""
     tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4 or (N_TILES == 8 and SCALED_A))
+    tl.static_assert(ROW_TILES == 1 or (ROW_TILES == 2 and SCALED_A and N_TILES <= 4))
     ROW_LANES: tl.constexpr = 32 * ROW_WARPS
+    ROWS: tl.constexpr = 16 * ROW_TILES  # weight rows per warp
     L: tl.constexpr = ROW_LANES * K_WARPS
     pow2_16, pow2_31 = pow2_16.to(tl.uint32), pow2_31.to(tl.uint32)
     STEPS: tl.constexpr = GROUP // (32 * V)  # steps per group
@@ -327,10 +371,16 @@ def lut_mma_kernel(
     g = (lane % 32) // 4
     t = lane % 4
     kw = warp // ROW_WARPS
-    row0 = tl.program_id(0) * (16 * ROW_WARPS) + (warp % ROW_WARPS) * 16 + g
+    row0 = tl.program_id(0) * (ROWS * ROW_WARPS) + (warp % ROW_WARPS) * ROWS + g
     row1 = row0 + 8
+    row2 = row0 + 16  # the second row tile (ROW_TILES = 2)
+    row3 = row0 + 24
     P0 = lut_byte_planes(lut_words_ptr, row0, N, LUT_SIZE, USE_ASM)
     P1 = lut_byte_planes(lut_words_ptr, row1, N, LUT_SIZE, USE_ASM)
+    P2, P3 = P0, P1
+    if ROW_TILES == 2:
+        P2 = lut_byte_planes(lut_words_ptr, row2, N, LUT_SIZE, USE_ASM)
+        P3 = lut_byte_planes(lut_words_ptr, row3, N, LUT_SIZE, USE_ASM)
     ONE = tl.zeros_like(lane) + (0x3C003C00 if LUT_FP16 else 0x3F803F80)  # a pair of 1.0
     m_row = tl.program_id(2) * (8 * N_TILES) + g  # lane (g, t) feeds rows m_row + 8 j of x (n-tile j)
     x_row = x_ptr + m_row * stride_xw
@@ -345,7 +395,7 @@ def lut_mma_kernel(
     zero = tl.zeros((L,), dtype=tl.float32)
     zeros4 = (zero, zero, zero, zero)  # accumulators: per n-tile, four lane tensors (the C registers)
     zeros8 = (zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4)
-    accs, cs, es = zeros8, zeros8, zeros8
+    accs, cs, ds, es = zeros8, zeros8, zeros8, zeros8
     rep = pow2_16 + 1
     # tl.range pipelines the code-word loads (cp.async into shared memory, STAGES deep): a plain
     # one-step-ahead prefetch in registers was sunk by ptxas to the end of the loop body. x is read
@@ -353,13 +403,17 @@ def lut_mma_kernel(
     for u in tl.range(0, n_steps, num_stages=STAGES):
         w0, w1, word, group, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP,
                                                 V, K_WARPS, SPREAD)
-        s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
-        s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
-        z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
-        z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
+        s0, s1, z0, z1 = _scales_zeros(s_ptr, z_ptr, row0, row1, group, valid, N, stride_sn)
         SZ = (_both_halves(s0, rep), _both_halves(s1, rep), _both_halves(z0, rep), _both_halves(z1, rep))
-        cs, es = _step_mma(w0, w1, word, x_row, stride_xw, m_row, M, valid, P0, P1, SZ, cs, es, ONE, pow2_16,
-                           pow2_31, V, LUT_SIZE, N_TILES, SCALED_A, SPREAD, LUT_FP16, USE_ASM)
+        w2, w3, SZ2 = w0, w1, SZ
+        if ROW_TILES == 2:
+            w2, w3, _, _, _ = _load_step(qw_ptr, u, row2, row3, kw, t, g_begin, g_end, N, stride_qw, GROUP, V,
+                                         K_WARPS, SPREAD)
+            s2, s3, z2, z3 = _scales_zeros(s_ptr, z_ptr, row2, row3, group, valid, N, stride_sn)
+            SZ2 = (_both_halves(s2, rep), _both_halves(s3, rep), _both_halves(z2, rep), _both_halves(z3, rep))
+        cs, ds, es = _step_mma((w0, w1, w2, w3), word, x_row, stride_xw, m_row, M, valid, (P0, P1, P2, P3),
+                               (SZ, SZ2), cs, ds, es, ONE, pow2_16, pow2_31, V, LUT_SIZE, N_TILES, ROW_TILES,
+                               SCALED_A, SPREAD, LUT_FP16, USE_ASM)
         if not SCALED_A:
             if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
                 accs = _fold_tiles(accs, cs, es, s0.to(tl.float32), s1.to(tl.float32), z0.to(tl.float32),
@@ -371,11 +425,15 @@ def lut_mma_kernel(
     # Warps that share rows meet here; NaN marks a layout that broke the element-to-thread map.
     bad = tl.where(in_place, 0.0, float("nan"))
     out_lane = tl.arange(0, ROW_LANES)
-    r0 = tl.program_id(0) * (16 * ROW_WARPS) + (out_lane // 32) * 16 + (out_lane % 32) // 4
+    r0 = tl.program_id(0) * (ROWS * ROW_WARPS) + (out_lane // 32) * ROWS + (out_lane % 32) // 4
     m0 = tl.program_id(2) * (8 * N_TILES) + 2 * (out_lane % 4)
     out = out_ptr + tl.program_id(1) * stride_os
-    for j in tl.static_range(N_TILES):
-        acc = accs[j]
-        acc = (_sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
-               _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS))
-        _store(out, acc, m0 + 8 * j, r0, r0 + 8, M, N, stride_om)
+    for r in tl.static_range(ROW_TILES):
+        for j in tl.static_range(N_TILES):
+            if r == 0:
+                acc = accs[j]
+            else:
+                acc = ds[j]
+            acc = (_sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
+                   _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS))
+            _store(out, acc, m0 + 8 * j, r0 + 16 * r, r0 + 16 * r + 8, M, N, stride_om)

@@ -16,7 +16,8 @@ from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_matmul
 # cuBLAS beats the fused kernel. H100, 4096x4096 / 28672x4096 / 8192x8192 (sweep-H100-v11-mma-spread.json):
 # at M=64 lut_mma (8 n-tiles) took 23.7 / 157.4 / 80.8 us against 27.7 / 219.7 / 120.9 for dequantize
 # + cuBLAS; at M=128 (two programs along M, each looking the weights up again) its best configs took
-# 36.8 / 238.2 / 168.0 against 29.8 / 224.3 / 122.6.
+# 36.8 / 238.2 / 168.0 against 29.8 / 224.3 / 122.6. Two row tiles per warp (sweep v13b) brought M=64
+# to 23.6 / 136.5 / 72.1 us; M=128 was not re-measured with them.
 DEQUANT_THEN_MM_MIN_M = 65
 
 

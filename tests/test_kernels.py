@@ -111,20 +111,31 @@ def test_custom_op_paths(m):
     assert _rel(out, ref) < TOLERANCE[torch.float16]
 
 
-def test_dispatcher_choices():
-    cpu = torch.device("cpu")  # 4 "SMs" on CPU (launch._num_sms)
-    for m in (1, 4, 8, 9, 16):
-        cfg = choose_config(m, 4096, 4096, cpu)
-        assert (cfg.kind, cfg.block_m, cfg.block_n) == ("decode-mma", 8 if m <= 8 else 16, 16)
-        assert cfg.num_warps == cfg.k_warps == 4  # 256 row warps already fill 4 SMs: the floor of 4
-        assert cfg.scaled_a and not cfg.spread
-    assert choose_config(1, 64, 8192, cpu).k_warps == 8  # few rows: more warps share K
-    assert choose_config(16, 64, 8192, cpu).k_warps == 4  # two n-tiles: at most 4 (H100 sweep v9)
-    for m, bm, kw in [(17, 16, 2), (32, 16, 2), (33, 64, 4), (64, 64, 4)]:  # 2 or 8 n-tiles per program
-        cfg = choose_config(m, 4096, 4096, cpu)
-        assert (cfg.kind, cfg.block_m, cfg.k_warps, cfg.scaled_a, cfg.spread) == ("decode-mma", bm, kw, True, bm == 64)
-    assert choose_config(40, 64, 256, cpu).k_warps == 2  # two groups: two K warps
-    assert choose_config(1, 64, 384, cpu, group_size=128).k_warps == 2  # never more K warps than groups (min 2)
+def test_dispatcher_choices(monkeypatch):
+    """choose_config on an H100's 132 SMs reproduces the sweep winners it was fitted to
+    (sweep-H100-v13*-row-tiles.json); small K caps the K warps by the groups."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(launch, "_num_sms", lambda device: 132)
+
+    def pick(m, n, k, group_size=128):
+        cfg = choose_config(m, n, k, cpu, group_size)
+        assert cfg.kind == "decode-mma" and cfg.scaled_a and cfg.block_n == 16 * cfg.row_tiles
+        assert cfg.num_warps == cfg.k_warps
+        return cfg.block_m, cfg.row_tiles, cfg.k_warps, cfg.spread
+
+    assert pick(1, 4096, 4096) == (8, 1, 8, False)  # (block_m, row tiles, K warps, spread)
+    assert pick(8, 14336, 4096) == (8, 1, 2, False)
+    assert pick(1, 8192, 8192) == (8, 1, 4, False)
+    assert pick(1, 28672, 4096) == (8, 2, 4, False)
+    assert pick(16, 4096, 14336) == (16, 1, 8, True)
+    assert pick(16, 6144, 4096) == (16, 1, 4, False)
+    assert pick(32, 4096, 4096) == (16, 2, 4, False)
+    assert pick(32, 28672, 4096) == (32, 2, 2, False)
+    assert pick(64, 4096, 14336) == (32, 2, 4, False)
+    assert pick(64, 1024, 4096) == (16, 1, 4, True)
+    assert pick(1, 64, 384)[2] == 2  # three groups: two K warps
+    assert pick(40, 64, 128)[2] == 1  # one group: one K warp
+    assert pick(16, 64, 8192)[2] == 8
     # Where lut_mma does not apply, the previous register-LUT kernels (H100 sweeps: CUDA cores at M=1).
     assert register_lut_config(1, 4096, 4096, cpu).kind == "decode-fma"
     assert (register_lut_config(4, 4096, 4096, cpu).kind, register_lut_config(4, 4096, 4096, cpu).block_m) == ("decode-dot", 16)
@@ -145,25 +156,27 @@ def test_dispatcher_choices():
     nbits=st.sampled_from([3, 4]),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     row_warps=st.sampled_from([1, 2]),
+    row_tiles=st.sampled_from([1, 2]),
     k_warps=st.sampled_from([1, 2, 4]),
     block_k=st.sampled_from([32, 64, 128]),
     split_k=st.integers(1, 2),
     stages=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, group_size, nbits, dtype, row_warps, k_warps,
-                                    block_k, split_k, stages, seed):
+def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, group_size, nbits, dtype, row_warps,
+                                    row_tiles, k_warps, block_k, split_k, stages, seed):
     """lut_mma itself (no fallback): 1, 2, 4 or 8 n-tiles per program (scales folded after the
-    mma or applied to the fragments) and several programs along M,
+    mma or applied to the fragments), one or two 16-row weight tiles per warp, several programs along M,
     ragged N and M, 1-4 code words per lane and step, 1-8 steps per group, K warps that get no
     group, split K; the interpreter assembles the mma fragments into matrices, so the fragment
     bookkeeping is what is tested here."""
     k = k_groups * group_size
     t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
     assert mma_applies(x, t.qdata, t.lut, nbits, group_size)
-    scaled_a = scaled_a or n_tiles == 8  # 8 n-tiles only with the scales in the fragments
-    cfg = KernelConfig("decode-mma", 8 * n_tiles, 16 * row_warps, block_k, split_k, row_warps * k_warps, stages,
-                       k_warps=k_warps, scaled_a=scaled_a, spread=spread)
+    row_tiles = 1 if n_tiles == 8 else row_tiles  # two row tiles take at most 4 n-tiles
+    scaled_a = scaled_a or n_tiles == 8 or row_tiles == 2  # both only with the scales in the fragments
+    cfg = KernelConfig("decode-mma", 8 * n_tiles, 16 * row_tiles * row_warps, block_k, split_k, row_warps * k_warps,
+                       stages, k_warps=k_warps, scaled_a=scaled_a, spread=spread, row_tiles=row_tiles)
     calls = []
     real = launch._launch_mma
     launch._launch_mma = lambda *a: (calls.append(a[-1]), real(*a))
@@ -180,6 +193,10 @@ def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, g
     KernelConfig("decode-mma", 64, 16, 128),  # 8 n-tiles need the scales in the fragments
     KernelConfig("decode-mma", 24, 16, 128, scaled_a=True),  # 3 n-tiles
     KernelConfig("decode-mma", 8, 24, 128),  # not whole 16-row warps
+    KernelConfig("decode-mma", 8, 32, 128, row_tiles=2),  # two row tiles need the scales in the fragments
+    KernelConfig("decode-mma", 64, 32, 128, scaled_a=True, row_tiles=2),  # ... and at most 4 n-tiles
+    KernelConfig("decode-mma", 8, 16, 128, scaled_a=True, row_tiles=2),  # block_n not whole 32-row warps
+    KernelConfig("decode-mma", 8, 48, 128, scaled_a=True, row_tiles=3),
 ])
 def test_mma_rejects_configs_it_cannot_run(cfg):
     t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
