@@ -1,6 +1,8 @@
-"""Host-side launchers: pick block shapes, allocate outputs, launch through `wrap_triton` so the
-same code runs eagerly, inside `torch.library.triton_op` under torch.compile, and (with
-TRITON_INTERPRET=1) on CPU tensors."""
+"""Host-side launchers: pick block shapes, allocate outputs, launch. The matmul kernels run inside
+the opaque custom op any4ao::lut_linear, which torch.compile never traces into, so they are
+launched directly; the dequantize kernel is also the body of a triton_op that inductor traces, so
+it launches through `wrap_triton` there (lut_dequantize(traceable=True)). The same code runs with
+TRITON_INTERPRET=1 on CPU tensors."""
 
 import os
 from dataclasses import dataclass
@@ -18,6 +20,14 @@ from any4ao.kernels.lut_mma import lut_mma_kernel
 from any4ao.kernels.lut_tile import LUT_REGISTER
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launcher(kernel, traceable: bool = False):
+    """The kernel itself, or wrapped by wrap_triton where a triton_op body must be traceable. Outside
+    tracing wrap_triton still routes each launch through a higher-order op (pytree flattening,
+    signature binding): about 0.5 ms of host time per launch on the H100 machine's CPU (cProfile,
+    benchmarks/profile_host.py), 20-50x the decode kernel's GPU time."""
+    return wrap_triton(kernel) if traceable else kernel
 
 
 def _empty(shape, device, dtype):
@@ -176,7 +186,8 @@ def block_k_for(group_size: int, block_k: int) -> int:
 
 def dequantize_then_mm(x, qdata, lut, scales, zeros, nbits: int, group_size: int):
     """x @ W^T with W dequantized once to x's dtype (the Triton dequantize kernel), then cuBLAS."""
-    return torch.mm(x, lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, x.shape[1], x.dtype).t())
+    w = lut_dequantize(qdata, lut, scales, zeros, nbits, group_size, x.shape[1], x.dtype, traceable=False)
+    return torch.mm(x, w.t())
 
 
 def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config: Optional[KernelConfig] = None):
@@ -220,10 +231,10 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
         )
         if config.kind == "gemv":
             grid = (triton.cdiv(n, config.block_n), config.split_k)
-            wrap_triton(lut_gemv_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common)
+            _launcher(lut_gemv_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common)
         else:
             grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), config.split_k)
-            wrap_triton(lut_gemm_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common, GROUP_M=8,
+            _launcher(lut_gemm_kernel)[grid](x, qdata, lut, scales, zeros, workspace, **common, GROUP_M=8,
                                                DOT_FP32=INTERPRET)
     if config.split_k == 1:
         return workspace[0]
@@ -251,7 +262,7 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
     n = qdata.shape[0]
     row_warps = config.block_n // rows
     grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
-    wrap_triton(lut_mma_kernel)[grid](
+    _launcher(lut_mma_kernel)[grid](
         x.view(torch.int32), qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
         M=m, N=n, K=k,
         stride_xw=x.stride(0) // 2, stride_qw=qdata.stride(0) // 4, stride_sn=scales.stride(0),
@@ -270,7 +281,7 @@ def _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, c
     m, k = x.shape
     n = qdata.shape[0]
     grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
-    wrap_triton(lut_decode_kernel)[grid](
+    _launcher(lut_decode_kernel)[grid](
         x, qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
         M=m, N=n, K=k,
         stride_xm=x.stride(0), stride_qw=qdata.stride(0) // 4, stride_sn=scales.stride(0),
@@ -285,10 +296,11 @@ def _launch_decode(x, qdata, lut, scales, zeros, workspace, nbits, group_size, c
 
 def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_features: int, dtype: torch.dtype,
                    block_n: Optional[int] = None, block_k: int = 128, lut_mode: int = 0,
-                   permute: Optional[bool] = None, num_warps: int = 4):
+                   permute: Optional[bool] = None, num_warps: int = 4, traceable: bool = True):
     """Dense (N, K) weight in `dtype`. permute (default: wherever it applies) looks the LUT up in
     registers (dequant_kernel with PERMUTE: 2.0-2.5 TB/s on an H100 against 1.5-1.6 TB/s for the LUT
-    load, sweep-H100-v5-register-lut.json); otherwise the LUT is read by lut_mode."""
+    load, sweep-H100-v5-register-lut.json); otherwise the LUT is read by lut_mode. traceable: launch
+    through wrap_triton (the triton_op any4ao::dequantize); the opaque lut_linear passes False."""
     n = qdata.shape[0]
     block_k = block_k_for(group_size, block_k)
     if permute is None:
@@ -302,7 +314,7 @@ def lut_dequantize(qdata, lut, scales, zeros, nbits: int, group_size: int, in_fe
         q, table, stride_q = qdata.view(torch.int32), lut.view(torch.int32), qdata.stride(0) // 4
     else:
         q, table, stride_q = qdata, lut, qdata.stride(0)
-    wrap_triton(dequant_kernel)[grid](
+    _launcher(dequant_kernel, traceable)[grid](
         q, table, scales, zeros, out, n, in_features,
         stride_q, scales.stride(0), out.stride(0),
         NBITS=nbits, GROUP=group_size, BLOCK_N=block_n, BLOCK_K=block_k, LUT_MODE=lut_mode,

@@ -1,14 +1,14 @@
 """`torch.library` custom ops over the Triton kernels, so torch.compile(fullgraph=True) takes
 them without a graph break and CUDA graphs capture them.
 
-lut_linear is an opaque custom_op (with a fake implementation) rather than a triton_op: its body
+lut_linear is an opaque custom op (with a fake implementation) rather than a triton_op: its body
 picks a kernel by M, and a traced body would turn those choices into guards, i.e. a recompile
 each time the token count crosses a threshold (seen on the H100: 3 graphs for 4 prompt lengths).
 Opaque, one graph serves every length. dequantize has no such branch and stays a triton_op.
 """
 
 import torch
-from torch.library import custom_op, triton_op
+from torch.library import triton_op
 
 from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_matmul
 
@@ -21,7 +21,18 @@ from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_matmul
 DEQUANT_THEN_MM_MIN_M = 65
 
 
-@custom_op("any4ao::lut_linear", mutates_args=())
+# Defined with torch.library.define + impl rather than @custom_op: custom_op wraps every call in
+# Python checks (output aliasing and more) that cost about 0.17 ms of host time per call on the
+# H100 machine (cProfile, benchmarks/profile_host.py), 5-15x the decode kernel's GPU time, paid
+# on every linear of an eager or compiled (non-CUDA-graph) model. The op is still opaque to
+# torch.compile, with the same fake and autograd registrations.
+torch.library.define(
+    "any4ao::lut_linear",
+    "(Tensor x, Tensor qdata, Tensor lut, Tensor scales, Tensor zeros, int nbits, int group_size) -> Tensor",
+)
+
+
+@torch.library.impl("any4ao::lut_linear", "CompositeExplicitAutograd")
 def lut_linear(
     x: torch.Tensor, qdata: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     nbits: int, group_size: int,
@@ -32,7 +43,7 @@ def lut_linear(
     return lut_matmul(x, qdata, lut, scales, zeros, nbits, group_size)
 
 
-@lut_linear.register_fake
+@torch.library.register_fake("any4ao::lut_linear")
 def _(x, qdata, lut, scales, zeros, nbits, group_size):
     return x.new_empty(x.shape[0], qdata.shape[0])
 
@@ -52,7 +63,7 @@ def _lut_linear_backward(ctx, grad_out):
     return grad_out @ w, None, None, None, None, None, None
 
 
-lut_linear.register_autograd(_lut_linear_backward, setup_context=_lut_linear_setup_context)
+torch.library.register_autograd("any4ao::lut_linear", _lut_linear_backward, setup_context=_lut_linear_setup_context)
 
 
 @triton_op("any4ao::dequantize", mutates_args=())

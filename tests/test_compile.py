@@ -41,3 +41,21 @@ def test_compile_cache_key_is_metadata_only():
     ]
     keys = {t._stable_hash_for_caching() for t in others} | {a._stable_hash_for_caching()}
     assert len(keys) == len(others) + 1
+
+
+def test_fast_tensor_flatten_matches_torchao_generic():
+    """Any4Tensor.__tensor_flatten__ (a fast path: compiled models call it per weight per call)
+    returns what torchao's generic version derives from tensor_data_names / attribute names, and
+    __tensor_unflatten__ rebuilds an equal tensor from it."""
+    from torchao.utils import TorchAOBaseTensor
+
+    from any4ao import Any4Tensor
+
+    w = Any4Tensor.from_hp(torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), group_size=32,
+                           iterations=2)
+    for t in (w, w.t()):
+        names, meta = t.__tensor_flatten__()
+        assert (names, meta) == TorchAOBaseTensor.__tensor_flatten__(t)
+        rebuilt = Any4Tensor.__tensor_unflatten__({n: getattr(t, n) for n in names}, meta, t.shape, t.stride())
+        assert rebuilt.shape == t.shape and rebuilt.transposed == t.transposed
+        torch.testing.assert_close(rebuilt.dequantize(), t.dequantize(), rtol=0, atol=0)

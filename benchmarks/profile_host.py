@@ -1,0 +1,116 @@
+"""Host (Python) time per call of a compiled any4 decode step, where no CUDA graph of our own hides it.
+
+    cd benchmarks && python profile_host.py [--layers 32] [--modes default,reduce-overhead]
+
+bench_generate.py captures the compiled step in a CUDA graph, so it measures the GPU only. A user
+calling the compiled model each step also pays dynamo's guards and AOT autograd's wrappers on the
+host, and these visit every Any4Tensor weight (metadata guard, subclass unwrapping). Per mode:
+wall time per call of back-to-back calls (the GPU step time when the host keeps up, the host time
+when it does not), the GPU time of one step (CUDA events around a synchronised call), and the
+host time spent in Any4Tensor.__tensor_flatten__, with its fast version and with torchao's generic
+one (swapped in at run time: the guards look the method up on every call).
+--top N also prints cProfile's top functions by own time (this is how the wrap_triton launch
+overhead in kernels/launch.py._launcher was found).
+Model: Llama-3-8B config with random weights (bench_generate.build), batch 1, KV length 640.
+"""
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+
+import torch
+from torchao.utils import TorchAOBaseTensor
+
+from bench_generate import build  # noqa: E402  (same directory)
+
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
+
+
+def per_call_ms(fn, calls=30):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def gpu_step_ms(fn, reps=10):
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def flatten_ms(fn, calls=10, top=0):
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    if top:
+        stats.sort_stats("tottime").print_stats(top)
+    return sum(v[3] for k, v in stats.stats.items() if k[2] == "__tensor_flatten__") / calls * 1e3
+
+
+def run_mode(model, token, cache, pos, mode, top):
+    """Rows for one compile mode, with the fast and the generic __tensor_flatten__."""
+    fast = Any4Tensor.__tensor_flatten__
+    rows = []
+    torch._dynamo.reset()
+    step = torch.compile(lambda: model(input_ids=token, past_key_values=cache, cache_position=pos,
+                                       use_cache=True).logits,
+                         fullgraph=True, mode=None if mode == "default" else mode)
+    for _ in range(5):
+        step()
+    for flatten in ("fast", "torchao generic"):
+        Any4Tensor.__tensor_flatten__ = fast if flatten == "fast" else TorchAOBaseTensor.__tensor_flatten__
+        per_call_ms(step, 5)
+        row = dict(mode=mode, tensor_flatten=flatten, wall_ms_per_call=per_call_ms(step),
+                   gpu_ms_per_step=gpu_step_ms(step),
+                   tensor_flatten_ms_per_call=flatten_ms(step, top=top if flatten == "fast" else 0))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    Any4Tensor.__tensor_flatten__ = fast
+    return rows
+
+
+@torch.no_grad()
+def main():
+    from transformers import StaticCache
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--modes", default="default,reduce-overhead")
+    p.add_argument("--top", type=int, default=0, help="also print the top functions by own time (cProfile)")
+    args = p.parse_args()
+    model, config = build("llama3-8b", args.layers)
+    quantize_model(model, Any4WeightOnlyConfig(group_size=128), progress=False)
+    cache = StaticCache(config=config, max_cache_len=640)
+    model(input_ids=torch.randint(0, config.vocab_size, (1, 512), device="cuda"), past_key_values=cache,
+          cache_position=torch.arange(512, device="cuda"), use_cache=True)
+    token = torch.randint(0, config.vocab_size, (1, 1), device="cuda")
+    pos = torch.tensor([639], device="cuda")
+    rows = []
+    for mode in args.modes.split(","):
+        try:
+            rows += run_mode(model, token, cache, pos, mode, args.top)
+        except Exception as e:  # reported, not fatal: the other mode still runs
+            print(json.dumps({"mode": mode, "error": repr(e)[:500]}), flush=True)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "command": " ".join(sys.argv), "layers": args.layers}))
+
+
+if __name__ == "__main__":
+    main()
