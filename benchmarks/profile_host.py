@@ -24,7 +24,7 @@ import time
 import torch
 from torchao.utils import TorchAOBaseTensor
 
-from bench_generate import build  # noqa: E402  (same directory)
+from bench_generate import build, time_cuda  # noqa: E402  (same directory)
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 
@@ -36,19 +36,6 @@ def per_call_ms(fn, calls=30):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / calls * 1e3
-
-
-def gpu_step_ms(fn, reps=10):
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def flatten_ms(fn, calls=10, top=0):
@@ -78,7 +65,7 @@ def run_mode(model, token, cache, pos, mode, top):
         Any4Tensor.__tensor_flatten__ = fast if flatten == "fast" else TorchAOBaseTensor.__tensor_flatten__
         per_call_ms(step, 5)
         row = dict(mode=mode, tensor_flatten=flatten, wall_ms_per_call=per_call_ms(step),
-                   gpu_ms_per_step=gpu_step_ms(step),
+                   gpu_ms_per_step=time_cuda(step, 10),
                    tensor_flatten_ms_per_call=flatten_ms(step, top=top if flatten == "fast" else 0))
         rows.append(row)
         print(json.dumps(row), flush=True)
