@@ -144,6 +144,12 @@ def _both_halves(v, rep):
 
 
 @triton.jit
+def _pairs_of(s0, s1, z0, z1, rep):
+    """Two rows' scales and zeros, each in both halves of a uint32 (the fma.rn.*x2 operands)."""
+    return _both_halves(s0, rep), _both_halves(s1, rep), _both_halves(z0, rep), _both_halves(z1, rep)
+
+
+@triton.jit
 def _unstack(t, V: tl.constexpr):
     """(L, V) -> its V columns as (L,) tensors, padded to four (register-only: a thread holds its row)."""
     if V == 4:
@@ -404,13 +410,13 @@ def lut_mma_kernel(
         w0, w1, word, group, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP,
                                                 V, K_WARPS, SPREAD)
         s0, s1, z0, z1 = _scales_zeros(s_ptr, z_ptr, row0, row1, group, valid, N, stride_sn)
-        SZ = (_both_halves(s0, rep), _both_halves(s1, rep), _both_halves(z0, rep), _both_halves(z1, rep))
+        SZ = _pairs_of(s0, s1, z0, z1, rep)
         w2, w3, SZ2 = w0, w1, SZ
         if ROW_TILES == 2:
             w2, w3, _, _, _ = _load_step(qw_ptr, u, row2, row3, kw, t, g_begin, g_end, N, stride_qw, GROUP, V,
                                          K_WARPS, SPREAD)
             s2, s3, z2, z3 = _scales_zeros(s_ptr, z_ptr, row2, row3, group, valid, N, stride_sn)
-            SZ2 = (_both_halves(s2, rep), _both_halves(s3, rep), _both_halves(z2, rep), _both_halves(z3, rep))
+            SZ2 = _pairs_of(s2, s3, z2, z3, rep)
         cs, ds, es = _step_mma((w0, w1, w2, w3), word, x_row, stride_xw, m_row, M, valid, (P0, P1, P2, P3),
                                (SZ, SZ2), cs, ds, es, ONE, pow2_16, pow2_31, V, LUT_SIZE, N_TILES, ROW_TILES,
                                SCALED_A, SPREAD, LUT_FP16, USE_ASM)
