@@ -175,37 +175,40 @@ def kmeans_throughput(dtype):
 def _sweep_candidates(m, n, k, sms):
     """Decode-kernel configs to try at this M (data for tuning choose_config and the M at which
     lut_linear switches to dequantize + cuBLAS), all lut_mma with the scales applied to the
-    fragments (scaled_a; sweep v10 found it faster at every M): a lane's words of a step
-    consecutive or 4 apart (spread), K warps, one or two 16-row weight tiles per warp (row_tiles),
-    step width; small N also split K; M > 16: 2, 4 or 8 n-tiles per program. The earlier sweeps
-    (sweep-H100-v7-mma.json .. -v12) covered stages, register caps, row warps and the unscaled kernel."""
+    fragments (scaled_a; sweep v10 found it faster at every M): code loads pipelined through
+    shared memory or prefetched 1 or 2 steps ahead in registers (prefetch), K warps, one or two
+    16-row weight tiles per warp (row_tiles), at M 9-16 a lane's words of a step consecutive or 4
+    apart (spread); small N also split K; M > 16: 2, 4 or 8 n-tiles per program. The earlier
+    sweeps (sweep-H100-v7-mma.json .. -v13b) covered stages, register caps, row warps, step width
+    and the unscaled kernel."""
     from any4ao.kernels.launch import KernelConfig
 
     cands = [choose_config(m, n, k, torch.device("cuda"))]
     if m <= 16:
         bm = 8 if m <= 8 else 16
-        for spread in (False, True):
-            for k_warps in (2, 4, 8):
-                for row_tiles, bk in [(1, 128), (2, 128), (2, 64)]:
-                    cands.append(KernelConfig("decode-mma", bm, 16 * row_tiles, bk, 1, k_warps, 3, k_warps=k_warps,
-                                              scaled_a=True, spread=spread, row_tiles=row_tiles))
+        for spread in (False, True) if m > 8 else (False,):
+            for k_warps in (1, 2, 4, 8):
+                for row_tiles in (1, 2):
+                    for prefetch in (0, 1, 2):
+                        cands.append(KernelConfig("decode-mma", bm, 16 * row_tiles, 128, 1, k_warps, 3,
+                                                  k_warps=k_warps, scaled_a=True, spread=spread, row_tiles=row_tiles,
+                                                  prefetch=prefetch))
         if n <= 2048:  # few row tiles: more programs by splitting K (an fp32 workspace, then a sum)
             for split in (2, 4):
                 for k_warps in (4, 8):
                     cands.append(KernelConfig("decode-mma", bm, 16, 128, split, k_warps, 3, k_warps=k_warps,
-                                              scaled_a=True))
+                                              scaled_a=True, prefetch=2))
         return list(dict.fromkeys(cands))
     for bm in (16, 32, 64):
         if bm > triton_pow2(m) or 4 * bm < triton_pow2(m):
             continue
-        for k_warps in (2, 4):
-            for bk in (128, 64):
-                cands.append(KernelConfig("decode-mma", bm, 16, bk, 1, k_warps, 3, k_warps=k_warps, scaled_a=True,
-                                          spread=True))
+        for k_warps in (1, 2, 4):
+            for prefetch in (0, 1, 2):
+                cands.append(KernelConfig("decode-mma", bm, 16, 128, 1, k_warps, 3, k_warps=k_warps, scaled_a=True,
+                                          spread=True, prefetch=prefetch))
                 if bm <= 32:
-                    for spread in (False, True):
-                        cands.append(KernelConfig("decode-mma", bm, 32, bk, 1, k_warps, 3, k_warps=k_warps,
-                                                  scaled_a=True, spread=spread, row_tiles=2))
+                    cands.append(KernelConfig("decode-mma", bm, 32, 128, 1, k_warps, 3, k_warps=k_warps,
+                                              scaled_a=True, row_tiles=2, prefetch=prefetch))
     return list(dict.fromkeys(cands))
 
 

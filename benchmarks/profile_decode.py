@@ -1,11 +1,11 @@
 """Profile the any4 decode matmul with Nsight Compute, to see what bounds it.
 
     ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis \\
-        -k regex:lut --launch-skip 3 --launch-count 1 python3 benchmarks/profile_decode.py [N K [M [RW,KW,STAGES,BLOCK_K[,BLOCK_M,SCALED_A[,ROW_TILES]]]]]
+        -k regex:lut --launch-skip 3 --launch-count 1 python3 benchmarks/profile_decode.py [N K [M [RW,KW,STAGES,BLOCK_K[,BLOCK_M,SCALED_A[,ROW_TILES[,PREFETCH]]]]]]
 Runs the decode matmul for x (M, K) bf16 against an N x K any4 weight (group 128) a few times: the
 dispatcher's choice, or lut_mma with RW row warps x KW K warps STAGES pipeline stages,
-BLOCK_K columns per step, BLOCK_M rows of x per program, SCALED_A (0 / 1) and ROW_TILES 16-row
-weight tiles per warp.
+BLOCK_K columns per step, BLOCK_M rows of x per program, SCALED_A (0 / 1), ROW_TILES 16-row
+weight tiles per warp and PREFETCH (0: code loads through shared memory; 1, 2: registers, steps ahead).
 """
 
 import sys
@@ -23,7 +23,8 @@ if len(sys.argv) > 4:
     bm = rest[0] if rest else (8 if m <= 8 else 16)
     rt = rest[2] if len(rest) > 2 else 1
     config = KernelConfig("decode-mma", bm, 16 * rw * rt, bk, 1, rw * kw, stages, k_warps=kw,
-                          scaled_a=bool(rest[1]) if len(rest) > 1 else False, row_tiles=rt)
+                          scaled_a=bool(rest[1]) if len(rest) > 1 else False, row_tiles=rt,
+                          prefetch=rest[3] if len(rest) > 3 else 0)
 w = Any4Tensor.from_hp(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), group_size=128, iterations=2)
 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 for _ in range(6):

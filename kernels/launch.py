@@ -55,6 +55,8 @@ class KernelConfig:
     scaled_a: bool = False  # decode-mma: scales and zeros applied to the A fragments (lut_mma SCALED_A)
     spread: bool = False  # decode-mma: a lane's words of a step 4 apart (lut_mma SPREAD)
     row_tiles: int = 1  # decode-mma: 16-row weight tiles per warp (2: each x fragment feeds two mmas)
+    prefetch: int = 0  # decode-mma: 0 = codes pipelined through shared memory (num_stages); 1, 2 = loaded
+    # that many steps ahead straight into registers (lut_mma PREFETCH)
 
 
 def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int,
@@ -101,7 +103,9 @@ def _split_k(tiles: int, k_blocks: int, want_programs: int, min_blocks_per_split
 def _k_warps(programs: int, groups: int, sms: int, warps_per_sm: int, lo: int, hi: int) -> int:
     """K warps per program: the most in lo..hi (powers of two, at most one per group) that keep
     the grid within warps_per_sm warps per SM."""
-    k_warps = min(lo, groups)
+    k_warps = 1
+    while 2 * k_warps <= min(lo, groups):
+        k_warps *= 2
     while 2 * k_warps <= min(hi, groups) and programs * 2 * k_warps <= warps_per_sm * sms:
         k_warps *= 2
     return k_warps
@@ -113,39 +117,49 @@ def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int 
     v10, v11); lut_matmul falls back to register_lut_config / gather_config where it does not
     apply (mma_applies, permute_lookup_applies).
 
-    Fitted to the H100 sweeps v13 / v13b (benchmarks/results/sweep-H100-v13*-row-tiles.json: 7
-    shapes, N 1024-28672, K 4096-14336, M 1, 8, 16, 32, 64; geometric mean of time over that
-    shape's best config: 1.00 at M=1 and 8, 1.02 at 16, 1.03 at 32 and 64, worst 1.17; the rule
-    before took 1.00, 1.02, 1.14, 1.35, 1.21, worst 1.58). The choices:
-    - rows of x per program: 8 (M <= 8), 16 (M <= 16, and M <= 32 below N = 8192, where two
-      programs along M give the grid enough programs), else 32;
+    Fitted to the H100 sweep v14 (benchmarks/results/sweep-H100-v14-prefetch.json: 7 shapes, N
+    1024-28672, K 4096-14336, M 1, 8, 16, 32, 64, every combination of K warps 1-8, row tiles,
+    prefetch 0 / 1 / 2 and spread; geometric mean of time over that shape's best config: 1.004,
+    1.003, 1.014, 1.035, 1.013 at M = 1, 8, 16, 32, 64, worst 1.17). The choices:
+    - code loads: prefetched in registers (no shared memory, no barriers between the warps of a
+      program), 2 steps ahead where a warp needs more loads in flight: at M <= 8 with few
+      programs (N <= 2 x SMs x 16 rows), at M 9-16 with one row tile, and above M = 16;
+    - rows of x per program: 8 (M <= 8), 16 (M <= 16), else 32 from N = 2048 (with two row
+      tiles always; M > 32 with one row tile: 16);
     - row tiles: two 16-row weight tiles per warp (each x fragment feeds two mmas, halving the x
-      traffic that bounds M >= 16) above M = 16 (from N = 2048 at M > 32), and at M <= 16 only for
-      N >= 16384, where the grid has programs enough; spread word order with 8 K warps at M 9-16
-      and with one row tile at M > 32;
-    - K warps: as many as keep the grid within 16 warps per SM at M <= 16 (12 at M <= 32, 8 above,
-      where a warp holds more accumulators), 2 to 8 (at least 4 with two row tiles; at most 4
-      above M = 16); more than that idles SMs waiting on the slowest warps of a program, fewer
-      leaves latency unhidden (N=4096: 8 K warps; N=14336: 2)."""
+      traffic through L1) at M 9-16 from N = 8192 and above M = 16 from N = 4096; one at M <= 8,
+      where the lookup is the bound; spread word order with one row tile above M = 16;
+    - K warps: as many as keep the grid within 24 warps per SM at M <= 8 (at least 4), 16 at M
+      9-16 with one row tile, 8 otherwise (at least 2 at M 9-16 with two: one-warp programs
+      there timed 53.6, 56.3 and 63.8 us on 28672x4096 in three runs on different machines,
+      two and four warps 50.8-54.7); at most 8 (4 above M = 16). Short of that, latency stays unhidden; past it, a
+      second wave of programs or SMs idling on the slowest warps of a program. These are
+      thresholds fitted to seven shapes; the best K-warp count is not monotone in N (wave
+      quantization, not modelled)."""
     groups = max(k // group_size, 1)
     sms = _num_sms(device)
-    if m <= 16:
-        bm = 8 if m <= 8 else 16
-        row_tiles = 2 if n >= 16384 else 1
+    if m <= 8:
+        bm, row_tiles, spread = 8, 1, False
+        programs = triton.cdiv(n, 16)
+        k_warps = _k_warps(programs, groups, sms, 24, 4, 8)
+        prefetch = 2 if programs <= 2 * sms else 1
+    elif m <= 16:
+        bm, row_tiles, spread = 16, (2 if n >= 8192 else 1), False
         programs = triton.cdiv(n, 16 * row_tiles)
-        k_warps = _k_warps(programs, groups, sms, 16, 4 if row_tiles == 2 else 2, 8)
-        spread = m > 8 and k_warps == 8
-    elif m <= 64:
-        if m <= 32:
-            bm, row_tiles, spread, warps_per_sm = (32 if n >= 8192 else 16), 2, False, 12
+        if row_tiles == 2:
+            k_warps, prefetch = _k_warps(programs, groups, sms, 8, 2, 8), 1
         else:
-            bm, row_tiles, spread, warps_per_sm = (32, 2, False, 8) if n >= 2048 else (16, 1, True, 8)
+            k_warps, prefetch = _k_warps(programs, groups, sms, 16, 1, 8), 2
+    elif m <= 64:
+        row_tiles = 2 if n >= 4096 else 1
+        bm = 32 if row_tiles == 2 or (n >= 2048 and m <= 32) else 16
+        spread, prefetch = row_tiles == 1, 2
         programs = triton.cdiv(n, 16 * row_tiles) * triton.cdiv(m, bm)
-        k_warps = _k_warps(programs, groups, sms, warps_per_sm, 2, 4)
+        k_warps = _k_warps(programs, groups, sms, 8, 1, 4)
     else:
         return register_lut_config(m, n, k, device)
     return KernelConfig("decode-mma", bm, 16 * row_tiles, 128, 1, num_warps=k_warps, num_stages=3, k_warps=k_warps,
-                        scaled_a=True, spread=spread, row_tiles=row_tiles)
+                        scaled_a=True, spread=spread, row_tiles=row_tiles, prefetch=prefetch)
 
 
 def register_lut_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
@@ -197,7 +211,8 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     n = qdata.shape[0]
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device, group_size)
-    if config.kind == "decode-mma" and not mma_applies(x, qdata, lut, nbits, group_size):
+    if config.kind == "decode-mma" and not (mma_applies(x, qdata, lut, nbits, group_size)
+                                            and scales.dtype == zeros.dtype == lut.dtype):
         if m > 16:  # above 16 rows the previous kernels lose to dequantize + cuBLAS
             return dequantize_then_mm(x, qdata, lut, scales, zeros, nbits, group_size)
         config = register_lut_config(m, n, k, x.device)
@@ -255,13 +270,16 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
     rows = 16 * config.row_tiles  # weight rows per warp
     if (config.block_m not in (8, 16, 32, 64) or (config.block_m == 64 and not config.scaled_a)
             or config.row_tiles not in (1, 2) or (config.row_tiles == 2 and (not config.scaled_a or config.block_m > 32))
-            or config.block_n % rows or config.block_n < rows or config.k_warps < 1):
+            or config.block_n % rows or config.block_n < rows or config.k_warps < 1 or config.prefetch not in (0, 1, 2)):
         raise ValueError(f"decode-mma takes block_m 8, 16, 32 (64 only with scaled_a), row_tiles 1 or 2 (2 only "
-                         f"with scaled_a and block_m <= 32), block_n a multiple of 16 x row_tiles and k_warps >= 1; "
-                         f"got {config}")
+                         f"with scaled_a and block_m <= 32), block_n a multiple of 16 x row_tiles, k_warps >= 1 and "
+                         f"prefetch 0, 1 or 2; got {config}")
     m, k = x.shape
     n = qdata.shape[0]
     row_warps = config.block_n // rows
+    groups = k // group_size
+    # every warp of every split gets the same number of groups: the kernel drops its load predicates
+    even = groups % config.split_k == 0 and (groups // config.split_k) % config.k_warps == 0
     grid = (triton.cdiv(n, config.block_n), config.split_k, triton.cdiv(m, config.block_m))
     _launcher(lut_mma_kernel)[grid](
         x.view(torch.int32), qdata.view(torch.int32), lut.view(torch.int32), scales, zeros, workspace,
@@ -272,8 +290,8 @@ def _launch_mma(x, qdata, lut, scales, zeros, workspace, nbits, group_size, conf
         V=_words_per_step(group_size, config.block_k),
         ROW_WARPS=row_warps, K_WARPS=config.k_warps, N_TILES=config.block_m // 8, SPLIT_K=config.split_k,
         SCALED_A=config.scaled_a, SPREAD=config.spread, LUT_FP16=lut.dtype == torch.float16,
-        USE_ASM=not INTERPRET, STAGES=config.num_stages, ROW_TILES=config.row_tiles,
-        num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
+        USE_ASM=not INTERPRET, STAGES=config.num_stages, ROW_TILES=config.row_tiles, PREFETCH=config.prefetch,
+        EVEN=even, num_warps=row_warps * config.k_warps, num_stages=config.num_stages,
         **({"maxnreg": config.maxnreg} if config.maxnreg and not INTERPRET else {}),
     )
 

@@ -139,8 +139,9 @@ def _scale4(p, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
 
 @triton.jit
 def _both_halves(v, rep):
-    """A 16-bit float -> uint32 with it in both halves (rep = 2**16 + 1: an IMAD, on the FMA pipe)."""
-    return v.to(tl.uint16, bitcast=True).to(tl.uint32) * rep
+    """16-bit float bits, zero-extended to uint32 (_load_u16) -> both halves (rep = 2**16 + 1: an
+    IMAD, on the FMA pipe)."""
+    return v * rep
 
 
 @triton.jit
@@ -166,46 +167,134 @@ def _unstack(t, V: tl.constexpr):
 
 
 @triton.jit
-def _load_x_word(x_row, word, ok, USE_ASM: tl.constexpr):
-    """The 4 x pairs (int32) that meet code word `word` (x_row: (L,) pointers to a row of x as int32).
-    On the GPU an inline-asm ld.global.nc.v4: the loop's tt.loads are pipelined through shared
-    memory by tl.range, which for x (tiny, shared by every warp of the SM) only costs shared memory
-    and occupancy; a plain load hits L1. Needs x 16-byte aligned (mma_applies)."""
+def _load_x_word(x_row, word, ok, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
+    """The 4 x pairs (int32) that meet code word `word` (x_row: (L,) pointers to a row of x as int32,
+    clamped into x, so only `ok`, the step's group being in this split, can fail; EVEN: it never
+    does, and the load needs no predicate nor zero fill). On the GPU an inline-asm
+    ld.global.nc.v4: a tt.load in the loop would be pipelined through shared memory by tl.range,
+    which for x (tiny, shared by every warp of the SM) only costs shared memory and occupancy; a
+    plain load hits L1. Needs x 16-byte aligned (mma_applies)."""
     ptr = x_row + word * 4
     if USE_ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
-            " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }",
-            "=r,=r,=r,=r,l,r", [ptr, ok.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-            is_pure=True, pack=1,
-        )
+        if EVEN:
+            return tl.inline_asm_elementwise(
+                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+            )
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
+                " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }",
+                "=r,=r,=r,=r,l,r", [ptr, ok.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                is_pure=True, pack=1,
+            )
     else:
         return (tl.load(ptr, mask=ok, other=0), tl.load(ptr + 1, mask=ok, other=0),
                 tl.load(ptr + 2, mask=ok, other=0), tl.load(ptr + 3, mask=ok, other=0))
 
 
 @triton.jit
-def _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw,
-               GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, SPREAD: tl.constexpr):
-    """Step u of this warp: code words (L, V) of rows g and g+8, the first word's index, the step's
-    group and whether that group is inside this split. The 4 lanes of a row cover 4 V consecutive words: lane t takes
-    words V t .. V t + V - 1 (one 16-byte load at V = 4), or with SPREAD words t, t + 4, .. (so
-    that the 4 lanes' x loads for one word, 16 bytes each, are 64 contiguous bytes of a row of x:
-    fewer L1 sectors per load, which is what bounds M >= 16)."""
+def _load_u16(ptr, USE_ASM: tl.constexpr):
+    """A 16-bit value (scale or zero) as a zero-extended uint32: ld.global.nc.u16 into a 32-bit
+    register zero-extends, which a tl.load + bitcast leaves to a separate AND. Never masked: a
+    step outside its split reads the last group's (_step_at), and its x is 0."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.u16 $0, [$1];", "=r,l", [ptr], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptr).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def _load_words_asm(ptr, V: tl.constexpr, SPREAD: tl.constexpr):
+    """V code words of a row for one lane, straight into registers (PREFETCH): 16 / 8 / 4 bytes at
+    ptr, or with SPREAD words 0, 4, 8, 12 (16 bytes apart). Padded to four like _unstack."""
+    if SPREAD:
+        if V == 4:
+            return tl.inline_asm_elementwise(
+                "ld.global.nc.b32 $0, [$4]; ld.global.nc.b32 $1, [$4+16]; ld.global.nc.b32 $2, [$4+32];"
+                " ld.global.nc.b32 $3, [$4+48];", "=r,=r,=r,=r,l", [ptr],
+                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1)
+        elif V == 2:
+            w0, w1 = tl.inline_asm_elementwise(
+                "ld.global.nc.b32 $0, [$2]; ld.global.nc.b32 $1, [$2+16];", "=r,=r,l", [ptr],
+                dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+            return w0, w1, w1, w1
+    if V == 4:
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1)
+    elif V == 2:
+        w0, w1 = tl.inline_asm_elementwise(
+            "ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr], dtype=(tl.uint32, tl.uint32), is_pure=True,
+            pack=1)
+        return w0, w1, w1, w1
+    else:
+        w0 = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.uint32, is_pure=True,
+                                       pack=1)
+        return w0, w0, w0, w0
+
+
+@triton.jit
+def _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr,
+             SPREAD: tl.constexpr, EVEN: tl.constexpr):
+    """Step u of this warp: its lane's first code word, the step's group, and whether that group is
+    inside this split (EVEN: always). A step outside it (a warp with one group fewer than others)
+    reads the last group's codes and scales, so every address is inside the tensors; its x is
+    loaded as 0, so it adds nothing. The 4 lanes of a row cover 4 V consecutive words: lane t
+    takes words V t .. V t + V - 1 (one 16-byte load at V = 4), or with SPREAD words t, t + 4, ..
+    (so that the 4 lanes' x loads for one word, 16 bytes each, are 64 contiguous bytes of a row of
+    x: fewer L1 sectors per load, which is what bounds M >= 16)."""
     STEPS: tl.constexpr = GROUP // (32 * V)
     group = g_begin + kw + K_WARPS * (u // STEPS)
     valid = group < g_end
+    if not EVEN:
+        group = tl.minimum(group, n_groups - 1)
     base = group * (GROUP // 8) + (u % STEPS) * (4 * V)
     if SPREAD:
         word = base + t
-        cols = word[:, None] + 4 * tl.arange(0, V)[None, :]
     else:
         word = tl.multiple_of(base + V * t, V)
-        cols = word[:, None] + tl.arange(0, V)[None, :]
-    w0 = tl.load(qw_ptr + row0[:, None] * stride_qw + cols, mask=(valid & (row0 < N))[:, None], other=0)
-    w1 = tl.load(qw_ptr + row1[:, None] * stride_qw + cols, mask=(valid & (row1 < N))[:, None], other=0)
-    w0, w1 = w0.to(tl.uint32, bitcast=True), w1.to(tl.uint32, bitcast=True)
-    return w0, w1, word, group, valid
+    return word, group, valid
+
+
+@triton.jit
+def _load_codes(qw_ptr, row, word, stride_qw, V: tl.constexpr, SPREAD: tl.constexpr, ASM_LOAD: tl.constexpr):
+    """A row's V code words of a step (row and word inside the weight: no mask), as four (L,)
+    uint32 (padded). ASM_LOAD (register prefetch): straight into registers; else a tl.load that
+    tl.range pipelines through shared memory."""
+    if ASM_LOAD:
+        return _load_words_asm(qw_ptr + row * stride_qw + word, V, SPREAD)
+    else:
+        STRIDE: tl.constexpr = 4 if SPREAD else 1
+        cols = word[:, None] + STRIDE * tl.arange(0, V)[None, :]
+        w = tl.load(qw_ptr + row[:, None] * stride_qw + cols)
+        return _unstack(w.to(tl.uint32, bitcast=True), V)
+
+
+@triton.jit
+def _fetch(qw_ptr, s_ptr, z_ptr, u, rows, kw, t, g_begin, g_end, n_groups, stride_qw, stride_sn,
+           GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, SPREAD: tl.constexpr, EVEN: tl.constexpr,
+           ROW_TILES: tl.constexpr, ASM_LOAD: tl.constexpr, USE_ASM: tl.constexpr):
+    """Everything step u reads from the weight: the code words of the warp's rows (rows: 4 row
+    indices, clamped; the last two only with ROW_TILES = 2) and their scales and zeros, as
+    zero-extended 16-bit bits."""
+    word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
+    w0 = _load_codes(qw_ptr, rows[0], word, stride_qw, V, SPREAD, ASM_LOAD)
+    w1 = _load_codes(qw_ptr, rows[1], word, stride_qw, V, SPREAD, ASM_LOAD)
+    s0 = _load_u16(s_ptr + rows[0] * stride_sn + group, USE_ASM)
+    s1 = _load_u16(s_ptr + rows[1] * stride_sn + group, USE_ASM)
+    z0 = _load_u16(z_ptr + rows[0] * stride_sn + group, USE_ASM)
+    z1 = _load_u16(z_ptr + rows[1] * stride_sn + group, USE_ASM)
+    w2, w3, s2, s3, z2, z3 = w0, w1, s0, s1, z0, z1
+    if ROW_TILES == 2:
+        w2 = _load_codes(qw_ptr, rows[2], word, stride_qw, V, SPREAD, ASM_LOAD)
+        w3 = _load_codes(qw_ptr, rows[3], word, stride_qw, V, SPREAD, ASM_LOAD)
+        s2 = _load_u16(s_ptr + rows[2] * stride_sn + group, USE_ASM)
+        s3 = _load_u16(s_ptr + rows[3] * stride_sn + group, USE_ASM)
+        z2 = _load_u16(z_ptr + rows[2] * stride_sn + group, USE_ASM)
+        z3 = _load_u16(z_ptr + rows[3] * stride_sn + group, USE_ASM)
+    return (w0, w1, w2, w3), (s0, s1, z0, z1, s2, s3, z2, z3)
 
 
 @triton.jit
@@ -223,11 +312,11 @@ def _word_mma(a, xq, c, e, ONE, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_
 
 
 @triton.jit
-def _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, J: tl.constexpr,
-              ROW_TILES: tl.constexpr, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+def _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, J: tl.constexpr, ROW_TILES: tl.constexpr,
+              SCALED_A: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
     """n-tile J: the A fragments of the warp's first 16 rows (a) and, ROW_TILES = 2, of its next 16
-    (b, into ds) against rows m_row + 8 J of x (x_row points at row m_row): one x load, two mmas."""
-    xq = _load_x_word(x_row + (8 * J) * stride_xw, word, valid & (m_row + 8 * J < M), USE_ASM)
+    (b, into ds) against the lanes' row of x of that tile (xr[J]): one x load, two mmas."""
+    xq = _load_x_word(xr[J], word, valid, EVEN, USE_ASM)
     c, e = _word_mma(a, xq, cs[J], es[J], ONE, SCALED_A, FP16, USE_ASM)
     d = ds[J]
     if ROW_TILES == 2:
@@ -236,31 +325,23 @@ def _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, J:
 
 
 @triton.jit
-def _tiles_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, N_TILES: tl.constexpr,
-               ROW_TILES: tl.constexpr, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+def _tiles_mma(a, b, word, xr, valid, cs, ds, es, ONE, N_TILES: tl.constexpr, ROW_TILES: tl.constexpr,
+               SCALED_A: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
     """One code word's A fragments against the x of each n-tile; cs / ds / es: per tile (8 slots,
     the first N_TILES used) the accumulators of the first and second row tile and the x sums."""
-    c0, e0, d0 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 0, ROW_TILES, SCALED_A,
-                           FP16, USE_ASM)
+    c0, e0, d0 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 0, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
     c1, e1, d1, c2, e2, d2, c3, e3, d3 = cs[1], es[1], ds[1], cs[2], es[2], ds[2], cs[3], es[3], ds[3]
     c4, e4, c5, e5, c6, e6, c7, e7 = cs[4], es[4], cs[5], es[5], cs[6], es[6], cs[7], es[7]
     if N_TILES >= 2:
-        c1, e1, d1 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 1, ROW_TILES,
-                               SCALED_A, FP16, USE_ASM)
+        c1, e1, d1 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 1, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
     if N_TILES >= 4:
-        c2, e2, d2 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 2, ROW_TILES,
-                               SCALED_A, FP16, USE_ASM)
-        c3, e3, d3 = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 3, ROW_TILES,
-                               SCALED_A, FP16, USE_ASM)
+        c2, e2, d2 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 2, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
+        c3, e3, d3 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 3, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
     if N_TILES == 8:  # ROW_TILES == 1 (static_assert in the kernel)
-        c4, e4, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 4, 1, SCALED_A, FP16,
-                              USE_ASM)
-        c5, e5, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 5, 1, SCALED_A, FP16,
-                              USE_ASM)
-        c6, e6, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 6, 1, SCALED_A, FP16,
-                              USE_ASM)
-        c7, e7, _ = _tile_mma(a, b, word, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE, 7, 1, SCALED_A, FP16,
-                              USE_ASM)
+        c4, e4, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 4, 1, SCALED_A, EVEN, FP16, USE_ASM)
+        c5, e5, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 5, 1, SCALED_A, EVEN, FP16, USE_ASM)
+        c6, e6, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 6, 1, SCALED_A, EVEN, FP16, USE_ASM)
+        c7, e7, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 7, 1, SCALED_A, EVEN, FP16, USE_ASM)
     return ((c0, c1, c2, c3, c4, c5, c6, c7), (d0, d1, d2, d3, ds[4], ds[5], ds[6], ds[7]),
             (e0, e1, e2, e3, e4, e5, e6, e7))
 
@@ -279,24 +360,21 @@ def _fragments(wa, wb, Pa, Pb, SZ, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, SCA
 
 
 @triton.jit
-def _step_mma(W, word, x_row, stride_xw, m_row, M, valid, P, SZ, cs, ds, es, ONE, pow2_16, pow2_31,
+def _step_mma(W, word, xr, valid, P, SZ, cs, ds, es, ONE, pow2_16, pow2_31,
               V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, ROW_TILES: tl.constexpr,
-              SCALED_A: tl.constexpr, SPREAD: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+              SCALED_A: tl.constexpr, SPREAD: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr,
+              USE_ASM: tl.constexpr):
     """All V words of a step: each word is looked up once (and, SCALED_A, scaled) and meets every
-    n-tile's x. W, P, SZ: per row tile, the code words, byte planes and scale / zero pairs of its
-    two rows (W[2:], P[2:], SZ[1] for the second row tile, used when ROW_TILES = 2)."""
-    r0 = _unstack(W[0], V)
-    r1 = _unstack(W[1], V)
-    r2 = _unstack(W[2], V)
-    r3 = _unstack(W[3], V)
+    n-tile's x. W, P, SZ: per row tile, the code words (four per row), byte planes and scale / zero
+    pairs of its two rows (W[2:], P[2:], SZ[1] for the second row tile, used when ROW_TILES = 2)."""
     STRIDE: tl.constexpr = 4 if SPREAD else 1
     for i in tl.static_range(V):
-        a = _fragments(r0[i], r1[i], P[0], P[1], SZ[0], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
+        a = _fragments(W[0][i], W[1][i], P[0], P[1], SZ[0], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
         b = a
         if ROW_TILES == 2:
-            b = _fragments(r2[i], r3[i], P[2], P[3], SZ[1], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
-        cs, ds, es = _tiles_mma(a, b, word + STRIDE * i, x_row, stride_xw, m_row, M, valid, cs, ds, es, ONE,
-                                N_TILES, ROW_TILES, SCALED_A, FP16, USE_ASM)
+            b = _fragments(W[2][i], W[3][i], P[2], P[3], SZ[1], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
+        cs, ds, es = _tiles_mma(a, b, word + STRIDE * i, xr, valid, cs, ds, es, ONE, N_TILES, ROW_TILES, SCALED_A,
+                                EVEN, FP16, USE_ASM)
     return cs, ds, es
 
 
@@ -339,13 +417,35 @@ def _sum_k_warps(v, ROW_LANES: tl.constexpr, K_WARPS: tl.constexpr):
 
 
 @triton.jit
-def _scales_zeros(s_ptr, z_ptr, row0, row1, group, valid, N, stride_sn):
-    """The step's group's scale and zero of rows row0 and row1 (0 outside this split or N)."""
-    s0 = tl.load(s_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
-    s1 = tl.load(s_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
-    z0 = tl.load(z_ptr + row0 * stride_sn + group, mask=valid & (row0 < N), other=0.0)
-    z1 = tl.load(z_ptr + row1 * stride_sn + group, mask=valid & (row1 < N), other=0.0)
-    return s0, s1, z0, z1
+def _clamp_step(v, n_steps):
+    """A step index inside 0 .. n_steps - 1 (prefetches past the last step re-read it, unused)."""
+    return tl.maximum(tl.minimum(v, n_steps - 1), 0)
+
+
+@triton.jit
+def _step(W, S, u, kw, t, g_begin, g_end, n_groups, xr, P, accs, cs, ds, es, zeros8, ONE, rep, pow2_16, pow2_31,
+          GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, LUT_SIZE: tl.constexpr,
+          N_TILES: tl.constexpr, ROW_TILES: tl.constexpr, SCALED_A: tl.constexpr, SPREAD: tl.constexpr,
+          EVEN: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """Step u on its fetched codes W and scale / zero bits S (_fetch): lookups, mmas and, without
+    SCALED_A, the fold of a finished group's sums."""
+    STEPS: tl.constexpr = GROUP // (32 * V)
+    word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
+    SZ = _pairs_of(S[0], S[1], S[2], S[3], rep)
+    SZ2 = SZ
+    if ROW_TILES == 2:
+        SZ2 = _pairs_of(S[4], S[5], S[6], S[7], rep)
+    cs, ds, es = _step_mma(W, word, xr, valid, P, (SZ, SZ2), cs, ds, es, ONE, pow2_16, pow2_31, V, LUT_SIZE,
+                           N_TILES, ROW_TILES, SCALED_A, SPREAD, EVEN, FP16, USE_ASM)
+    if not SCALED_A:
+        if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
+            s0, _ = halves(S[0], FP16, True)
+            s1, _ = halves(S[1], FP16, True)
+            z0, _ = halves(S[2], FP16, True)
+            z1, _ = halves(S[3], FP16, True)
+            accs = _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES)
+            cs, es = zeros8, zeros8
+    return accs, cs, ds, es
 
 
 @triton.jit
@@ -356,21 +456,29 @@ def lut_mma_kernel(
     LUT_SIZE: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
     ROW_WARPS: tl.constexpr, K_WARPS: tl.constexpr, N_TILES: tl.constexpr, SPLIT_K: tl.constexpr,
     SCALED_A: tl.constexpr, SPREAD: tl.constexpr, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr,
-    STAGES: tl.constexpr, ROW_TILES: tl.constexpr = 1,
+    STAGES: tl.constexpr, ROW_TILES: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, EVEN: tl.constexpr = False,
 ):
     """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for the 8 N_TILES rows of x of
     program_id(2) (N_TILES = 1, 2, 4, or 8 with SCALED_A). A warp owns 16 ROW_TILES weight rows:
     with ROW_TILES = 2 (SCALED_A, N_TILES <= 4) each x fragment it loads feeds two mmas, which
     halves the x traffic through L1 that bounds M >= 16 (profile-decode-*.md).
+    Loads: PREFETCH = 0: tl.range pipelines the code words through shared memory (cp.async,
+    STAGES deep; every step then synchronises the program's warps); PREFETCH = 1 or 2: each step
+    loads the codes and scales of the step PREFETCH ahead straight into registers (no shared
+    memory, no barriers: the warps of a program run independently). EVEN (host: every warp gets
+    the same number of groups): no step falls outside its split, so no load needs a predicate.
+    Rows of W past N and of x past M are clamped to the last one (their results are not stored),
+    so only the split bound can mask a load.
     x_ptr / qw_ptr / lut_words_ptr: x, codes and LUT viewed as int32 (strides in 32-bit words);
     pow2_16 = 2**16 and pow2_31 = 2**31 (see lookup8)."""
     tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4 or (N_TILES == 8 and SCALED_A))
     tl.static_assert(ROW_TILES == 1 or (ROW_TILES == 2 and SCALED_A and N_TILES <= 4))
+    tl.static_assert(PREFETCH == 0 or PREFETCH == 1 or PREFETCH == 2)
     ROW_LANES: tl.constexpr = 32 * ROW_WARPS
     ROWS: tl.constexpr = 16 * ROW_TILES  # weight rows per warp
     L: tl.constexpr = ROW_LANES * K_WARPS
+    ASM_LOAD: tl.constexpr = USE_ASM and PREFETCH > 0
     pow2_16, pow2_31 = pow2_16.to(tl.uint32), pow2_31.to(tl.uint32)
-    STEPS: tl.constexpr = GROUP // (32 * V)  # steps per group
     lane = tl.arange(0, L)
     in_place = thread_ids(lane, USE_ASM) == lane
     warp = lane // 32
@@ -378,53 +486,60 @@ def lut_mma_kernel(
     t = lane % 4
     kw = warp // ROW_WARPS
     row0 = tl.program_id(0) * (ROWS * ROW_WARPS) + (warp % ROW_WARPS) * ROWS + g
-    row1 = row0 + 8
-    row2 = row0 + 16  # the second row tile (ROW_TILES = 2)
-    row3 = row0 + 24
-    P0 = lut_byte_planes(lut_words_ptr, row0, N, LUT_SIZE, USE_ASM)
-    P1 = lut_byte_planes(lut_words_ptr, row1, N, LUT_SIZE, USE_ASM)
+    rows = (tl.minimum(row0, N - 1), tl.minimum(row0 + 8, N - 1),  # the second row tile: rows + 16
+            tl.minimum(row0 + 16, N - 1), tl.minimum(row0 + 24, N - 1))
+    P0 = lut_byte_planes(lut_words_ptr, rows[0], N, LUT_SIZE, USE_ASM)
+    P1 = lut_byte_planes(lut_words_ptr, rows[1], N, LUT_SIZE, USE_ASM)
     P2, P3 = P0, P1
     if ROW_TILES == 2:
-        P2 = lut_byte_planes(lut_words_ptr, row2, N, LUT_SIZE, USE_ASM)
-        P3 = lut_byte_planes(lut_words_ptr, row3, N, LUT_SIZE, USE_ASM)
+        P2 = lut_byte_planes(lut_words_ptr, rows[2], N, LUT_SIZE, USE_ASM)
+        P3 = lut_byte_planes(lut_words_ptr, rows[3], N, LUT_SIZE, USE_ASM)
+    P = (P0, P1, P2, P3)
     ONE = tl.zeros_like(lane) + (0x3C003C00 if LUT_FP16 else 0x3F803F80)  # a pair of 1.0
-    m_row = tl.program_id(2) * (8 * N_TILES) + g  # lane (g, t) feeds rows m_row + 8 j of x (n-tile j)
-    x_row = x_ptr + m_row * stride_xw
+    # lane (g, t) feeds row m_row + 8 j of x to n-tile j (xr[j], clamped into x)
+    m_row = tl.program_id(2) * (8 * N_TILES) + g
+    xr = (x_ptr + tl.minimum(m_row, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 8, M - 1) * stride_xw,
+          x_ptr + tl.minimum(m_row + 16, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 24, M - 1) * stride_xw,
+          x_ptr + tl.minimum(m_row + 32, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 40, M - 1) * stride_xw,
+          x_ptr + tl.minimum(m_row + 48, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 56, M - 1) * stride_xw)
 
     # This split's groups; warp kw takes groups g_begin + kw, + kw + K_WARPS, ...
     n_groups = K // GROUP
     per_split = tl.cdiv(n_groups, SPLIT_K)
     g_begin = tl.program_id(1) * per_split
     g_end = tl.minimum(g_begin + per_split, n_groups)
-    n_steps = tl.cdiv(g_end - g_begin, K_WARPS) * STEPS
+    n_steps = tl.cdiv(g_end - g_begin, K_WARPS) * (GROUP // (32 * V))
 
     zero = tl.zeros((L,), dtype=tl.float32)
     zeros4 = (zero, zero, zero, zero)  # accumulators: per n-tile, four lane tensors (the C registers)
     zeros8 = (zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4)
     accs, cs, ds, es = zeros8, zeros8, zeros8, zeros8
     rep = pow2_16 + 1
-    # tl.range pipelines the code-word loads (cp.async into shared memory, STAGES deep): a plain
-    # one-step-ahead prefetch in registers was sunk by ptxas to the end of the loop body. x is read
-    # inside _step_mma (L1-cached, see _load_x_word); scales and zeros are plain loads.
-    for u in tl.range(0, n_steps, num_stages=STAGES):
-        w0, w1, word, group, valid = _load_step(qw_ptr, u, row0, row1, kw, t, g_begin, g_end, N, stride_qw, GROUP,
-                                                V, K_WARPS, SPREAD)
-        s0, s1, z0, z1 = _scales_zeros(s_ptr, z_ptr, row0, row1, group, valid, N, stride_sn)
-        SZ = _pairs_of(s0, s1, z0, z1, rep)
-        w2, w3, SZ2 = w0, w1, SZ
-        if ROW_TILES == 2:
-            w2, w3, _, _, _ = _load_step(qw_ptr, u, row2, row3, kw, t, g_begin, g_end, N, stride_qw, GROUP, V,
-                                         K_WARPS, SPREAD)
-            s2, s3, z2, z3 = _scales_zeros(s_ptr, z_ptr, row2, row3, group, valid, N, stride_sn)
-            SZ2 = _pairs_of(s2, s3, z2, z3, rep)
-        cs, ds, es = _step_mma((w0, w1, w2, w3), word, x_row, stride_xw, m_row, M, valid, (P0, P1, P2, P3),
-                               (SZ, SZ2), cs, ds, es, ONE, pow2_16, pow2_31, V, LUT_SIZE, N_TILES, ROW_TILES,
-                               SCALED_A, SPREAD, LUT_FP16, USE_ASM)
-        if not SCALED_A:
-            if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
-                accs = _fold_tiles(accs, cs, es, s0.to(tl.float32), s1.to(tl.float32), z0.to(tl.float32),
-                                   z1.to(tl.float32), N_TILES)
-                cs, es = zeros8, zeros8
+    if PREFETCH == 0:
+        for u in tl.range(0, n_steps, num_stages=STAGES):
+            W, S = _fetch(qw_ptr, s_ptr, z_ptr, u, rows, kw, t, g_begin, g_end, n_groups, stride_qw, stride_sn,
+                          GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD, USE_ASM)
+            accs, cs, ds, es = _step(W, S, u, kw, t, g_begin, g_end, n_groups, xr, P, accs, cs, ds, es, zeros8, ONE,
+                                     rep, pow2_16, pow2_31, GROUP, V, K_WARPS, LUT_SIZE, N_TILES, ROW_TILES,
+                                     SCALED_A, SPREAD, EVEN, LUT_FP16, USE_ASM)
+    else:
+        Wa, Sa = _fetch(qw_ptr, s_ptr, z_ptr, _clamp_step(0, n_steps), rows, kw, t, g_begin, g_end, n_groups,
+                        stride_qw, stride_sn, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD, USE_ASM)
+        Wb, Sb = Wa, Sa
+        if PREFETCH == 2:
+            Wb, Sb = _fetch(qw_ptr, s_ptr, z_ptr, _clamp_step(1, n_steps), rows, kw, t, g_begin, g_end, n_groups,
+                            stride_qw, stride_sn, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD, USE_ASM)
+        for u in tl.range(0, n_steps, num_stages=1):
+            Wn, Sn = _fetch(qw_ptr, s_ptr, z_ptr, _clamp_step(u + PREFETCH, n_steps), rows, kw, t, g_begin, g_end,
+                            n_groups, stride_qw, stride_sn, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD,
+                            USE_ASM)
+            accs, cs, ds, es = _step(Wa, Sa, u, kw, t, g_begin, g_end, n_groups, xr, P, accs, cs, ds, es, zeros8,
+                                     ONE, rep, pow2_16, pow2_31, GROUP, V, K_WARPS, LUT_SIZE, N_TILES, ROW_TILES,
+                                     SCALED_A, SPREAD, EVEN, LUT_FP16, USE_ASM)
+            if PREFETCH == 2:
+                Wa, Sa, Wb, Sb = Wb, Sb, Wn, Sn
+            else:
+                Wa, Sa = Wn, Sn
     if SCALED_A:  # the scales went into the fragments: the mma sums are the result
         accs = cs
 

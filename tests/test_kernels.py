@@ -113,7 +113,7 @@ def test_custom_op_paths(m):
 
 def test_dispatcher_choices(monkeypatch):
     """choose_config on an H100's 132 SMs reproduces the sweep winners it was fitted to
-    (sweep-H100-v13*-row-tiles.json); small K caps the K warps by the groups."""
+    (sweep-H100-v14-prefetch.json); small K caps the K warps by the groups (a power of two)."""
     cpu = torch.device("cpu")
     monkeypatch.setattr(launch, "_num_sms", lambda device: 132)
 
@@ -121,18 +121,19 @@ def test_dispatcher_choices(monkeypatch):
         cfg = choose_config(m, n, k, cpu, group_size)
         assert cfg.kind == "decode-mma" and cfg.scaled_a and cfg.block_n == 16 * cfg.row_tiles
         assert cfg.num_warps == cfg.k_warps
-        return cfg.block_m, cfg.row_tiles, cfg.k_warps, cfg.spread
+        return cfg.block_m, cfg.row_tiles, cfg.k_warps, cfg.spread, cfg.prefetch
 
-    assert pick(1, 4096, 4096) == (8, 1, 8, False)  # (block_m, row tiles, K warps, spread)
-    assert pick(8, 14336, 4096) == (8, 1, 2, False)
-    assert pick(1, 8192, 8192) == (8, 1, 4, False)
-    assert pick(1, 28672, 4096) == (8, 2, 4, False)
-    assert pick(16, 4096, 14336) == (16, 1, 8, True)
-    assert pick(16, 6144, 4096) == (16, 1, 4, False)
-    assert pick(32, 4096, 4096) == (16, 2, 4, False)
-    assert pick(32, 28672, 4096) == (32, 2, 2, False)
-    assert pick(64, 4096, 14336) == (32, 2, 4, False)
-    assert pick(64, 1024, 4096) == (16, 1, 4, True)
+    assert pick(1, 4096, 4096) == (8, 1, 8, False, 2)  # (block_m, row tiles, K warps, spread, prefetch)
+    assert pick(8, 14336, 4096) == (8, 1, 4, False, 1)
+    assert pick(1, 8192, 8192) == (8, 1, 4, False, 1)
+    assert pick(1, 28672, 4096) == (8, 1, 4, False, 1)
+    assert pick(16, 4096, 14336) == (16, 1, 8, False, 2)
+    assert pick(16, 28672, 4096) == (16, 2, 2, False, 1)
+    assert pick(16, 1024, 4096) == (16, 1, 8, False, 2)
+    assert pick(32, 6144, 4096) == (32, 2, 4, False, 2)
+    assert pick(32, 28672, 4096) == (32, 2, 1, False, 2)
+    assert pick(64, 4096, 14336) == (32, 2, 4, False, 2)
+    assert pick(64, 1024, 4096) == (16, 1, 4, True, 2)
     assert pick(1, 64, 384)[2] == 2  # three groups: two K warps
     assert pick(40, 64, 128)[2] == 1  # one group: one K warp
     assert pick(16, 64, 8192)[2] == 8
@@ -161,10 +162,11 @@ def test_dispatcher_choices(monkeypatch):
     block_k=st.sampled_from([32, 64, 128]),
     split_k=st.integers(1, 2),
     stages=st.integers(1, 3),
+    prefetch=st.sampled_from([0, 1, 2]),
     seed=st.integers(0, 2**16),
 )
 def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, group_size, nbits, dtype, row_warps,
-                                    row_tiles, k_warps, block_k, split_k, stages, seed):
+                                    row_tiles, k_warps, block_k, split_k, stages, prefetch, seed):
     """lut_mma itself (no fallback): 1, 2, 4 or 8 n-tiles per program (scales folded after the
     mma or applied to the fragments), one or two 16-row weight tiles per warp, several programs along M,
     ragged N and M, 1-4 code words per lane and step, 1-8 steps per group, K warps that get no
@@ -176,7 +178,8 @@ def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, g
     row_tiles = 1 if n_tiles == 8 else row_tiles  # two row tiles take at most 4 n-tiles
     scaled_a = scaled_a or n_tiles == 8 or row_tiles == 2  # both only with the scales in the fragments
     cfg = KernelConfig("decode-mma", 8 * n_tiles, 16 * row_tiles * row_warps, block_k, split_k, row_warps * k_warps,
-                       stages, k_warps=k_warps, scaled_a=scaled_a, spread=spread, row_tiles=row_tiles)
+                       stages, k_warps=k_warps, scaled_a=scaled_a, spread=spread, row_tiles=row_tiles,
+                       prefetch=prefetch)
     calls = []
     real = launch._launch_mma
     launch._launch_mma = lambda *a: (calls.append(a[-1]), real(*a))
@@ -189,7 +192,25 @@ def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, g
     assert _rel(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+@pytest.mark.parametrize("even", [True, False])
+def test_mma_prefetch_and_even_splits(prefetch, even):
+    """Both load schedules (shared-memory pipeline, registers 1 or 2 steps ahead), with every warp
+    getting the same number of groups (the kernel drops its load predicates) or not (6 groups over
+    2 splits x 2 K warps: a warp of each split has a step outside it, which must add nothing), on
+    ragged N and M (rows clamped, not masked: unstored rows must not leak into stored ones)."""
+    m, n, group_size = 11, 40, 32
+    k = (8 if even else 6) * group_size
+    for scaled_a, spread, row_tiles in [(True, False, 2), (False, True, 1)]:
+        t, x, ref = _problem(m, n, k, group_size, 4, torch.bfloat16, seed=prefetch + 3 * even + 7 * row_tiles)
+        cfg = KernelConfig("decode-mma", 16, 16 * row_tiles, 64, 2, 2, 2, k_warps=2, scaled_a=scaled_a,
+                           spread=spread, row_tiles=row_tiles, prefetch=prefetch)
+        out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, group_size, cfg)
+        assert _rel(out, ref) < TOLERANCE[torch.bfloat16], (scaled_a, spread, row_tiles)
+
+
 @pytest.mark.parametrize("cfg", [
+    KernelConfig("decode-mma", 8, 16, 128, prefetch=3),
     KernelConfig("decode-mma", 64, 16, 128),  # 8 n-tiles need the scales in the fragments
     KernelConfig("decode-mma", 24, 16, 128, scaled_a=True),  # 3 n-tiles
     KernelConfig("decode-mma", 8, 24, 128),  # not whole 16-row warps
