@@ -273,6 +273,19 @@ def _load_codes(qw_ptr, row, word, stride_qw, V: tl.constexpr, SPREAD: tl.conste
 
 
 @triton.jit
+def _fetch_pair(qw_ptr, s_ptr, z_ptr, ra, rb, word, group, stride_qw, stride_sn, V: tl.constexpr,
+                SPREAD: tl.constexpr, ASM_LOAD: tl.constexpr, USE_ASM: tl.constexpr):
+    """Code words, scales and zeros of one row pair (rows g and g + 8 of a row tile) for one step."""
+    wa = _load_codes(qw_ptr, ra, word, stride_qw, V, SPREAD, ASM_LOAD)
+    wb = _load_codes(qw_ptr, rb, word, stride_qw, V, SPREAD, ASM_LOAD)
+    sa = _load_u16(s_ptr + ra * stride_sn + group, USE_ASM)
+    sb = _load_u16(s_ptr + rb * stride_sn + group, USE_ASM)
+    za = _load_u16(z_ptr + ra * stride_sn + group, USE_ASM)
+    zb = _load_u16(z_ptr + rb * stride_sn + group, USE_ASM)
+    return wa, wb, sa, sb, za, zb
+
+
+@triton.jit
 def _fetch(qw_ptr, s_ptr, z_ptr, u, rows, kw, t, g_begin, g_end, n_groups, stride_qw, stride_sn,
            GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, SPREAD: tl.constexpr, EVEN: tl.constexpr,
            ROW_TILES: tl.constexpr, ASM_LOAD: tl.constexpr, USE_ASM: tl.constexpr):
@@ -280,20 +293,12 @@ def _fetch(qw_ptr, s_ptr, z_ptr, u, rows, kw, t, g_begin, g_end, n_groups, strid
     indices, clamped; the last two only with ROW_TILES = 2) and their scales and zeros, as
     zero-extended 16-bit bits."""
     word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
-    w0 = _load_codes(qw_ptr, rows[0], word, stride_qw, V, SPREAD, ASM_LOAD)
-    w1 = _load_codes(qw_ptr, rows[1], word, stride_qw, V, SPREAD, ASM_LOAD)
-    s0 = _load_u16(s_ptr + rows[0] * stride_sn + group, USE_ASM)
-    s1 = _load_u16(s_ptr + rows[1] * stride_sn + group, USE_ASM)
-    z0 = _load_u16(z_ptr + rows[0] * stride_sn + group, USE_ASM)
-    z1 = _load_u16(z_ptr + rows[1] * stride_sn + group, USE_ASM)
+    w0, w1, s0, s1, z0, z1 = _fetch_pair(qw_ptr, s_ptr, z_ptr, rows[0], rows[1], word, group, stride_qw, stride_sn,
+                                         V, SPREAD, ASM_LOAD, USE_ASM)
     w2, w3, s2, s3, z2, z3 = w0, w1, s0, s1, z0, z1
     if ROW_TILES == 2:
-        w2 = _load_codes(qw_ptr, rows[2], word, stride_qw, V, SPREAD, ASM_LOAD)
-        w3 = _load_codes(qw_ptr, rows[3], word, stride_qw, V, SPREAD, ASM_LOAD)
-        s2 = _load_u16(s_ptr + rows[2] * stride_sn + group, USE_ASM)
-        s3 = _load_u16(s_ptr + rows[3] * stride_sn + group, USE_ASM)
-        z2 = _load_u16(z_ptr + rows[2] * stride_sn + group, USE_ASM)
-        z3 = _load_u16(z_ptr + rows[3] * stride_sn + group, USE_ASM)
+        w2, w3, s2, s3, z2, z3 = _fetch_pair(qw_ptr, s_ptr, z_ptr, rows[2], rows[3], word, group, stride_qw,
+                                             stride_sn, V, SPREAD, ASM_LOAD, USE_ASM)
     return (w0, w1, w2, w3), (s0, s1, z0, z1, s2, s3, z2, z3)
 
 
