@@ -75,15 +75,17 @@ def permute_lookup_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k
     return ok and (not check_pointers or (qdata.data_ptr() % 4 == 0 and lut.data_ptr() % 4 == 0))
 
 
-def mma_applies(x: torch.Tensor, qdata: torch.Tensor, lut: torch.Tensor, nbits: int, group_size: int) -> bool:
+def mma_applies(x: torch.Tensor, qdata: torch.Tensor, lut: torch.Tensor, nbits: int, group_size: int,
+                scales: Optional[torch.Tensor] = None, zeros: Optional[torch.Tensor] = None) -> bool:
     """lut_mma on top of permute_lookup_applies: x in the LUT's dtype (the looked-up values go into
     the mma as they are), read 16 bytes at a time (16-byte aligned rows), whole groups of a multiple
-    of 32 columns."""
+    of 32 columns; scales and zeros, where given, in the LUT's dtype too (read as 16-bit bits)."""
     k = x.shape[1]
     return (
         permute_lookup_applies(qdata, lut, nbits, k, check_pointers=True)
         and x.dtype == lut.dtype and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
         and group_size % 32 == 0 and k % group_size == 0
+        and all(t is None or t.dtype == lut.dtype for t in (scales, zeros))
     )
 
 
@@ -132,8 +134,9 @@ def choose_config(m: int, n: int, k: int, device: torch.device, group_size: int 
     - K warps: as many as keep the grid within 24 warps per SM at M <= 8 (at least 4), 16 at M
       9-16 with one row tile, 8 otherwise (at least 2 at M 9-16 with two: one-warp programs
       there timed 53.6, 56.3 and 63.8 us on 28672x4096 in three runs on different machines,
-      two and four warps 50.8-54.7); at most 8 (4 above M = 16). Short of that, latency stays unhidden; past it, a
-      second wave of programs or SMs idling on the slowest warps of a program. These are
+      two and four warps 50.8-54.7); at most 8 (4 above M = 16). Short of that, latency stays
+      unhidden; past it, a second wave of programs or SMs idling on the slowest warps of a
+      program. These are
       thresholds fitted to seven shapes; the best K-warp count is not monotone in N (wave
       quantization, not modelled)."""
     groups = max(k // group_size, 1)
@@ -211,8 +214,7 @@ def lut_matmul(x, qdata, lut, scales, zeros, nbits: int, group_size: int, config
     n = qdata.shape[0]
     x = x.contiguous()
     config = config or choose_config(m, n, k, x.device, group_size)
-    if config.kind == "decode-mma" and not (mma_applies(x, qdata, lut, nbits, group_size)
-                                            and scales.dtype == zeros.dtype == lut.dtype):
+    if config.kind == "decode-mma" and not mma_applies(x, qdata, lut, nbits, group_size, scales, zeros):
         if m > 16:  # above 16 rows the previous kernels lose to dequantize + cuBLAS
             return dequantize_then_mm(x, qdata, lut, scales, zeros, nbits, group_size)
         config = register_lut_config(m, n, k, x.device)

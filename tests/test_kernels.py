@@ -226,22 +226,26 @@ def test_mma_rejects_configs_it_cannot_run(cfg):
         lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 32, cfg)
 
 
-@pytest.mark.parametrize("case", ["x-dtype", "group-16", "x-misaligned"])
+@pytest.mark.parametrize("case", ["x-dtype", "group-16", "x-misaligned", "scales-fp32"])
 def test_mma_falls_back_where_it_does_not_apply(case):
-    """lut_mma needs x in the LUT's dtype, 16-byte aligned x rows and groups of a multiple of 32;
-    otherwise lut_matmul takes the previous kernels, with the same result."""
+    """lut_mma needs x, scales and zeros in the LUT's dtype (it reads scales as 16-bit bits), 16-byte
+    aligned x rows and groups of a multiple of 32; otherwise lut_matmul takes the previous kernels,
+    with the same result."""
     group, dtype, m = (16 if case == "group-16" else 32), torch.bfloat16, 3
     t, x, ref = _problem(m, 24, 64, group, 4, dtype, seed=5)
+    scales, zeros = t.scales, t.zeros
     if case == "x-dtype":
         x = x.half()
     if case == "x-misaligned":
         x = torch.cat([torch.zeros(1, dtype=dtype), x.flatten()])[1:].view(x.shape)  # data_ptr % 16 == 2
-    assert not mma_applies(x, t.qdata, t.lut, 4, group)
+    if case == "scales-fp32":
+        scales, zeros = scales.float(), zeros.float()
+    assert not mma_applies(x, t.qdata, t.lut, 4, group, scales, zeros)
     calls = []
     real = launch._launch_mma
     launch._launch_mma = lambda *a: (calls.append(a), real(*a))
     try:
-        out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, group, KernelConfig("decode-mma", 8, 16, 128))
+        out = lut_matmul(x, t.qdata, t.lut, scales, zeros, 4, group, KernelConfig("decode-mma", 8, 16, 128))
     finally:
         launch._launch_mma = real
     assert calls == []
