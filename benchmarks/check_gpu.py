@@ -28,8 +28,15 @@ from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 def small_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -51,8 +58,13 @@ def check_compile(model, mode):
             out = compiled(ids, use_cache=False).logits.float()
         worst = max(worst, ((out - eager).norm() / eager.norm()).item())
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    return {"mode": mode or "default", "rel_err_vs_eager": worst, "unique_graphs": graphs,
-            "seconds": time.perf_counter() - start, "ok": worst < 2e-2 and graphs == 1}
+    return {
+        "mode": mode or "default",
+        "rel_err_vs_eager": worst,
+        "unique_graphs": graphs,
+        "seconds": time.perf_counter() - start,
+        "ok": worst < 2e-2 and graphs == 1,
+    }
 
 
 def kmeans_throughput():
@@ -63,13 +75,22 @@ def kmeans_throughput():
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        Any4Tensor.from_hp(w, group_size=config.group_size, iterations=config.kmeans_iterations,
-                           refine_rounds=config.refine_rounds, scaling=config.scaling)
+        Any4Tensor.from_hp(
+            w,
+            group_size=config.group_size,
+            iterations=config.kmeans_iterations,
+            refine_rounds=config.refine_rounds,
+            scaling=config.scaling,
+        )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"weights": rows * k * reps, "seconds": seconds, "seconds_per_1e9": seconds / (rows * k * reps / 1e9),
-            "settings": f"group {config.group_size}, {config.kmeans_iterations} iterations, "
-                        f"{config.refine_rounds} refine rounds, {config.scaling} scaling"}
+    return {
+        "weights": rows * k * reps,
+        "seconds": seconds,
+        "seconds_per_1e9": seconds / (rows * k * reps / 1e9),
+        "settings": f"group {config.group_size}, {config.kmeans_iterations} iterations, "
+        f"{config.refine_rounds} refine rounds, {config.scaling} scaling",
+    }
 
 
 def check_decode_kernels():
@@ -80,14 +101,20 @@ def check_decode_kernels():
     launch._empty = lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype)
     try:
         for dtype in (torch.bfloat16, torch.float16):
-            for nbits, group, n, k in [(4, 128, 4096, 4096), (4, 64, 1544, 576), (3, 128, 1000, 1024),
-                                       (4, 32, 200, 768), (4, 256, 4104, 2048), (4, 96, 300, 576)]:
+            for nbits, group, n, k in [
+                (4, 128, 4096, 4096),
+                (4, 64, 1544, 576),
+                (3, 128, 1000, 1024),
+                (4, 32, 200, 768),
+                (4, 256, 4104, 2048),
+                (4, 96, 300, 576),
+            ]:
                 w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
                 q = Any4Tensor.from_hp(w, nbits=nbits, group_size=group, iterations=2)
                 w64 = q.dequantize(torch.float64)
                 for m in (1, 3, 8, 9, 16, 20, 32, 33, 64):
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
-                    y = torch.ops.any4ao.lut_linear(x, q.qdata, q.lut, q.scales, q.zeros, nbits, group)
+                    y = torch.ops.any4ao.lut_linear(x, q.qdata, q.lut, q.scale, q.zero_point, nbits, group)
                     ref = x.double() @ w64.t()
                     err = ((y.double() - ref).norm() / ref.norm()).item()
                     # the path lut_linear / lut_matmul take (ops.py, launch.lut_matmul)
@@ -97,8 +124,19 @@ def check_decode_kernels():
                         kind = "decode-mma"
                     else:
                         kind = "dequantize+mm" if m > 16 else launch.register_lut_config(m, n, k, x.device).kind
-                    rows.append({"dtype": str(dtype), "nbits": nbits, "group": group, "N": n, "K": k, "M": m,
-                                 "kernel": kind, "rel_err": err, "ok": bool(err < 1e-2)})
+                    rows.append(
+                        {
+                            "dtype": str(dtype),
+                            "nbits": nbits,
+                            "group": group,
+                            "N": n,
+                            "K": k,
+                            "M": m,
+                            "kernel": kind,
+                            "rel_err": err,
+                            "ok": bool(err < 1e-2),
+                        }
+                    )
     finally:
         launch._empty = saved
     return rows
@@ -110,8 +148,14 @@ def main():
     p.add_argument("--modes", default="default,reduce-overhead,max-autotune", help='comma-separated, or "none"')
     args = p.parse_args()
     gpu = torch.cuda.get_device_name()
-    result = {"device": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
-              "any4ao": any4ao.__version__, "command": " ".join(sys.argv), "compile": []}
+    result = {
+        "device": gpu,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "any4ao": any4ao.__version__,
+        "command": " ".join(sys.argv),
+        "compile": [],
+    }
     model = small_llama()
     modes = [] if args.modes == "none" else args.modes.split(",")
     for mode in modes:
@@ -127,8 +171,11 @@ def main():
     bad = [r for r in result["decode_kernels"] if not r["ok"]]
     kinds = sorted({r["kernel"] for r in result["decode_kernels"]})
     errs = [r["rel_err"] for r in result["decode_kernels"]]
-    print(f"decode kernels: {len(errs) - len(bad)}/{len(errs)} ok, kernels {kinds}, "
-          f"rel err {min(errs):.1e}..{max(errs):.1e}", flush=True)
+    print(
+        f"decode kernels: {len(errs) - len(bad)}/{len(errs)} ok, kernels {kinds}, "
+        f"rel err {min(errs):.1e}..{max(errs):.1e}",
+        flush=True,
+    )
     for r in bad:
         print("  FAIL", json.dumps(r), flush=True)
     out = Path(args.out)

@@ -22,12 +22,22 @@ if len(sys.argv) > 4:
     rw, kw, stages, bk, *rest = (int(v) for v in sys.argv[4].split(","))
     bm = rest[0] if rest else (8 if m <= 8 else 16)
     rt = rest[2] if len(rest) > 2 else 1
-    config = KernelConfig("decode-mma", bm, 16 * rw * rt, bk, 1, rw * kw, stages, k_warps=kw,
-                          scaled_a=bool(rest[1]) if len(rest) > 1 else False, row_tiles=rt,
-                          prefetch=rest[3] if len(rest) > 3 else 0)
+    config = KernelConfig(
+        "decode-mma",
+        bm,
+        16 * rw * rt,
+        bk,
+        1,
+        rw * kw,
+        stages,
+        k_warps=kw,
+        scaled_a=bool(rest[1]) if len(rest) > 1 else False,
+        row_tiles=rt,
+        prefetch=rest[3] if len(rest) > 3 else 0,
+    )
 w = Any4Tensor.from_hp(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), group_size=128, iterations=2)
 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 for _ in range(6):
-    y = lut_matmul(x, w.qdata, w.lut, w.scales, w.zeros, 4, 128, config)
+    y = lut_matmul(x, w.qdata, w.lut, w.scale, w.zero_point, 4, 128, config)
 torch.cuda.synchronize()
 print("ok", tuple(y.shape))

@@ -18,7 +18,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-
 from bench_generate import build, measure  # noqa: E402  (same directory)
 
 from any4ao import Any4WeightOnlyConfig, quantize_model
@@ -30,8 +29,11 @@ def quantize(model, method):
     elif method == "torchao-int4":
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-        quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
-                  filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"))
+        quantize_(
+            model,
+            Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"),
+            filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and not fqn.endswith("lm_head"),
+        )
 
 
 @torch.no_grad()
@@ -45,8 +47,9 @@ def kernel_times(model, config, batch, steps=5):
     token = torch.randint(0, config.vocab_size, (batch, 1), device="cuda")
     pos = torch.tensor([639], device="cuda")
     torch._dynamo.reset()
-    step = torch.compile(lambda: model(input_ids=token, past_key_values=cache, cache_position=pos,
-                                       use_cache=True).logits, fullgraph=True)
+    step = torch.compile(
+        lambda: model(input_ids=token, past_key_values=cache, cache_position=pos, use_cache=True).logits, fullgraph=True
+    )
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -72,31 +75,55 @@ def main():
     args = p.parse_args()
     gpu = torch.cuda.get_device_name()
     base, config = build("llama3-8b", args.layers)
-    rows, lines = [], [f"`{' '.join(sys.argv)}`", "",
-                       f"{gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}; llama3-8b config, "
-                       f"{args.layers} layers, random weights, batch {args.batch}, KV length 640; torch.compile(fullgraph)", ""]
+    rows, lines = (
+        [],
+        [
+            f"`{' '.join(sys.argv)}`",
+            "",
+            f"{gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}; llama3-8b config, "
+            f"{args.layers} layers, random weights, batch {args.batch}, KV length 640; torch.compile(fullgraph)",
+            "",
+        ],
+    )
     for method in args.methods.split(","):
         model = base if method == "bf16" else copy.deepcopy(base)
         quantize(model, method)
         _, graph_ms = measure(model, config, args.batch, compiled=True)
         kernels = kernel_times(model, config, args.batch)
         total_us = sum(us for us, _ in kernels.values())
-        rows.append(dict(method=method, graph_step_ms=graph_ms, kernel_sum_ms=total_us / 1e3,
-                         kernels={n: dict(us_per_step=us, calls_per_step=c) for n, (us, c) in kernels.items()}))
-        lines += [f"## {method}: step {graph_ms * 1e3:.0f} us in a CUDA graph; kernels sum to {total_us:.0f} us",
-                  "", "| kernel | calls / step | us / step | share |", "|---|---|---|---|"]
-        for name, (us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        rows.append(
+            dict(
+                method=method,
+                graph_step_ms=graph_ms,
+                kernel_sum_ms=total_us / 1e3,
+                kernels={n: dict(us_per_step=us, calls_per_step=c) for n, (us, c) in kernels.items()},
+            )
+        )
+        lines += [
+            f"## {method}: step {graph_ms * 1e3:.0f} us in a CUDA graph; kernels sum to {total_us:.0f} us",
+            "",
+            "| kernel | calls / step | us / step | share |",
+            "|---|---|---|---|",
+        ]
+        for name, (us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[: args.top]:
             lines.append(f"| `{name[:90]}` | {c} | {us:.1f} | {us / total_us:.1%} |")
         lines.append("")
-        print("\n".join(lines[-args.top - 4:]), flush=True)
+        print("\n".join(lines[-args.top - 4 :]), flush=True)
         if model is not base:
             del model
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"profile-generate-{gpu.replace(' ', '-')}-b{args.batch}"
-    meta = {"device": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "command": " ".join(sys.argv), "layers": args.layers, "batch": args.batch, "weights": "random"}
+    meta = {
+        "device": gpu,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "command": " ".join(sys.argv),
+        "layers": args.layers,
+        "batch": args.batch,
+        "weights": "random",
+    }
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 

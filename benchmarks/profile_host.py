@@ -27,9 +27,8 @@ import sys
 import time
 
 import torch
-from torchao.utils import TorchAOBaseTensor
-
 from bench_generate import build, time_cuda  # noqa: E402  (same directory)
+from torchao.utils import TorchAOBaseTensor
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 
@@ -61,17 +60,23 @@ def run_mode(model, token, cache, pos, mode, top):
     fast = Any4Tensor.__tensor_flatten__
     rows = []
     torch._dynamo.reset()
-    step = torch.compile(lambda: model(input_ids=token, past_key_values=cache, cache_position=pos,
-                                       use_cache=True).logits,
-                         fullgraph=True, mode=None if mode == "default" else mode)
+    step = torch.compile(
+        lambda: model(input_ids=token, past_key_values=cache, cache_position=pos, use_cache=True).logits,
+        fullgraph=True,
+        mode=None if mode == "default" else mode,
+    )
     for _ in range(5):
         step()
     for flatten in ("fast", "torchao generic"):
         Any4Tensor.__tensor_flatten__ = fast if flatten == "fast" else TorchAOBaseTensor.__tensor_flatten__
         per_call_ms(step, 5)
-        row = dict(mode=mode, tensor_flatten=flatten, wall_ms_per_call=per_call_ms(step),
-                   gpu_ms_per_step=time_cuda(step, 10),
-                   tensor_flatten_ms_per_call=flatten_ms(step, top=top if flatten == "fast" else 0))
+        row = dict(
+            mode=mode,
+            tensor_flatten=flatten,
+            wall_ms_per_call=per_call_ms(step),
+            gpu_ms_per_step=time_cuda(step, 10),
+            tensor_flatten_ms_per_call=flatten_ms(step, top=top if flatten == "fast" else 0),
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     Any4Tensor.__tensor_flatten__ = fast
@@ -92,8 +97,12 @@ def main():
     if not args.bf16:
         quantize_model(model, Any4WeightOnlyConfig(group_size=128), progress=False)
     cache = StaticCache(config=config, max_cache_len=640)
-    model(input_ids=torch.randint(0, config.vocab_size, (1, 512), device="cuda"), past_key_values=cache,
-          cache_position=torch.arange(512, device="cuda"), use_cache=True)
+    model(
+        input_ids=torch.randint(0, config.vocab_size, (1, 512), device="cuda"),
+        past_key_values=cache,
+        cache_position=torch.arange(512, device="cuda"),
+        use_cache=True,
+    )
     token = torch.randint(0, config.vocab_size, (1, 1), device="cuda")
     pos = torch.tensor([639], device="cuda")
     rows = []
@@ -102,8 +111,17 @@ def main():
             rows += run_mode(model, token, cache, pos, mode, args.top)
         except Exception as e:  # reported, not fatal: the other mode still runs
             print(json.dumps({"mode": mode, "error": repr(e)[:500]}), flush=True)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "command": " ".join(sys.argv), "layers": args.layers, "any4": not args.bf16}))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "command": " ".join(sys.argv),
+                "layers": args.layers,
+                "any4": not args.bf16,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

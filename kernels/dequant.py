@@ -11,16 +11,27 @@ from any4ao.kernels.lut_tile import group_scale_zero, interleaved_codes, load_pa
 
 @triton.jit
 def dequant_kernel(
-    q_ptr, lut_ptr, s_ptr, z_ptr, out_ptr,
-    N, K,
-    stride_qn, stride_sn, stride_on,
-    NBITS: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LUT_MODE: tl.constexpr,
-    PERMUTE: tl.constexpr, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr,
+    q_ptr,
+    lut_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_qn,
+    stride_sn,
+    stride_on,
+    NBITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PERMUTE: tl.constexpr,
+    LUT_FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     """PERMUTE: q and lut come as int32 words (stride_qn in words) and the LUT is looked up in
     registers by byte permutes (lut_permute: 16-bit LUTs, nibble-packed codes, K % 8 == 0);
-    otherwise bytes of codes and lut_lookup with LUT_MODE."""
+    otherwise bytes of codes and a gather load of the LUT (lut_tile.lut_lookup)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -32,7 +43,7 @@ def dequant_kernel(
         PER_BYTE: tl.constexpr = 4 if NBITS == 2 else 2
         packed = load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K, PER_BYTE)
         code = interleaved_codes(packed, NBITS, BLOCK_N, BLOCK_K)
-        v = lut_lookup(lut_ptr, offs_n, code, N, 1 << NBITS, LUT_MODE)
+        v = lut_lookup(lut_ptr, offs_n, code, N, 1 << NBITS)
     scale, zero = group_scale_zero(s_ptr, z_ptr, offs_n, k0, N, stride_sn, GROUP)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], v * scale[:, None] + zero[:, None], mask=mask)

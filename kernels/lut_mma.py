@@ -17,24 +17,20 @@ positions {2t, 2t+1, 2t+8, 2t+9} are codes {0, 1, 2, 3} (first mma) or {4, 5, 6,
 of one 32-bit code word, for weight rows g and g+8 (A) and for the same columns of x (B; a column
 of B is a row of x). So out^T = W x^T, a row tile is 16 weight rows, and an n-tile serves up to 8
 rows of x (the rest of B is zero; tensor-core time is not what bounds decode). A program takes
-1, 2, 4 or 8 n-tiles (M <= 8, 16, 32, 64 rows of x; 8 needs SCALED_A), all fed by the same
-looked-up A fragments, and a warp owns ROW_TILES = 1 or 2 row tiles (2: SCALED_A, at most 4
-n-tiles), so that each x fragment it loads feeds ROW_TILES mmas: from M = 16 on, the x loads
+1, 2, 4 or 8 n-tiles (M <= 8, 16, 32, 64 rows of x), all fed by the same looked-up A
+fragments, and a warp owns ROW_TILES = 1 or 2 row tiles (2: at most 4 n-tiles), so that each x fragment it loads feeds ROW_TILES mmas: from M = 16 on, the x loads
 through L1 are what bounds the kernel (profile-decode-*.md).
 Per step lane t reads V consecutive code words of each of its two rows (128-bit loads for V = 4),
 or with SPREAD the words t, t + 4, .. (so the 4 lanes' 16-byte x loads of one word are contiguous):
 the 4 lanes of a row cover 32 V columns. Warps split into ROW_WARPS (16 ROW_TILES rows each) x K_WARPS
 (interleaved groups of K), summed through shared memory at the end: deterministic, no workspace.
 
-Scales and zeros, two ways (SCALED_A):
-- off: sum_k (lut s + z) x = s sum_k lut x + z sum_k x per group; the x sums come from a second mma
-  with an all-ones A, which puts them straight into the C layout (no shuffles). Needs per n-tile
-  12 accumulator registers (group sums, x sums, total) and two mmas per fragment.
-- on: each looked-up pair becomes lut s + z with one fma.rn.bf16x2 (f16x2) on the FMA pipe, i.e.
-  W rounded to the x dtype once, exactly as dequantize + cuBLAS rounds it. One mma per fragment,
-  4 accumulator registers per n-tile; this is what lets a program take 8 n-tiles (M <= 64).
-  The dispatcher uses this everywhere (faster at every M in the H100 sweeps); "off" stays for the
-  sweeps and as the more exact variant (fp32 scaling).
+Scales and zero points: each looked-up pair becomes lut * s + z with one fma.rn.bf16x2 (f16x2)
+on the FMA pipe, i.e. W rounded to the x dtype once, exactly as dequantize + cuBLAS rounds it; one
+mma per fragment and 4 accumulator registers per n-tile, which is what lets a program take 8
+n-tiles (M <= 64). (The variant that applied them after the mma, with an all-ones mma for the x
+sums, lost at every M in the H100 sweeps v10 / v11 and was removed; so were the shared-memory
+code pipeline, which put two barriers in every step (sweep v14), and the register cap (v9).)
 
 All tensors in the main loop are "lane tensors", one value per thread, shape (32 * num_warps,).
 The mma needs element e on thread e, which is how Triton lays out such a 1-D tensor; the kernel
@@ -69,7 +65,9 @@ def mma_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16: tl.constexpr, USE
             asm + "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
             "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
             [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
-            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1,
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True,
+            pack=1,
         )
     else:
         return _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16)
@@ -133,8 +131,12 @@ def scale_pairs(pair, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
 @triton.jit
 def _scale4(p, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
     """scale_pairs over the 4 pairs one lookup8 gives for a row."""
-    return (scale_pairs(p[0], S, Z, FP16, USE_ASM), scale_pairs(p[1], S, Z, FP16, USE_ASM),
-            scale_pairs(p[2], S, Z, FP16, USE_ASM), scale_pairs(p[3], S, Z, FP16, USE_ASM))
+    return (
+        scale_pairs(p[0], S, Z, FP16, USE_ASM),
+        scale_pairs(p[1], S, Z, FP16, USE_ASM),
+        scale_pairs(p[2], S, Z, FP16, USE_ASM),
+        scale_pairs(p[3], S, Z, FP16, USE_ASM),
+    )
 
 
 @triton.jit
@@ -178,19 +180,30 @@ def _load_x_word(x_row, word, ok, EVEN: tl.constexpr, USE_ASM: tl.constexpr):
     if USE_ASM:
         if EVEN:
             return tl.inline_asm_elementwise(
-                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
-                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+                "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+                "=r,=r,=r,=r,l",
+                [ptr],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                is_pure=True,
+                pack=1,
             )
         else:
             return tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.b32 p, $5, 0; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;"
                 " @p ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4]; }",
-                "=r,=r,=r,=r,l,r", [ptr, ok.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                is_pure=True, pack=1,
+                "=r,=r,=r,=r,l,r",
+                [ptr, ok.to(tl.int32)],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                is_pure=True,
+                pack=1,
             )
     else:
-        return (tl.load(ptr, mask=ok, other=0), tl.load(ptr + 1, mask=ok, other=0),
-                tl.load(ptr + 2, mask=ok, other=0), tl.load(ptr + 3, mask=ok, other=0))
+        return (
+            tl.load(ptr, mask=ok, other=0),
+            tl.load(ptr + 1, mask=ok, other=0),
+            tl.load(ptr + 2, mask=ok, other=0),
+            tl.load(ptr + 3, mask=ok, other=0),
+        )
 
 
 @triton.jit
@@ -199,8 +212,9 @@ def _load_u16(ptr, USE_ASM: tl.constexpr):
     register zero-extends, which a tl.load + bitcast leaves to a separate AND. Never masked: a
     step outside its split reads the last group's (_step_at), and its x is 0."""
     if USE_ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.u16 $0, [$1];", "=r,l", [ptr], dtype=tl.uint32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            "ld.global.nc.u16 $0, [$1];", "=r,l", [ptr], dtype=tl.uint32, is_pure=True, pack=1
+        )
     else:
         return tl.load(ptr).to(tl.uint16, bitcast=True).to(tl.uint32)
 
@@ -213,31 +227,58 @@ def _load_words_asm(ptr, V: tl.constexpr, SPREAD: tl.constexpr):
         if V == 4:
             return tl.inline_asm_elementwise(
                 "ld.global.nc.b32 $0, [$4]; ld.global.nc.b32 $1, [$4+16]; ld.global.nc.b32 $2, [$4+32];"
-                " ld.global.nc.b32 $3, [$4+48];", "=r,=r,=r,=r,l", [ptr],
-                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1)
+                " ld.global.nc.b32 $3, [$4+48];",
+                "=r,=r,=r,=r,l",
+                [ptr],
+                dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+                is_pure=True,
+                pack=1,
+            )
         elif V == 2:
             w0, w1 = tl.inline_asm_elementwise(
-                "ld.global.nc.b32 $0, [$2]; ld.global.nc.b32 $1, [$2+16];", "=r,=r,l", [ptr],
-                dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+                "ld.global.nc.b32 $0, [$2]; ld.global.nc.b32 $1, [$2+16];",
+                "=r,=r,l",
+                [ptr],
+                dtype=(tl.uint32, tl.uint32),
+                is_pure=True,
+                pack=1,
+            )
             return w0, w1, w1, w1
     if V == 4:
         return tl.inline_asm_elementwise(
-            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l", [ptr],
-            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1)
+            "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];",
+            "=r,=r,=r,=r,l",
+            [ptr],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32),
+            is_pure=True,
+            pack=1,
+        )
     elif V == 2:
         w0, w1 = tl.inline_asm_elementwise(
-            "ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr], dtype=(tl.uint32, tl.uint32), is_pure=True,
-            pack=1)
+            "ld.global.nc.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1
+        )
         return w0, w1, w1, w1
     else:
-        w0 = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.uint32, is_pure=True,
-                                       pack=1)
+        w0 = tl.inline_asm_elementwise(
+            "ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.uint32, is_pure=True, pack=1
+        )
         return w0, w0, w0, w0
 
 
 @triton.jit
-def _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr,
-             SPREAD: tl.constexpr, EVEN: tl.constexpr):
+def _step_at(
+    u,
+    kw,
+    t,
+    g_begin,
+    g_end,
+    n_groups,
+    GROUP: tl.constexpr,
+    V: tl.constexpr,
+    K_WARPS: tl.constexpr,
+    SPREAD: tl.constexpr,
+    EVEN: tl.constexpr,
+):
     """Step u of this warp: its lane's first code word, the step's group, and whether that group is
     inside this split (EVEN: always). A step outside it (a warp with one group fewer than others)
     reads the last group's codes and scales, so every address is inside the tensors; its x is
@@ -261,8 +302,7 @@ def _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP: tl.constexpr, V: tl.cons
 @triton.jit
 def _load_codes(qw_ptr, row, word, stride_qw, V: tl.constexpr, SPREAD: tl.constexpr, ASM_LOAD: tl.constexpr):
     """A row's V code words of a step (row and word inside the weight: no mask), as four (L,)
-    uint32 (padded). ASM_LOAD (register prefetch): straight into registers; else a tl.load that
-    tl.range pipelines through shared memory."""
+    uint32 (padded). ASM_LOAD (the GPU): straight into registers; else (the interpreter) tl.load."""
     if ASM_LOAD:
         return _load_words_asm(qw_ptr + row * stride_qw + word, V, SPREAD)
     else:
@@ -273,8 +313,21 @@ def _load_codes(qw_ptr, row, word, stride_qw, V: tl.constexpr, SPREAD: tl.conste
 
 
 @triton.jit
-def _fetch_pair(qw_ptr, s_ptr, z_ptr, ra, rb, word, group, stride_qw, stride_sn, V: tl.constexpr,
-                SPREAD: tl.constexpr, ASM_LOAD: tl.constexpr, USE_ASM: tl.constexpr):
+def _fetch_pair(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    ra,
+    rb,
+    word,
+    group,
+    stride_qw,
+    stride_sn,
+    V: tl.constexpr,
+    SPREAD: tl.constexpr,
+    ASM_LOAD: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
     """Code words, scales and zeros of one row pair (rows g and g + 8 of a row tile) for one step."""
     wa = _load_codes(qw_ptr, ra, word, stride_qw, V, SPREAD, ASM_LOAD)
     wb = _load_codes(qw_ptr, rb, word, stride_qw, V, SPREAD, ASM_LOAD)
@@ -286,121 +339,162 @@ def _fetch_pair(qw_ptr, s_ptr, z_ptr, ra, rb, word, group, stride_qw, stride_sn,
 
 
 @triton.jit
-def _fetch(qw_ptr, s_ptr, z_ptr, u, rows, kw, t, g_begin, g_end, n_groups, stride_qw, stride_sn,
-           GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, SPREAD: tl.constexpr, EVEN: tl.constexpr,
-           ROW_TILES: tl.constexpr, ASM_LOAD: tl.constexpr, USE_ASM: tl.constexpr):
+def _fetch(
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    u,
+    rows,
+    kw,
+    t,
+    g_begin,
+    g_end,
+    n_groups,
+    stride_qw,
+    stride_sn,
+    GROUP: tl.constexpr,
+    V: tl.constexpr,
+    K_WARPS: tl.constexpr,
+    SPREAD: tl.constexpr,
+    EVEN: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    ASM_LOAD: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
     """Everything step u reads from the weight: the code words of the warp's rows (rows: 4 row
     indices, clamped; the last two only with ROW_TILES = 2) and their scales and zeros, as
     zero-extended 16-bit bits."""
     word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
-    w0, w1, s0, s1, z0, z1 = _fetch_pair(qw_ptr, s_ptr, z_ptr, rows[0], rows[1], word, group, stride_qw, stride_sn,
-                                         V, SPREAD, ASM_LOAD, USE_ASM)
+    w0, w1, s0, s1, z0, z1 = _fetch_pair(
+        qw_ptr, s_ptr, z_ptr, rows[0], rows[1], word, group, stride_qw, stride_sn, V, SPREAD, ASM_LOAD, USE_ASM
+    )
     w2, w3, s2, s3, z2, z3 = w0, w1, s0, s1, z0, z1
     if ROW_TILES == 2:
-        w2, w3, s2, s3, z2, z3 = _fetch_pair(qw_ptr, s_ptr, z_ptr, rows[2], rows[3], word, group, stride_qw,
-                                             stride_sn, V, SPREAD, ASM_LOAD, USE_ASM)
+        w2, w3, s2, s3, z2, z3 = _fetch_pair(
+            qw_ptr, s_ptr, z_ptr, rows[2], rows[3], word, group, stride_qw, stride_sn, V, SPREAD, ASM_LOAD, USE_ASM
+        )
     return (w0, w1, w2, w3), (s0, s1, z0, z1, s2, s3, z2, z3)
 
 
 @triton.jit
-def _word_mma(a, xq, c, e, ONE, SCALED_A: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """One code word per row: a = 8 A registers (rows g, g+8 interleaved), xq = its 4 x pairs.
-    c: weight accumulators, e: x-sum accumulators (the all-ones product, not SCALED_A; all four are
-    kept, e2 = e0 and e3 = e1, so the mma's accumulator registers need no copies)."""
+def _word_mma(a, xq, c, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """One code word per row: a = 8 scaled A registers (rows g, g+8 interleaved), xq = its 4 x pairs."""
     c0, c1, c2, c3 = mma_m16n8k16(a[0], a[1], a[2], a[3], xq[0], xq[1], c[0], c[1], c[2], c[3], FP16, USE_ASM)
-    c0, c1, c2, c3 = mma_m16n8k16(a[4], a[5], a[6], a[7], xq[2], xq[3], c0, c1, c2, c3, FP16, USE_ASM)
-    if SCALED_A:
-        return (c0, c1, c2, c3), e
-    e0, e1, e2, e3 = mma_m16n8k16(ONE, ONE, ONE, ONE, xq[0], xq[1], e[0], e[1], e[2], e[3], FP16, USE_ASM)
-    e0, e1, e2, e3 = mma_m16n8k16(ONE, ONE, ONE, ONE, xq[2], xq[3], e0, e1, e2, e3, FP16, USE_ASM)
-    return (c0, c1, c2, c3), (e0, e1, e2, e3)
+    return mma_m16n8k16(a[4], a[5], a[6], a[7], xq[2], xq[3], c0, c1, c2, c3, FP16, USE_ASM)
 
 
 @triton.jit
-def _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, J: tl.constexpr, ROW_TILES: tl.constexpr,
-              SCALED_A: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+def _tile_mma(
+    a,
+    b,
+    word,
+    xr,
+    valid,
+    cs,
+    ds,
+    J: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    EVEN: tl.constexpr,
+    FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
     """n-tile J: the A fragments of the warp's first 16 rows (a) and, ROW_TILES = 2, of its next 16
     (b, into ds) against the lanes' row of x of that tile (xr[J]): one x load, two mmas."""
     xq = _load_x_word(xr[J], word, valid, EVEN, USE_ASM)
-    c, e = _word_mma(a, xq, cs[J], es[J], ONE, SCALED_A, FP16, USE_ASM)
+    c = _word_mma(a, xq, cs[J], FP16, USE_ASM)
     d = ds[J]
     if ROW_TILES == 2:
-        d, _ = _word_mma(b, xq, d, es[J], ONE, SCALED_A, FP16, USE_ASM)
-    return c, e, d
+        d = _word_mma(b, xq, d, FP16, USE_ASM)
+    return c, d
 
 
 @triton.jit
-def _tiles_mma(a, b, word, xr, valid, cs, ds, es, ONE, N_TILES: tl.constexpr, ROW_TILES: tl.constexpr,
-               SCALED_A: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """One code word's A fragments against the x of each n-tile; cs / ds / es: per tile (8 slots,
-    the first N_TILES used) the accumulators of the first and second row tile and the x sums."""
-    c0, e0, d0 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 0, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
-    c1, e1, d1, c2, e2, d2, c3, e3, d3 = cs[1], es[1], ds[1], cs[2], es[2], ds[2], cs[3], es[3], ds[3]
-    c4, e4, c5, e5, c6, e6, c7, e7 = cs[4], es[4], cs[5], es[5], cs[6], es[6], cs[7], es[7]
+def _tiles_mma(
+    a,
+    b,
+    word,
+    xr,
+    valid,
+    cs,
+    ds,
+    N_TILES: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    EVEN: tl.constexpr,
+    FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """One code word's A fragments against the x of each n-tile; cs / ds: per tile (8 slots, the
+    first N_TILES used) the accumulators of the first and second row tile."""
+    c0, d0 = _tile_mma(a, b, word, xr, valid, cs, ds, 0, ROW_TILES, EVEN, FP16, USE_ASM)
+    c1, d1, c2, d2, c3, d3 = cs[1], ds[1], cs[2], ds[2], cs[3], ds[3]
+    c4, c5, c6, c7 = cs[4], cs[5], cs[6], cs[7]
     if N_TILES >= 2:
-        c1, e1, d1 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 1, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
+        c1, d1 = _tile_mma(a, b, word, xr, valid, cs, ds, 1, ROW_TILES, EVEN, FP16, USE_ASM)
     if N_TILES >= 4:
-        c2, e2, d2 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 2, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
-        c3, e3, d3 = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 3, ROW_TILES, SCALED_A, EVEN, FP16, USE_ASM)
+        c2, d2 = _tile_mma(a, b, word, xr, valid, cs, ds, 2, ROW_TILES, EVEN, FP16, USE_ASM)
+        c3, d3 = _tile_mma(a, b, word, xr, valid, cs, ds, 3, ROW_TILES, EVEN, FP16, USE_ASM)
     if N_TILES == 8:  # ROW_TILES == 1 (static_assert in the kernel)
-        c4, e4, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 4, 1, SCALED_A, EVEN, FP16, USE_ASM)
-        c5, e5, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 5, 1, SCALED_A, EVEN, FP16, USE_ASM)
-        c6, e6, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 6, 1, SCALED_A, EVEN, FP16, USE_ASM)
-        c7, e7, _ = _tile_mma(a, b, word, xr, valid, cs, ds, es, ONE, 7, 1, SCALED_A, EVEN, FP16, USE_ASM)
-    return ((c0, c1, c2, c3, c4, c5, c6, c7), (d0, d1, d2, d3, ds[4], ds[5], ds[6], ds[7]),
-            (e0, e1, e2, e3, e4, e5, e6, e7))
+        c4, _ = _tile_mma(a, b, word, xr, valid, cs, ds, 4, 1, EVEN, FP16, USE_ASM)
+        c5, _ = _tile_mma(a, b, word, xr, valid, cs, ds, 5, 1, EVEN, FP16, USE_ASM)
+        c6, _ = _tile_mma(a, b, word, xr, valid, cs, ds, 6, 1, EVEN, FP16, USE_ASM)
+        c7, _ = _tile_mma(a, b, word, xr, valid, cs, ds, 7, 1, EVEN, FP16, USE_ASM)
+    return (c0, c1, c2, c3, c4, c5, c6, c7), (d0, d1, d2, d3, ds[4], ds[5], ds[6], ds[7])
 
 
 @triton.jit
-def _fragments(wa, wb, Pa, Pb, SZ, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, SCALED_A: tl.constexpr,
-               FP16: tl.constexpr, USE_ASM: tl.constexpr):
+def _fragments(wa, wb, Pa, Pb, SZ, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
     """One code word of rows g (wa) and g + 8 (wb) -> the 8 A registers of its two mmas, rows
-    interleaved; SCALED_A: each pair scaled (SZ: the rows' scale and zero pairs)."""
-    p = lookup8(wa, Pa, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
-    q = lookup8(wb, Pb, pow2_16, pow2_31, LUT_SIZE, USE_ASM)
-    if SCALED_A:
-        p = _scale4(p, SZ[0], SZ[2], FP16, USE_ASM)
-        q = _scale4(q, SZ[1], SZ[3], FP16, USE_ASM)
+    interleaved, each pair scaled (SZ: the rows' scale and zero pairs)."""
+    p = _scale4(lookup8(wa, Pa, pow2_16, pow2_31, LUT_SIZE, USE_ASM), SZ[0], SZ[2], FP16, USE_ASM)
+    q = _scale4(lookup8(wb, Pb, pow2_16, pow2_31, LUT_SIZE, USE_ASM), SZ[1], SZ[3], FP16, USE_ASM)
     return p[0], q[0], p[1], q[1], p[2], q[2], p[3], q[3]
 
 
 @triton.jit
-def _step_mma(W, word, xr, valid, P, SZ, cs, ds, es, ONE, pow2_16, pow2_31,
-              V: tl.constexpr, LUT_SIZE: tl.constexpr, N_TILES: tl.constexpr, ROW_TILES: tl.constexpr,
-              SCALED_A: tl.constexpr, SPREAD: tl.constexpr, EVEN: tl.constexpr, FP16: tl.constexpr,
-              USE_ASM: tl.constexpr):
-    """All V words of a step: each word is looked up once (and, SCALED_A, scaled) and meets every
-    n-tile's x. W, P, SZ: per row tile, the code words (four per row), byte planes and scale / zero
-    pairs of its two rows (W[2:], P[2:], SZ[1] for the second row tile, used when ROW_TILES = 2)."""
+def _step(
+    W,
+    S,
+    u,
+    kw,
+    t,
+    g_begin,
+    g_end,
+    n_groups,
+    xr,
+    P,
+    cs,
+    ds,
+    rep,
+    pow2_16,
+    pow2_31,
+    GROUP: tl.constexpr,
+    V: tl.constexpr,
+    K_WARPS: tl.constexpr,
+    LUT_SIZE: tl.constexpr,
+    N_TILES: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    SPREAD: tl.constexpr,
+    EVEN: tl.constexpr,
+    FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    """Step u on its fetched codes W and scale / zero bits S (_fetch): all V words of the step,
+    each looked up and scaled once and multiplied with every n-tile's x. W, P, S: per row tile,
+    the code words (four per row), byte planes and scale / zero bits of its two rows (the second
+    row tile's used when ROW_TILES = 2)."""
     STRIDE: tl.constexpr = 4 if SPREAD else 1
+    word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
+    SZ = _pairs_of(S[0], S[1], S[2], S[3], rep)
+    SZ2 = SZ
+    if ROW_TILES == 2:
+        SZ2 = _pairs_of(S[4], S[5], S[6], S[7], rep)
     for i in tl.static_range(V):
-        a = _fragments(W[0][i], W[1][i], P[0], P[1], SZ[0], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
+        a = _fragments(W[0][i], W[1][i], P[0], P[1], SZ, pow2_16, pow2_31, LUT_SIZE, FP16, USE_ASM)
         b = a
         if ROW_TILES == 2:
-            b = _fragments(W[2][i], W[3][i], P[2], P[3], SZ[1], pow2_16, pow2_31, LUT_SIZE, SCALED_A, FP16, USE_ASM)
-        cs, ds, es = _tiles_mma(a, b, word + STRIDE * i, xr, valid, cs, ds, es, ONE, N_TILES, ROW_TILES, SCALED_A,
-                                EVEN, FP16, USE_ASM)
-    return cs, ds, es
-
-
-@triton.jit
-def _fold(acc, c, e, s0, s1, z0, z1):
-    """acc += scale * (sum lut x) + zero * (sum x), per row (g: s0, z0; g+8: s1, z1)."""
-    return (acc[0] + s0 * c[0] + z0 * e[0], acc[1] + s0 * c[1] + z0 * e[1],
-            acc[2] + s1 * c[2] + z1 * e[2], acc[3] + s1 * c[3] + z1 * e[3])
-
-
-@triton.jit
-def _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES: tl.constexpr):
-    """Not SCALED_A, so N_TILES <= 4."""
-    a0 = _fold(accs[0], cs[0], es[0], s0, s1, z0, z1)
-    a1, a2, a3 = accs[1], accs[2], accs[3]
-    if N_TILES >= 2:
-        a1 = _fold(a1, cs[1], es[1], s0, s1, z0, z1)
-    if N_TILES == 4:
-        a2 = _fold(a2, cs[2], es[2], s0, s1, z0, z1)
-        a3 = _fold(a3, cs[3], es[3], s0, s1, z0, z1)
-    return (a0, a1, a2, a3, accs[4], accs[5], accs[6], accs[7])
+            b = _fragments(W[2][i], W[3][i], P[2], P[3], SZ2, pow2_16, pow2_31, LUT_SIZE, FP16, USE_ASM)
+        cs, ds = _tiles_mma(a, b, word + STRIDE * i, xr, valid, cs, ds, N_TILES, ROW_TILES, EVEN, FP16, USE_ASM)
+    return cs, ds
 
 
 @triton.jit
@@ -428,61 +522,54 @@ def _clamp_step(v, n_steps):
 
 
 @triton.jit
-def _step(W, S, u, kw, t, g_begin, g_end, n_groups, xr, P, accs, cs, ds, es, zeros8, ONE, rep, pow2_16, pow2_31,
-          GROUP: tl.constexpr, V: tl.constexpr, K_WARPS: tl.constexpr, LUT_SIZE: tl.constexpr,
-          N_TILES: tl.constexpr, ROW_TILES: tl.constexpr, SCALED_A: tl.constexpr, SPREAD: tl.constexpr,
-          EVEN: tl.constexpr, FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """Step u on its fetched codes W and scale / zero bits S (_fetch): lookups, mmas and, without
-    SCALED_A, the fold of a finished group's sums."""
-    STEPS: tl.constexpr = GROUP // (32 * V)
-    word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
-    SZ = _pairs_of(S[0], S[1], S[2], S[3], rep)
-    SZ2 = SZ
-    if ROW_TILES == 2:
-        SZ2 = _pairs_of(S[4], S[5], S[6], S[7], rep)
-    cs, ds, es = _step_mma(W, word, xr, valid, P, (SZ, SZ2), cs, ds, es, ONE, pow2_16, pow2_31, V, LUT_SIZE,
-                           N_TILES, ROW_TILES, SCALED_A, SPREAD, EVEN, FP16, USE_ASM)
-    if not SCALED_A:
-        if u % STEPS == STEPS - 1:  # end of a group: apply its scales and zeros
-            s0, _ = halves(S[0], FP16, True)
-            s1, _ = halves(S[1], FP16, True)
-            z0, _ = halves(S[2], FP16, True)
-            z1, _ = halves(S[3], FP16, True)
-            accs = _fold_tiles(accs, cs, es, s0, s1, z0, z1, N_TILES)
-            cs, es = zeros8, zeros8
-    return accs, cs, ds, es
-
-
-@triton.jit
 def lut_mma_kernel(
-    x_ptr, qw_ptr, lut_words_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, K,
-    stride_xw, stride_qw, stride_sn, stride_os, stride_om, pow2_16, pow2_31,
-    LUT_SIZE: tl.constexpr, GROUP: tl.constexpr, V: tl.constexpr,
-    ROW_WARPS: tl.constexpr, K_WARPS: tl.constexpr, N_TILES: tl.constexpr, SPLIT_K: tl.constexpr,
-    SCALED_A: tl.constexpr, SPREAD: tl.constexpr, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr,
-    STAGES: tl.constexpr, ROW_TILES: tl.constexpr = 1, PREFETCH: tl.constexpr = 0, EVEN: tl.constexpr = False,
+    x_ptr,
+    qw_ptr,
+    lut_words_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xw,
+    stride_qw,
+    stride_sn,
+    stride_os,
+    stride_om,
+    pow2_16,
+    pow2_31,
+    LUT_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    V: tl.constexpr,
+    ROW_WARPS: tl.constexpr,
+    K_WARPS: tl.constexpr,
+    N_TILES: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SPREAD: tl.constexpr,
+    LUT_FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """out[pid_k, m, n] = sum over this split's K of x[m, k] W[n, k], for the 8 N_TILES rows of x of
-    program_id(2) (N_TILES = 1, 2, 4, or 8 with SCALED_A). A warp owns 16 ROW_TILES weight rows:
-    with ROW_TILES = 2 (SCALED_A, N_TILES <= 4) each x fragment it loads feeds two mmas, which
-    halves the x traffic through L1 that bounds M >= 16 (profile-decode-*.md).
-    Loads: PREFETCH = 0: tl.range pipelines the code words through shared memory (cp.async,
-    STAGES deep; every step then synchronises the program's warps); PREFETCH = 1 or 2: each step
-    loads the codes and scales of the step PREFETCH ahead straight into registers (no shared
-    memory, no barriers: the warps of a program run independently). EVEN (host: every warp gets
-    the same number of groups): no step falls outside its split, so no load needs a predicate.
-    Rows of W past N and of x past M are clamped to the last one (their results are not stored),
-    so only the split bound can mask a load.
+    program_id(2) (N_TILES = 1, 2, 4 or 8). A warp owns 16 ROW_TILES weight rows: with ROW_TILES = 2
+    (N_TILES <= 4) each x fragment it loads feeds two mmas, which halves the x traffic through L1
+    that bounds M >= 16 (profile-decode-*.md).
+    Loads: each step loads the codes and scales of the step PREFETCH (1 or 2) ahead straight into
+    registers (no shared memory, no barriers: the warps of a program run independently). EVEN
+    (host: every warp gets the same number of groups): no step falls outside its split, so no load
+    needs a predicate. Rows of W past N and of x past M are clamped to the last one (their results
+    are not stored), so only the split bound can mask a load.
     x_ptr / qw_ptr / lut_words_ptr: x, codes and LUT viewed as int32 (strides in 32-bit words);
     pow2_16 = 2**16 and pow2_31 = 2**31 (see lookup8)."""
-    tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4 or (N_TILES == 8 and SCALED_A))
-    tl.static_assert(ROW_TILES == 1 or (ROW_TILES == 2 and SCALED_A and N_TILES <= 4))
-    tl.static_assert(PREFETCH == 0 or PREFETCH == 1 or PREFETCH == 2)
+    tl.static_assert(N_TILES == 1 or N_TILES == 2 or N_TILES == 4 or N_TILES == 8)
+    tl.static_assert(ROW_TILES == 1 or (ROW_TILES == 2 and N_TILES <= 4))
+    tl.static_assert(PREFETCH == 1 or PREFETCH == 2)
     ROW_LANES: tl.constexpr = 32 * ROW_WARPS
     ROWS: tl.constexpr = 16 * ROW_TILES  # weight rows per warp
     L: tl.constexpr = ROW_LANES * K_WARPS
-    ASM_LOAD: tl.constexpr = USE_ASM and PREFETCH > 0
     pow2_16, pow2_31 = pow2_16.to(tl.uint32), pow2_31.to(tl.uint32)
     lane = tl.arange(0, L)
     in_place = thread_ids(lane, USE_ASM) == lane
@@ -491,8 +578,12 @@ def lut_mma_kernel(
     t = lane % 4
     kw = warp // ROW_WARPS
     row0 = tl.program_id(0) * (ROWS * ROW_WARPS) + (warp % ROW_WARPS) * ROWS + g
-    rows = (tl.minimum(row0, N - 1), tl.minimum(row0 + 8, N - 1),  # the second row tile: rows + 16
-            tl.minimum(row0 + 16, N - 1), tl.minimum(row0 + 24, N - 1))
+    rows = (
+        tl.minimum(row0, N - 1),
+        tl.minimum(row0 + 8, N - 1),  # the second row tile: rows + 16
+        tl.minimum(row0 + 16, N - 1),
+        tl.minimum(row0 + 24, N - 1),
+    )
     P0 = lut_byte_planes(lut_words_ptr, rows[0], N, LUT_SIZE, USE_ASM)
     P1 = lut_byte_planes(lut_words_ptr, rows[1], N, LUT_SIZE, USE_ASM)
     P2, P3 = P0, P1
@@ -500,13 +591,18 @@ def lut_mma_kernel(
         P2 = lut_byte_planes(lut_words_ptr, rows[2], N, LUT_SIZE, USE_ASM)
         P3 = lut_byte_planes(lut_words_ptr, rows[3], N, LUT_SIZE, USE_ASM)
     P = (P0, P1, P2, P3)
-    ONE = tl.zeros_like(lane) + (0x3C003C00 if LUT_FP16 else 0x3F803F80)  # a pair of 1.0
     # lane (g, t) feeds row m_row + 8 j of x to n-tile j (xr[j], clamped into x)
     m_row = tl.program_id(2) * (8 * N_TILES) + g
-    xr = (x_ptr + tl.minimum(m_row, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 8, M - 1) * stride_xw,
-          x_ptr + tl.minimum(m_row + 16, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 24, M - 1) * stride_xw,
-          x_ptr + tl.minimum(m_row + 32, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 40, M - 1) * stride_xw,
-          x_ptr + tl.minimum(m_row + 48, M - 1) * stride_xw, x_ptr + tl.minimum(m_row + 56, M - 1) * stride_xw)
+    xr = (
+        x_ptr + tl.minimum(m_row, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 8, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 16, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 24, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 32, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 40, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 48, M - 1) * stride_xw,
+        x_ptr + tl.minimum(m_row + 56, M - 1) * stride_xw,
+    )
 
     # This split's groups; warp kw takes groups g_begin + kw, + kw + K_WARPS, ...
     n_groups = K // GROUP
@@ -518,35 +614,108 @@ def lut_mma_kernel(
     zero = tl.zeros((L,), dtype=tl.float32)
     zeros4 = (zero, zero, zero, zero)  # accumulators: per n-tile, four lane tensors (the C registers)
     zeros8 = (zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4)
-    accs, cs, ds, es = zeros8, zeros8, zeros8, zeros8
+    cs, ds = zeros8, zeros8
     rep = pow2_16 + 1
-    if PREFETCH == 0:
-        for u in tl.range(0, n_steps, num_stages=STAGES):
-            W, S = _fetch(qw_ptr, s_ptr, z_ptr, u, rows, kw, t, g_begin, g_end, n_groups, stride_qw, stride_sn,
-                          GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD, USE_ASM)
-            accs, cs, ds, es = _step(W, S, u, kw, t, g_begin, g_end, n_groups, xr, P, accs, cs, ds, es, zeros8, ONE,
-                                     rep, pow2_16, pow2_31, GROUP, V, K_WARPS, LUT_SIZE, N_TILES, ROW_TILES,
-                                     SCALED_A, SPREAD, EVEN, LUT_FP16, USE_ASM)
-    else:
-        Wa, Sa = _fetch(qw_ptr, s_ptr, z_ptr, _clamp_step(0, n_steps), rows, kw, t, g_begin, g_end, n_groups,
-                        stride_qw, stride_sn, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD, USE_ASM)
-        Wb, Sb = Wa, Sa
+    Wa, Sa = _fetch(
+        qw_ptr,
+        s_ptr,
+        z_ptr,
+        _clamp_step(0, n_steps),
+        rows,
+        kw,
+        t,
+        g_begin,
+        g_end,
+        n_groups,
+        stride_qw,
+        stride_sn,
+        GROUP,
+        V,
+        K_WARPS,
+        SPREAD,
+        EVEN,
+        ROW_TILES,
+        USE_ASM,
+        USE_ASM,
+    )
+    Wb, Sb = Wa, Sa
+    if PREFETCH == 2:
+        Wb, Sb = _fetch(
+            qw_ptr,
+            s_ptr,
+            z_ptr,
+            _clamp_step(1, n_steps),
+            rows,
+            kw,
+            t,
+            g_begin,
+            g_end,
+            n_groups,
+            stride_qw,
+            stride_sn,
+            GROUP,
+            V,
+            K_WARPS,
+            SPREAD,
+            EVEN,
+            ROW_TILES,
+            USE_ASM,
+            USE_ASM,
+        )
+    for u in tl.range(0, n_steps, num_stages=1):
+        Wn, Sn = _fetch(
+            qw_ptr,
+            s_ptr,
+            z_ptr,
+            _clamp_step(u + PREFETCH, n_steps),
+            rows,
+            kw,
+            t,
+            g_begin,
+            g_end,
+            n_groups,
+            stride_qw,
+            stride_sn,
+            GROUP,
+            V,
+            K_WARPS,
+            SPREAD,
+            EVEN,
+            ROW_TILES,
+            USE_ASM,
+            USE_ASM,
+        )
+        cs, ds = _step(
+            Wa,
+            Sa,
+            u,
+            kw,
+            t,
+            g_begin,
+            g_end,
+            n_groups,
+            xr,
+            P,
+            cs,
+            ds,
+            rep,
+            pow2_16,
+            pow2_31,
+            GROUP,
+            V,
+            K_WARPS,
+            LUT_SIZE,
+            N_TILES,
+            ROW_TILES,
+            SPREAD,
+            EVEN,
+            LUT_FP16,
+            USE_ASM,
+        )
         if PREFETCH == 2:
-            Wb, Sb = _fetch(qw_ptr, s_ptr, z_ptr, _clamp_step(1, n_steps), rows, kw, t, g_begin, g_end, n_groups,
-                            stride_qw, stride_sn, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD, USE_ASM)
-        for u in tl.range(0, n_steps, num_stages=1):
-            Wn, Sn = _fetch(qw_ptr, s_ptr, z_ptr, _clamp_step(u + PREFETCH, n_steps), rows, kw, t, g_begin, g_end,
-                            n_groups, stride_qw, stride_sn, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, ASM_LOAD,
-                            USE_ASM)
-            accs, cs, ds, es = _step(Wa, Sa, u, kw, t, g_begin, g_end, n_groups, xr, P, accs, cs, ds, es, zeros8,
-                                     ONE, rep, pow2_16, pow2_31, GROUP, V, K_WARPS, LUT_SIZE, N_TILES, ROW_TILES,
-                                     SCALED_A, SPREAD, EVEN, LUT_FP16, USE_ASM)
-            if PREFETCH == 2:
-                Wa, Sa, Wb, Sb = Wb, Sb, Wn, Sn
-            else:
-                Wa, Sa = Wn, Sn
-    if SCALED_A:  # the scales went into the fragments: the mma sums are the result
-        accs = cs
+            Wa, Sa, Wb, Sb = Wb, Sb, Wn, Sn
+        else:
+            Wa, Sa = Wn, Sn
 
     # Warps that share rows meet here; NaN marks a layout that broke the element-to-thread map.
     bad = tl.where(in_place, 0.0, float("nan"))
@@ -557,9 +726,13 @@ def lut_mma_kernel(
     for r in tl.static_range(ROW_TILES):
         for j in tl.static_range(N_TILES):
             if r == 0:
-                acc = accs[j]
+                acc = cs[j]
             else:
                 acc = ds[j]
-            acc = (_sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
-                   _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS), _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS))
+            acc = (
+                _sum_k_warps(acc[0] + bad, ROW_LANES, K_WARPS),
+                _sum_k_warps(acc[1] + bad, ROW_LANES, K_WARPS),
+                _sum_k_warps(acc[2] + bad, ROW_LANES, K_WARPS),
+                _sum_k_warps(acc[3] + bad, ROW_LANES, K_WARPS),
+            )
             _store(out, acc, m0 + 8 * j, r0 + 16 * r, r0 + 16 * r + 8, M, N, stride_om)

@@ -61,10 +61,14 @@ def lut_byte_planes(lut_words_ptr, offs_n, N, LUT_SIZE: tl.constexpr, USE_ASM: t
     lows = tl.zeros_like(w0) + 0x6420  # bytes 0, 2 of the first word, then of the second
     highs = tl.zeros_like(w0) + 0x7531
     return (
-        prmt(w0, w1, lows, USE_ASM), prmt(w2, w3, lows, USE_ASM),
-        prmt(w4, w5, lows, USE_ASM), prmt(w6, w7, lows, USE_ASM),
-        prmt(w0, w1, highs, USE_ASM), prmt(w2, w3, highs, USE_ASM),
-        prmt(w4, w5, highs, USE_ASM), prmt(w6, w7, highs, USE_ASM),
+        prmt(w0, w1, lows, USE_ASM),
+        prmt(w2, w3, lows, USE_ASM),
+        prmt(w4, w5, lows, USE_ASM),
+        prmt(w6, w7, lows, USE_ASM),
+        prmt(w0, w1, highs, USE_ASM),
+        prmt(w2, w3, highs, USE_ASM),
+        prmt(w4, w5, highs, USE_ASM),
+        prmt(w6, w7, highs, USE_ASM),
     )
 
 
@@ -92,8 +96,12 @@ def lookup8(word, P, pow2_16, pow2_31, LUT_SIZE: tl.constexpr, USE_ASM: tl.const
         lo_b, hi_b = prmt(P[0], P[1], low3_hi, USE_ASM), prmt(P[4], P[5], low3_hi, USE_ASM)
     first = tl.zeros_like(lo_a) + 0x5140  # (lo0 hi0 lo1 hi1): entries of columns 0, 1
     second = tl.zeros_like(lo_a) + 0x7362
-    return (prmt(lo_a, hi_a, first, USE_ASM), prmt(lo_a, hi_a, second, USE_ASM),
-            prmt(lo_b, hi_b, first, USE_ASM), prmt(lo_b, hi_b, second, USE_ASM))
+    return (
+        prmt(lo_a, hi_a, first, USE_ASM),
+        prmt(lo_a, hi_a, second, USE_ASM),
+        prmt(lo_b, hi_b, first, USE_ASM),
+        prmt(lo_b, hi_b, second, USE_ASM),
+    )
 
 
 @triton.jit
@@ -115,14 +123,17 @@ def halves(pair, LUT_FP16: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
-def lookup_phases(words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr,
-                  F32: tl.constexpr = False):
+def lookup_phases(
+    words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, F32: tl.constexpr = False
+):
     """(BLOCK_N, W) uint32 packed words -> 8 tensors (BLOCK_N, W) of LUT values in the LUT's 16-bit
     dtype (fp16 if LUT_FP16, else bf16; exact) or float32 (F32): phase p holds columns 8w + p.
     Tables are (BLOCK_N,) per row, from lut_byte_planes."""
     P = (L0[:, None], L1[:, None], L2[:, None], L3[:, None], H0[:, None], H1[:, None], H2[:, None], H3[:, None])
     # 16: the full permute tree also serves 3-bit LUTs (lut_byte_planes repeats their planes)
-    p01, p23, p45, p67 = lookup8(words, P, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM)
+    p01, p23, p45, p67 = lookup8(
+        words, P, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM
+    )
     v0, v1 = halves(p01, LUT_FP16, F32)
     v2, v3 = halves(p23, LUT_FP16, F32)
     v4, v5 = halves(p45, LUT_FP16, F32)
@@ -131,8 +142,21 @@ def lookup_phases(words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16: tl.constexpr,
 
 
 @triton.jit
-def lookup_words(words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+def lookup_words(
+    words,
+    L0,
+    L1,
+    L2,
+    L3,
+    H0,
+    H1,
+    H2,
+    H3,
+    LUT_FP16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
     """(BLOCK_N, BLOCK_K // 8) uint32 packed words -> (BLOCK_N, BLOCK_K) LUT values, column order."""
     v0, v1, v2, v3, v4, v5, v6, v7 = lookup_phases(words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16, USE_ASM)
     # tl.join appends a last axis, so join on the slowest index first: (w, a, b, c) flattens to

@@ -1,33 +1,15 @@
-"""Pieces every kernel shares: reading packed codes and looking them up in the per-row LUT.
+"""Reading packed codes and looking them up by load: the dequantize kernel's path for the layouts
+the register lookup (lut_permute) does not take.
 
-    W[n, k] = lut[n, code[n, k]] * scales[n, k // GROUP] + zeros[n, k // GROUP]
+    W[n, k] = lut[n, code[n, k]] * scale[n, k // GROUP] + zero_point[n, k // GROUP]
 
-Layout trick: byte j of a row holds the codes of columns PER_BYTE*j + p for p = 0..PER_BYTE-1.
-Kernels never interleave those back into a contiguous tile (a register shuffle that cost more
-than the math): they load the packed (BLOCK_N, BLOCK_K / PER_BYTE) bytes once, and for each
-phase p multiply the looked-up LUT values with the matching strided columns of x.
-A K block never straddles a group (the launcher picks BLOCK_K dividing GROUP), so scale and zero
-are applied once per block and row:  sum_k x_k W[n,k] = s[n] * sum_k x_k lut[n, c_k] + z[n] * sum_k x_k.
+Byte j of a row holds the codes of columns PER_BYTE*j + p for p = 0..PER_BYTE-1. A block never
+straddles a group (the launcher picks BLOCK_K dividing GROUP), so scale and zero point are loaded
+once per block and row.
 """
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def split_k_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """[k_begin, k_end) of this K split: whole BLOCK_K blocks, so blocks never straddle a group."""
-    blocks_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_begin = pid_k * blocks_per_split * BLOCK_K
-    return k_begin, tl.minimum(k_begin + blocks_per_split * BLOCK_K, K)
-
-
-@triton.jit
-def load_x_phase(x_ptr, offs_m, k0, offs_j, p: tl.constexpr, M, K, stride_xm, PER_BYTE: tl.constexpr):
-    """Columns k0 + PER_BYTE*j + p of x: the activations that meet byte phase p of the codes."""
-    cols = k0 + offs_j * PER_BYTE + p
-    return tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                   mask=(offs_m[:, None] < M) & (cols[None, :] < K), other=0.0)
 
 
 @triton.jit
@@ -38,31 +20,12 @@ def load_packed(q_ptr, offs_n, k0, N, K, stride_qn, BLOCK_K: tl.constexpr, PER_B
     return tl.load(q_ptr + offs_n[:, None] * stride_qn + cols[None, :], mask=mask, other=0).to(tl.int32)
 
 
-LUT_LOAD, LUT_SELECT, LUT_REGISTER = 0, 1, 2  # LUT_MODE values
-
-
 @triton.jit
-def lut_lookup(lut_ptr, offs_n, code, N, LUT_SIZE: tl.constexpr, LUT_MODE: tl.constexpr):
-    """lut[n, code] as float32, three ways:
-    LUT_LOAD      a gather load per element (the LUT stays resident in L1);
-    LUT_SELECT    a select tree over the row's values held in registers (no loads, more ALU);
-    LUT_REGISTER  tl.gather from a (BLOCK_N, LUT_SIZE) register tile (warp shuffles when the
-                  compiler keeps a row's LUT inside one warp, shared memory otherwise)."""
-    nmask = offs_n < N
-    if LUT_MODE == 1:
-        row = lut_ptr + offs_n * LUT_SIZE
-        out = tl.zeros(code.shape, dtype=tl.float32)
-        for j in tl.static_range(LUT_SIZE):
-            v = tl.load(row + j, mask=nmask, other=0.0).to(tl.float32)
-            out = tl.where(code == j, v[:, None], out)
-        return out
-    elif LUT_MODE == 2:
-        entries = tl.arange(0, LUT_SIZE)
-        table = tl.load(lut_ptr + offs_n[:, None] * LUT_SIZE + entries[None, :], mask=nmask[:, None], other=0.0)
-        return tl.gather(table.to(tl.float32), code, 1)
-    else:
-        ptrs = lut_ptr + offs_n[:, None] * LUT_SIZE + code
-        return tl.load(ptrs, mask=nmask[:, None], other=0.0).to(tl.float32)
+def lut_lookup(lut_ptr, offs_n, code, N, LUT_SIZE: tl.constexpr):
+    """lut[n, code] as float32, a gather load per element (the LUT stays resident in L1). For the
+    layouts the register lookup (lut_permute) does not take: 2-bit codes, fp32 LUTs, K % 8 != 0."""
+    ptrs = lut_ptr + offs_n[:, None] * LUT_SIZE + code
+    return tl.load(ptrs, mask=(offs_n < N)[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -53,9 +53,12 @@ def fsdp_forward_matches_unsharded(mesh, device, dtype=torch.float32) -> dict:
         fully_shard(model, mesh=mesh)
         first, second = model(ids).logits, model(ids).logits  # second: all-gather into reused buffers
     local = model.model.layers[0].mlp.gate_proj.weight.to_local()
-    return {"local_rows": local.shape[0], "local_type": type(local).__name__,
-            "max_diff_first": (first - reference).abs().max().item(),
-            "max_diff_second": (second - reference).abs().max().item()}
+    return {
+        "local_rows": local.shape[0],
+        "local_type": type(local).__name__,
+        "max_diff_first": (first - reference).abs().max().item(),
+        "max_diff_second": (second - reference).abs().max().item(),
+    }
 
 
 def fsdp_mixed_precision_matches_a_cast_model(mesh, device) -> dict:
@@ -78,8 +81,11 @@ def fsdp_mixed_precision_matches_a_cast_model(mesh, device) -> dict:
             fully_shard(layer, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
         first, second = model(ids).logits, model(ids).logits
-    return {"dtype": str(first.dtype), "max_diff_first": (first.float() - reference.float()).abs().max().item(),
-            "max_diff_second": (second.float() - reference.float()).abs().max().item()}
+    return {
+        "dtype": str(first.dtype),
+        "max_diff_first": (first.float() - reference.float()).abs().max().item(),
+        "max_diff_second": (second.float() - reference.float()).abs().max().item(),
+    }
 
 
 def fsdp_all_gather_volume(mesh, device, record) -> dict:
@@ -102,9 +108,14 @@ def fsdp_all_gather_volume(mesh, device, record) -> dict:
         out = model(x)
     world = mesh.size()
     padded_rows = -(-97 // world)
-    return {"gathered_bytes": sum(record), "all_gathers": len(record),
-            "expected_bytes": world * padded_rows * per_row, "weights": 97 * 4096,
-            "bf16_bytes": 97 * 4096 * 2, "max_diff": (out - reference).abs().max().item()}
+    return {
+        "gathered_bytes": sum(record),
+        "all_gathers": len(record),
+        "expected_bytes": world * padded_rows * per_row,
+        "weights": 97 * 4096,
+        "bf16_bytes": 97 * 4096 * 2,
+        "max_diff": (out - reference).abs().max().item(),
+    }
 
 
 def qlora_with_fsdp(mesh, device, steps=12, dtype=torch.float32) -> dict:
@@ -138,9 +149,12 @@ def qlora_with_fsdp(mesh, device, steps=12, dtype=torch.float32) -> dict:
     # the full base weight must be unchanged: compare this rank's rows with the saved copy
     rows = local.shape[0]
     start = dist.get_rank() * -(-before.shape[0] // mesh.size())
-    return {"losses": losses, "trainable": sum(p.numel() for p in trainable),
-            "base_is_any4": isinstance(local, Any4Tensor),
-            "base_unchanged": bool(torch.equal(local.qdata, before[start : start + rows]))}
+    return {
+        "losses": losses,
+        "trainable": sum(p.numel() for p in trainable),
+        "base_is_any4": isinstance(local, Any4Tensor),
+        "base_unchanged": bool(torch.equal(local.qdata, before[start : start + rows])),
+    }
 
 
 def tensor_parallel_matches_unsharded(mesh, device, dtype=torch.float32) -> dict:
@@ -152,16 +166,25 @@ def tensor_parallel_matches_unsharded(mesh, device, dtype=torch.float32) -> dict
 
     model = _quantized_tiny_llama(64, 128, device, dtype)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
-    plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(),
+    }
     with torch.no_grad():
         reference = model(ids).logits
         for layer in model.model.layers:
             parallelize_module(layer, mesh, plan, src_data_rank=None)
         out = model(ids).logits
     layer = model.model.layers[0]
-    return {"q_local": tuple(layer.self_attn.q_proj.weight.to_local().shape),
-            "down_local": tuple(layer.mlp.down_proj.weight.to_local().shape),
-            "local_type": type(layer.mlp.down_proj.weight.to_local()).__name__,
-            "max_diff": (out - reference).abs().max().item(), "scale": reference.abs().max().item()}
+    return {
+        "q_local": tuple(layer.self_attn.q_proj.weight.to_local().shape),
+        "down_local": tuple(layer.mlp.down_proj.weight.to_local().shape),
+        "local_type": type(layer.mlp.down_proj.weight.to_local()).__name__,
+        "max_diff": (out - reference).abs().max().item(),
+        "scale": reference.abs().max().item(),
+    }

@@ -1,13 +1,14 @@
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from helpers import reference_dequantize, weighted_error
+from hypothesis import given
+from hypothesis import strategies as st
 
-from any4ao import Any4Tensor
+from any4ao import Any4Tensor, Any4WeightOnlyConfig
 from any4ao.codebooks.fixed import FP4_E2M1_VALUES, NF4_VALUES
 from any4ao.codebooks.group_scaling import expand_groups, minmax_params, to_code_domain
 from any4ao.codebooks.kmeans import lloyd_max
 from any4ao.codebooks.quantize import quantize_weight
-from helpers import reference_dequantize, weighted_error
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -20,8 +21,14 @@ def _weight(n, k, seed, dtype=torch.float32, heavy_tail=False):
     return w.to(dtype)
 
 
+def _quantize(w, nbits, group_size, kind, channel_weight=None, iterations=10):
+    codebook = kind if kind in ("nf4", "fp4") else f"{kind}{nbits}"
+    config = Any4WeightOnlyConfig(codebook=codebook, group_size=group_size, kmeans_iterations=iterations)
+    return quantize_weight(w, config, channel_weight)
+
+
 def _dequant(q, group_size):
-    return reference_dequantize(q.codes, q.lut, q.scales, q.zeros, group_size)
+    return reference_dequantize(q.codes, q.lut, q.scale, q.zero_point, group_size)
 
 
 @given(
@@ -36,8 +43,8 @@ def _dequant(q, group_size):
 def test_learned_codebook_error_never_exceeds_int(n, k, group_size, nbits, dtype, calibrated, seed):
     w = _weight(n, k, seed, dtype, heavy_tail=seed % 2 == 0)
     channel_weight = torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) if calibrated else None
-    learned = quantize_weight(w, nbits, group_size, "any", channel_weight, iterations=10)
-    grid = quantize_weight(w, nbits, group_size, "int")
+    learned = _quantize(w, nbits, group_size, "any", channel_weight, iterations=10)
+    grid = _quantize(w, nbits, group_size, "int")
     e_any = weighted_error(w, _dequant(learned, group_size), channel_weight)
     e_int = weighted_error(w, _dequant(grid, group_size), channel_weight)
     # Equal on degenerate inputs; the slack only absorbs float32 summation order.
@@ -66,7 +73,7 @@ def test_kmeans_error_is_non_increasing(n, p, seed):
 def test_constant_rows_are_exact(codebook, dtype):
     values = torch.tensor([0.5, -1.25, 0.0, 3.0]).to(dtype)
     w = values[:, None].expand(4, 96).contiguous()
-    q = quantize_weight(w, 4, 32, codebook)
+    q = _quantize(w, 4, 32, codebook)
     assert torch.equal(_dequant(q, 32).to(dtype), w)
 
 
@@ -88,31 +95,31 @@ def test_rows_with_at_most_16_distinct_values_are_exact(n, distinct, groups, see
         idx[:, 0], idx[:, 1] = vals.argmin(), vals.argmax()
         rows.append(vals[idx].reshape(-1))
     w = torch.stack(rows)
-    q = quantize_weight(w, 4, group_size, "any", iterations=100)
+    q = _quantize(w, 4, group_size, "any", iterations=100)
     torch.testing.assert_close(_dequant(q, group_size).float(), w, rtol=1e-5, atol=1e-6)
 
 
 def test_more_bits_lower_error():
     w = _weight(64, 512, seed=3)
-    errors = [weighted_error(w, _dequant(quantize_weight(w, b, 64, "any"), 64)) for b in (2, 3, 4)]
+    errors = [weighted_error(w, _dequant(_quantize(w, b, 64, "any"), 64)) for b in (2, 3, 4)]
     assert errors[0] > errors[1] > errors[2]
 
 
 def test_quantization_is_deterministic():
     w = _weight(32, 256, seed=4)
-    a = quantize_weight(w, 4, 64, "any")
-    b = quantize_weight(w, 4, 64, "any")
-    for name in ("codes", "lut", "scales", "zeros"):
+    a = _quantize(w, 4, 64, "any")
+    b = _quantize(w, 4, 64, "any")
+    for name in ("codes", "lut", "scale", "zero_point"):
         assert torch.equal(getattr(a, name), getattr(b, name))
 
 
 def test_fixed_codebooks_use_their_published_values():
     w = _weight(8, 128, seed=5)
-    assert torch.equal(quantize_weight(w, 4, 64, "nf4").lut[0], torch.tensor(NF4_VALUES))
-    assert torch.equal(quantize_weight(w, 4, 64, "fp4").lut[0], torch.tensor(FP4_E2M1_VALUES))
-    assert torch.equal(quantize_weight(w, 4, 64, "int").lut[0], torch.arange(16.0))
+    assert torch.equal(_quantize(w, 4, 64, "nf4").lut[0], torch.tensor(NF4_VALUES))
+    assert torch.equal(_quantize(w, 4, 64, "fp4").lut[0], torch.tensor(FP4_E2M1_VALUES))
+    assert torch.equal(_quantize(w, 4, 64, "int").lut[0], torch.arange(16.0))
     # absmax scaling: the largest magnitude of each group is represented exactly (up to rounding)
-    q = quantize_weight(w, 4, 64, "nf4")
+    q = _quantize(w, 4, 64, "nf4")
     deq = _dequant(q, 64).float()
     gmax = w.reshape(8, 2, 64).abs().amax(-1)
     torch.testing.assert_close(deq.reshape(8, 2, 64).abs().amax(-1), gmax)
@@ -136,13 +143,13 @@ def test_calibration_weights_steer_the_error():
     w = _weight(64, 256, seed=7)
     cw = torch.ones(256)
     cw[:32] = 100.0
-    plain = quantize_weight(w, 4, 128, "any")
-    steered = quantize_weight(w, 4, 128, "any", channel_weight=cw)
+    plain = _quantize(w, 4, 128, "any")
+    steered = _quantize(w, 4, 128, "any", channel_weight=cw)
     assert weighted_error(w, _dequant(steered, 128), cw) < weighted_error(w, _dequant(plain, 128), cw)
 
 
 def test_any4_tensor_from_hp_matches_quantize_weight():
     w = _weight(16, 96, seed=8, dtype=torch.bfloat16)
     t = Any4Tensor.from_hp(w, group_size=32)
-    q = quantize_weight(w, 4, 32, "any")
+    q = _quantize(w, 4, 32, "any")
     assert torch.equal(t.codes(), q.codes) and torch.equal(t.lut, q.lut)

@@ -3,9 +3,9 @@ the Triton-kernel path is checked on the GPU by benchmarks/check_gpu.py)."""
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from any4ao import Any4WeightOnlyConfig, quantize_model
-from tiny_models import tiny_llama
 
 
 @pytest.mark.skipif(not torch._inductor.cpp_builder.get_cpp_compiler(), reason="inductor needs a C++ compiler")
@@ -29,14 +29,14 @@ def test_compile_cache_key_is_metadata_only():
     from any4ao import Any4Tensor
 
     g = torch.Generator().manual_seed(0)
-    a = Any4Tensor.from_hp(torch.randn(16, 64, generator=g), group_size=32, iterations=2)
-    b = Any4Tensor.from_hp(torch.randn(16, 64, generator=g), group_size=32, iterations=2)
+    a = Any4Tensor.from_hp(torch.randn(16, 64, generator=g), group_size=32, kmeans_iterations=2)
+    b = Any4Tensor.from_hp(torch.randn(16, 64, generator=g), group_size=32, kmeans_iterations=2)
     assert a._stable_hash_for_caching() == b._stable_hash_for_caching()
     others = [
-        Any4Tensor.from_hp(torch.randn(16, 128, generator=g), group_size=32, iterations=2),
-        Any4Tensor.from_hp(torch.randn(16, 64, generator=g), group_size=64, iterations=2),
-        Any4Tensor.from_hp(torch.randn(16, 64, generator=g), nbits=3, group_size=32, iterations=2),
-        Any4Tensor.from_hp(torch.randn(16, 64, generator=g).bfloat16(), group_size=32, iterations=2),
+        Any4Tensor.from_hp(torch.randn(16, 128, generator=g), group_size=32, kmeans_iterations=2),
+        Any4Tensor.from_hp(torch.randn(16, 64, generator=g), group_size=64, kmeans_iterations=2),
+        Any4Tensor.from_hp(torch.randn(16, 64, generator=g), codebook="any3", group_size=32, kmeans_iterations=2),
+        Any4Tensor.from_hp(torch.randn(16, 64, generator=g).bfloat16(), group_size=32, kmeans_iterations=2),
         a.t(),
     ]
     keys = {t._stable_hash_for_caching() for t in others} | {a._stable_hash_for_caching()}
@@ -51,8 +51,9 @@ def test_fast_tensor_flatten_matches_torchao_generic():
 
     from any4ao import Any4Tensor
 
-    w = Any4Tensor.from_hp(torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), group_size=32,
-                           iterations=2)
+    w = Any4Tensor.from_hp(
+        torch.randn(16, 64, generator=torch.Generator().manual_seed(1)), group_size=32, kmeans_iterations=2
+    )
     for t in (w, w.t()):
         names, meta = t.__tensor_flatten__()
         assert (names, meta) == TorchAOBaseTensor.__tensor_flatten__(t)

@@ -12,7 +12,9 @@ import torch.distributed as dist
 
 pytestmark = [
     pytest.mark.distributed,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+    ),
 ]
 WORLD = 2
 
@@ -90,7 +92,7 @@ def test_tensor_parallel_column_and_row_wise_match_unsharded(results):
 def test_row_wise_split_must_keep_whole_groups():
     from any4ao import Any4Tensor
 
-    w = Any4Tensor.from_hp(torch.randn(8, 160), group_size=32, iterations=1)
+    w = Any4Tensor.from_hp(torch.randn(8, 160), group_size=32, kmeans_iterations=1)
     assert [c.shape[1] for c in torch.chunk(w, 5, dim=1)] == [32] * 5  # 32 = one group per shard
     with pytest.raises(ValueError, match="whole quantization groups"):
         torch.chunk(w, 2, dim=1)  # 80 columns = 2.5 groups

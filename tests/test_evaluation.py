@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_llama, tiny_tokenizer
 
 from any4ao.evaluation import load_text, perplexity, token_windows
 from any4ao.evaluation.cli import evaluate, main
 from any4ao.evaluation.methods import MethodSettings
-from tiny_models import tiny_llama, tiny_tokenizer
 
 
 def test_builtin_wikitext_ships_with_the_package():
@@ -81,8 +81,25 @@ def test_cli_writes_table_json_and_plot(tmp_path):
     text_file = tmp_path / "eval.txt"
     text_file.write_text(text)
     out = tmp_path / "out"
-    rows = main(["--model", str(model_dir), "--text", str(text_file), "--window", "64", "--windows", "2",
-                 "--methods", "baseline,int4,nf4,any4+cal", "--group-size", "32", "--out", str(out), "--no-progress"])
+    rows = main(
+        [
+            "--model",
+            str(model_dir),
+            "--text",
+            str(text_file),
+            "--window",
+            "64",
+            "--windows",
+            "2",
+            "--methods",
+            "baseline,int4,nf4,any4+cal",
+            "--group-size",
+            "32",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert [r.method for r in rows] == ["baseline", "int4", "nf4", "any4+cal"]
     record = json.loads((out / "eval.json").read_text())
     assert record["protocol"]["windows"] == 2 and record["protocol"]["scored_tokens"] == 2 * 63
@@ -107,8 +124,15 @@ def test_smollm2_calibrated_any4_beats_every_fixed_4bit_format():
 
     model, tokenizer, _ = load_causal_lm(dtype=torch.float32)
     ids = tokenizer(load_text("wikitext-2-test"), return_tensors="pt", add_special_tokens=False).input_ids
-    rows = evaluate(model, tokenizer, ["baseline", "int4", "fp4", "nf4", "any4+cal"], MethodSettings(group_size=64),
-                    token_windows(ids, 512, max_windows=2), default_calibration_text(), progress=False)
+    rows = evaluate(
+        model,
+        tokenizer,
+        ["baseline", "int4", "fp4", "nf4", "any4+cal"],
+        MethodSettings(group_size=64),
+        token_windows(ids, 512, max_windows=2),
+        default_calibration_text(),
+        progress=False,
+    )
     ppl = {r.method: r.perplexity for r in rows}
     assert ppl["any4+cal"] < min(ppl["int4"], ppl["fp4"], ppl["nf4"]), ppl
     assert ppl["any4+cal"] - ppl["baseline"] <= 0.75 * (ppl["nf4"] - ppl["baseline"]), ppl

@@ -5,30 +5,33 @@ to write makes the comparison fail."""
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from helpers import reference_dequantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from any4ao import Any4Tensor
-from any4ao.kernels import launch, ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
-from any4ao.kernels.launch import (
-    KernelConfig, choose_config, lut_dequantize, lut_matmul, mma_applies, permute_lookup_applies, register_lut_config,
-)
-from helpers import reference_dequantize
+from any4ao.kernels import launch, ops, selector  # noqa: F401  (ops registers torch.ops.any4ao.*)
+from any4ao.kernels.launch import lut_dequantize, lut_mma
+from any4ao.kernels.selector import MmaConfig, Rule, choose, mma_applies, mma_config, permute_dequantize_applies
 
 # bf16 / fp16 operands with fp32 accumulation, one final rounding of the output.
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "_empty", lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype))
+    monkeypatch.setattr(
+        launch, "_empty", lambda shape, device, dtype: torch.full(shape, float("nan"), device=device, dtype=dtype)
+    )
 
 
 def _problem(m, n, k, group_size, nbits, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g).to(dtype)
-    t = Any4Tensor.from_hp(w, nbits=nbits, group_size=group_size, iterations=3)
+    t = Any4Tensor.from_hp(w, codebook=f"any{nbits}", group_size=group_size, kmeans_iterations=3)
     x = torch.randn(m, k, generator=g).to(dtype)
-    w64 = reference_dequantize(t.codes(), t.lut, t.scales, t.zeros, group_size)
+    w64 = reference_dequantize(t.codes(), t.lut, t.scale, t.zero_point, group_size)
     ref = x.double() @ w64.t()
     ref.magnitude = x.double().abs() @ w64.abs().t()  # scale of the rounding error of each dot product
     return t, x, ref
@@ -40,45 +43,74 @@ def _rel(out, ref):
     return ((out.double() - ref).norm() / ref.magnitude.norm()).item()
 
 
-CONFIGS = [
-    None,  # the dispatcher's own choice
-    # lut_mma (register LUT into mma.sync); lut_matmul falls back where it does not apply (x dtype
-    # other than the LUT's, groups not a multiple of 32, M above block_m, ...)
-    KernelConfig("decode-mma", 8, 32, 64, split_k=2, num_warps=4, num_stages=2, k_warps=2),
-    # lut_decode (LUT by byte permutes); where it does not apply (2-bit codes, fp32, K % 8 != 0)
-    # lut_matmul falls back to gather_config, so these also exercise the fallback.
-    KernelConfig("decode-fma", 1, 16, 64, split_k=2),
-    KernelConfig("decode-fma", 1, 8, 256, split_k=1, num_stages=1),
-    KernelConfig("decode-dot", 16, 32, 64, split_k=3),
-    KernelConfig("gemv", 4, 32, 32, split_k=3),
-    KernelConfig("gemv", 8, 16, 64, split_k=1, lut_mode=1),
-    KernelConfig("gemv", 1, 32, 128, split_k=2, lut_mode=2),
-    KernelConfig("gemm", 16, 32, 32, split_k=1),
-    KernelConfig("gemm", 32, 16, 16, split_k=4),
-    KernelConfig("gemm", 16, 32, 64, split_k=2, lut_mode=1),
-    KernelConfig("gemm", 16, 32, 64, split_k=1, lut_mode=2),
-]
+def _args(t):
+    return t.qdata, t.lut, t.scale, t.zero_point
 
 
+@settings(max_examples=10)  # each example runs the byte-permute and mma emulation in the interpreter: slow
 @given(
-    m=st.integers(1, 40),
+    m=st.integers(1, 72),
+    n_tiles=st.sampled_from([1, 2, 4, 8]),
+    spread=st.booleans(),
     n=st.integers(1, 70),
-    k_groups=st.integers(1, 5),
-    k_tail=st.sampled_from([0, 0, 2, 16]),
-    group_size=st.sampled_from([16, 32, 48, 64]),
-    nbits=st.sampled_from([2, 3, 4]),
-    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
-    config=st.sampled_from(CONFIGS),
+    k_groups=st.integers(1, 3),
+    group_size=st.sampled_from([32, 64, 96, 128, 256]),
+    nbits=st.sampled_from([3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    row_tiles=st.sampled_from([1, 2]),
+    k_warps=st.sampled_from([1, 2, 4]),
+    split_k=st.integers(1, 2),
+    prefetch=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
-def test_lut_matmul_matches_float64(m, n, k_groups, k_tail, group_size, nbits, dtype, config, seed):
-    k = k_groups * group_size + k_tail  # a tail makes the last group ragged
-    if config is not None and config.kind == "gemv" and m > config.block_m:
-        config = KernelConfig("gemv", 64, config.block_n, config.block_k, config.split_k)
+def test_mma_kernel_matches_float64(
+    m, n_tiles, spread, n, k_groups, group_size, nbits, dtype, row_tiles, k_warps, split_k, prefetch, seed
+):
+    """lut_mma itself: 1, 2, 4 or 8 n-tiles per program, one or two 16-row weight tiles per warp,
+    several programs along M, ragged N and M, 1-4 code words per lane and step, 1-8 steps per
+    group, K warps that get no group, split K, prefetch 1 or 2 steps; the interpreter assembles
+    the mma fragments into matrices, so the fragment bookkeeping is what is tested here."""
+    k = k_groups * group_size
     t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
-    out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, config)
+    assert mma_applies(x, *_args(t), nbits, group_size)
+    row_tiles = 1 if n_tiles == 8 else row_tiles  # two row tiles take at most 4 n-tiles
+    cfg = MmaConfig(8 * n_tiles, row_tiles, k_warps, prefetch, spread, split_k)
+    out = lut_mma(x, *_args(t), nbits, group_size, cfg)
     assert out.shape == (m, n) and out.dtype == dtype
     assert _rel(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("even", [True, False])
+def test_mma_prefetch_and_even_splits(prefetch, even):
+    """Codes loaded 1 or 2 steps ahead, with every warp getting the same number of groups (the
+    kernel drops its load predicates) or not (6 groups over 2 splits x 2 K warps: a warp of each
+    split has a step outside it, which must add nothing), on ragged N and M (rows clamped, not
+    masked: unstored rows must not leak into stored ones)."""
+    m, n, group_size = 11, 40, 32
+    k = (8 if even else 6) * group_size
+    spread, row_tiles = [(False, 2), (True, 1)][(prefetch + even) % 2]
+    t, x, ref = _problem(m, n, k, group_size, 4, torch.bfloat16, seed=prefetch + 3 * even + 7 * row_tiles)
+    out = lut_mma(x, *_args(t), 4, group_size, MmaConfig(16, row_tiles, 2, prefetch, spread, split_k=2))
+    assert _rel(out, ref) < TOLERANCE[torch.bfloat16], (spread, row_tiles)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MmaConfig(8, 1, 1, prefetch=3),
+        MmaConfig(8, 1, 1, prefetch=0),
+        MmaConfig(24, 1, 1, 2),  # 3 n-tiles
+        MmaConfig(64, 2, 1, 2),  # two row tiles take at most 4 n-tiles
+        MmaConfig(8, 3, 1, 2),
+        MmaConfig(8, 1, 3, 2),  # K warps not a power of two
+        MmaConfig(8, 1, 1, 2, split_k=0),
+    ],
+)
+def test_mma_rejects_configs_it_cannot_run(cfg):
+    t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="lut_mma takes"):
+        lut_mma(x, *_args(t), 4, 32, cfg)
 
 
 @given(
@@ -92,35 +124,73 @@ def test_lut_matmul_matches_float64(m, n, k_groups, k_tail, group_size, nbits, d
 )
 def test_dequantize_kernel_matches_formula(n, k, group_size, nbits, dtype, permute, seed):
     t, _, _ = _problem(1, n, k, group_size, nbits, dtype, seed)
-    permute = permute and permute_lookup_applies(t.qdata, t.lut, nbits, k)  # None: the launcher decides
-    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, k, dtype, permute=permute)
+    permute = permute and permute_dequantize_applies(t.qdata, t.lut, nbits, k)  # None: the launcher decides
+    out = lut_dequantize(*_args(t), nbits, group_size, k, dtype, permute=permute)
     ref = t.dequantize(torch.float64)
     assert not torch.isnan(out).any()
     # fp32 arithmetic then one conversion to dtype. One full ulp, not half: the triton 3.9
     # interpreter converts fp32 -> bf16 by truncation, not round-to-nearest as the GPU does.
-    terms = reference_dequantize(t.codes(), t.lut.abs(), t.scales.abs(), t.zeros.abs(), group_size)
+    terms = reference_dequantize(t.codes(), t.lut.abs(), t.scale.abs(), t.zero_point.abs(), group_size)
     ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 2**-23}[dtype]
     assert torch.all((out.double() - ref).abs() <= 2**-22 * terms + ulp * ref.abs())
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 40, 100, 1500])
-def test_custom_op_paths(m):
-    """torch.ops.any4ao.lut_linear over every dispatcher branch (gemv, gemm, dequantize + mm)."""
-    t, x, ref = _problem(m, 48, 96, 32, 4, torch.float16, seed=m)
-    out = torch.ops.any4ao.lut_linear(x, t.qdata, t.lut, t.scales, t.zeros, 4, 32)
-    assert _rel(out, ref) < TOLERANCE[torch.float16]
+@pytest.mark.parametrize(
+    "m, nbits, group, dtype, path",
+    [
+        (1, 4, 32, torch.bfloat16, "mma"),
+        (40, 3, 32, torch.float16, "mma"),
+        (64, 4, 32, torch.bfloat16, "mma"),
+        (65, 4, 32, torch.bfloat16, "dequantize"),  # above FUSED_MAX_M
+        (3, 2, 32, torch.bfloat16, "dequantize"),  # 2-bit codes: no register lookup
+        (3, 4, 16, torch.float16, "dequantize"),  # groups not a multiple of 32
+        (2, 4, 48, torch.bfloat16, "dequantize"),
+    ],
+)
+def test_custom_op_takes_the_selected_path(monkeypatch, m, nbits, group, dtype, path):
+    """torch.ops.any4ao.lut_linear on both paths, against float64, and the path is the selector's."""
+    t, x, ref = _problem(m, 48, 96, group, nbits, dtype, seed=m)
+    calls = []
+    real_mma, real_mm = launch.lut_mma, launch.dequantize_then_mm
+    monkeypatch.setattr(ops, "lut_mma", lambda *a: (calls.append("mma"), real_mma(*a))[1])
+    monkeypatch.setattr(ops, "dequantize_then_mm", lambda *a: (calls.append("dequantize"), real_mm(*a))[1])
+    out = torch.ops.any4ao.lut_linear(x, *_args(t), nbits, group)
+    assert calls == [path]
+    assert out.dtype == dtype and _rel(out, ref) < TOLERANCE[dtype]
 
 
-def test_dispatcher_choices(monkeypatch):
-    """choose_config on an H100's 132 SMs reproduces the sweep winners it was fitted to
-    (sweep-H100-v14-prefetch.json); small K caps the K warps by the groups (a power of two)."""
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(launch, "_num_sms", lambda device: 132)
+@pytest.mark.parametrize("case", ["x-dtype", "x-misaligned", "scale-fp32", "codes-misaligned"])
+def test_mma_does_not_apply_to_layouts_it_cannot_read(case):
+    """lut_mma needs x, scale and zero point in the LUT's dtype (it reads scales as 16-bit bits)
+    and x rows 16-byte and code rows 4-byte aligned, also where the storage offset looks fine
+    (memory from torch.frombuffer or DLPack); the selector then sends the call to dequantize + mm."""
+    dtype = torch.bfloat16
+    t, x, ref = _problem(3, 24, 64, 32, 4, dtype, seed=5)
+    qdata, lut, scale, zero_point = _args(t)
+    if case == "x-dtype":
+        x = x.half()
+    if case == "x-misaligned":
+        x = torch.cat([torch.zeros(1, dtype=dtype), x.flatten()])[1:].view(x.shape)  # data_ptr % 16 == 2
+    if case == "scale-fp32":
+        scale, zero_point = scale.float(), zero_point.float()
+    if case == "codes-misaligned":
+        raw = bytearray(qdata.numel() + 8)
+        base = torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
+        skew = next(o for o in range(1, 4) if (base + o) % 4)
+        qdata = torch.frombuffer(raw, dtype=torch.uint8, count=qdata.numel(), offset=skew).view(qdata.shape)
+        qdata.copy_(t.qdata)
+        assert qdata.storage_offset() == 0 and qdata.data_ptr() % 4
+    assert mma_applies(x.to(dtype).clone(), *_args(t), 4, 32)  # the same values, freshly allocated
+    assert not mma_applies(x, qdata, lut, scale, zero_point, 4, 32)
+    assert choose(x, qdata, lut, scale, zero_point, 4, 32) is None
+
+
+def test_selector_reproduces_the_h100_sweep_winners():
+    """The H100 table (fitted to sweep-H100-v14-prefetch.json) on an H100's 132 SMs; small K caps
+    the K warps by the groups (a power of two)."""
 
     def pick(m, n, k, group_size=128):
-        cfg = choose_config(m, n, k, cpu, group_size)
-        assert cfg.kind == "decode-mma" and cfg.scaled_a and cfg.block_n == 16 * cfg.row_tiles
-        assert cfg.num_warps == cfg.k_warps
+        cfg = mma_config(m, n, k, group_size, CPU)  # the interpreter counts as an H100
         return cfg.block_m, cfg.row_tiles, cfg.k_warps, cfg.spread, cfg.prefetch
 
     assert pick(1, 4096, 4096) == (8, 1, 8, False, 2)  # (block_m, row tiles, K warps, spread, prefetch)
@@ -137,163 +207,40 @@ def test_dispatcher_choices(monkeypatch):
     assert pick(1, 64, 384)[2] == 2  # three groups: two K warps
     assert pick(40, 64, 128)[2] == 1  # one group: one K warp
     assert pick(16, 64, 8192)[2] == 8
-    # Where lut_mma does not apply, the previous register-LUT kernels (H100 sweeps: CUDA cores at M=1).
-    assert register_lut_config(1, 4096, 4096, cpu).kind == "decode-fma"
-    assert (register_lut_config(4, 4096, 4096, cpu).kind, register_lut_config(4, 4096, 4096, cpu).block_m) == ("decode-dot", 16)
-    assert register_lut_config(16, 64, 8192, cpu).split_k > 1  # few output tiles: split K to fill the machine
-    assert choose_config(512, 4096, 4096, cpu).block_m == 128
-    assert 40 < ops.DEQUANT_THEN_MM_MIN_M <= 100  # test_custom_op_paths covers both sides of the switch
+    assert mma_config(selector.FUSED_MAX_M + 1, 4096, 4096, 128, CPU) is None
 
 
-@settings(max_examples=10)  # each example runs the byte-permute and mma emulation in the interpreter: slow
-@given(
-    m=st.integers(1, 72),
-    n_tiles=st.sampled_from([1, 2, 4, 8]),
-    scaled_a=st.booleans(),
-    spread=st.booleans(),
-    n=st.integers(1, 70),
-    k_groups=st.integers(1, 3),
-    group_size=st.sampled_from([32, 64, 96, 128, 256]),
-    nbits=st.sampled_from([3, 4]),
-    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-    row_warps=st.sampled_from([1, 2]),
-    row_tiles=st.sampled_from([1, 2]),
-    k_warps=st.sampled_from([1, 2, 4]),
-    block_k=st.sampled_from([32, 64, 128]),
-    split_k=st.integers(1, 2),
-    stages=st.integers(1, 3),
-    prefetch=st.sampled_from([0, 1, 2]),
-    seed=st.integers(0, 2**16),
-)
-def test_mma_kernel_matches_float64(m, n_tiles, scaled_a, spread, n, k_groups, group_size, nbits, dtype, row_warps,
-                                    row_tiles, k_warps, block_k, split_k, stages, prefetch, seed):
-    """lut_mma itself (no fallback): 1, 2, 4 or 8 n-tiles per program (scales folded after the
-    mma or applied to the fragments), one or two 16-row weight tiles per warp, several programs along M,
-    ragged N and M, 1-4 code words per lane and step, 1-8 steps per group, K warps that get no
-    group, split K; the interpreter assembles the mma fragments into matrices, so the fragment
-    bookkeeping is what is tested here."""
-    k = k_groups * group_size
-    t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
-    assert mma_applies(x, t.qdata, t.lut, nbits, group_size)
-    row_tiles = 1 if n_tiles == 8 else row_tiles  # two row tiles take at most 4 n-tiles
-    scaled_a = scaled_a or n_tiles == 8 or row_tiles == 2  # both only with the scales in the fragments
-    cfg = KernelConfig("decode-mma", 8 * n_tiles, 16 * row_tiles * row_warps, block_k, split_k, row_warps * k_warps,
-                       stages, k_warps=k_warps, scaled_a=scaled_a, spread=spread, row_tiles=row_tiles,
-                       prefetch=prefetch)
-    calls = []
-    real = launch._launch_mma
-    launch._launch_mma = lambda *a: (calls.append(a[-1]), real(*a))
-    try:
-        out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, cfg)
-    finally:
-        launch._launch_mma = real
-    assert calls == [cfg]
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert _rel(out, ref) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
-@pytest.mark.parametrize("even", [True, False])
-def test_mma_prefetch_and_even_splits(prefetch, even):
-    """Both load schedules (shared-memory pipeline, registers 1 or 2 steps ahead), with every warp
-    getting the same number of groups (the kernel drops its load predicates) or not (6 groups over
-    2 splits x 2 K warps: a warp of each split has a step outside it, which must add nothing), on
-    ragged N and M (rows clamped, not masked: unstored rows must not leak into stored ones). The
-    two kernel variants alternate over the cases (interpreter time), so each meets both splits."""
-    m, n, group_size = 11, 40, 32
-    k = (8 if even else 6) * group_size
-    scaled_a, spread, row_tiles = [(True, False, 2), (False, True, 1)][(prefetch + even) % 2]
-    t, x, ref = _problem(m, n, k, group_size, 4, torch.bfloat16, seed=prefetch + 3 * even + 7 * row_tiles)
-    cfg = KernelConfig("decode-mma", 16, 16 * row_tiles, 64, 2, 2, 2, k_warps=2, scaled_a=scaled_a,
-                       spread=spread, row_tiles=row_tiles, prefetch=prefetch)
-    out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, group_size, cfg)
-    assert _rel(out, ref) < TOLERANCE[torch.bfloat16], (scaled_a, spread, row_tiles)
-
-
-@pytest.mark.parametrize("cfg", [
-    KernelConfig("decode-mma", 8, 16, 128, prefetch=3),
-    KernelConfig("decode-mma", 64, 16, 128),  # 8 n-tiles need the scales in the fragments
-    KernelConfig("decode-mma", 24, 16, 128, scaled_a=True),  # 3 n-tiles
-    KernelConfig("decode-mma", 8, 24, 128),  # not whole 16-row warps
-    KernelConfig("decode-mma", 8, 32, 128, row_tiles=2),  # two row tiles need the scales in the fragments
-    KernelConfig("decode-mma", 64, 32, 128, scaled_a=True, row_tiles=2),  # ... and at most 4 n-tiles
-    KernelConfig("decode-mma", 8, 16, 128, scaled_a=True, row_tiles=2),  # block_n not whole 32-row warps
-    KernelConfig("decode-mma", 8, 48, 128, scaled_a=True, row_tiles=3),
-])
-def test_mma_rejects_configs_it_cannot_run(cfg):
-    t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
-    with pytest.raises(ValueError, match="decode-mma takes"):
-        lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 32, cfg)
-
-
-@pytest.mark.parametrize("case", ["x-dtype", "group-16", "x-misaligned", "scales-fp32"])
-def test_mma_falls_back_where_it_does_not_apply(case):
-    """lut_mma needs x, scales and zeros in the LUT's dtype (it reads scales as 16-bit bits), 16-byte
-    aligned x rows and groups of a multiple of 32; otherwise lut_matmul takes the previous kernels,
-    with the same result."""
-    group, dtype, m = (16 if case == "group-16" else 32), torch.bfloat16, 3
-    t, x, ref = _problem(m, 24, 64, group, 4, dtype, seed=5)
-    scales, zeros = t.scales, t.zeros
-    if case == "x-dtype":
-        x = x.half()
-    if case == "x-misaligned":
-        x = torch.cat([torch.zeros(1, dtype=dtype), x.flatten()])[1:].view(x.shape)  # data_ptr % 16 == 2
-    if case == "scales-fp32":
-        scales, zeros = scales.float(), zeros.float()
-    assert not mma_applies(x, t.qdata, t.lut, 4, group, scales, zeros)
-    calls = []
-    real = launch._launch_mma
-    launch._launch_mma = lambda *a: (calls.append(a), real(*a))
-    try:
-        out = lut_matmul(x, t.qdata, t.lut, scales, zeros, 4, group, KernelConfig("decode-mma", 8, 16, 128))
-    finally:
-        launch._launch_mma = real
-    assert calls == []
-    assert out.dtype == x.dtype
-    assert _rel(out.to(dtype), ref) < TOLERANCE[torch.bfloat16]
-
-
-@settings(max_examples=12)  # each example runs the byte-permute emulation in the interpreter: slow
-@given(
-    m=st.integers(1, 20),
-    n=st.integers(1, 70),
-    k_groups=st.integers(1, 4),
-    group_size=st.sampled_from([16, 32, 48, 64, 128]),
-    nbits=st.sampled_from([3, 4]),
-    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-    kind=st.sampled_from(["decode-fma", "decode-dot"]),
-    block_n=st.sampled_from([8, 16, 64]),
-    block_k=st.sampled_from([32, 64, 256]),
-    split_k=st.integers(1, 3),
-    seed=st.integers(0, 2**16),
-)
-def test_register_lut_kernels_match_float64(m, n, k_groups, group_size, nbits, dtype, kind, block_n, block_k, split_k, seed):
-    """lut_decode itself (no fallback): nibble codes, 16-bit LUTs, K a multiple of 8, any block
-    shape; the FMA kernel's K block may span several groups or part of one."""
-    k = k_groups * group_size
-    t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
-    assert permute_lookup_applies(t.qdata, t.lut, nbits, k)
-    block_m = 1 if kind == "decode-fma" else 16
-    block_n = max(block_n, 16) if kind == "decode-dot" else block_n
-    cfg = KernelConfig(kind, block_m, block_n, block_k, split_k)
-    out = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, nbits, group_size, cfg)
-    assert out.shape == (m, n) and out.dtype == dtype
-    assert _rel(out, ref) < TOLERANCE[dtype]
+def test_selector_tables_cover_every_shape_and_unknown_gpus_scale_by_sms(monkeypatch):
+    """Every table ends in a catch-all rule per M bucket, so any (M <= FUSED_MAX_M, N) finds one;
+    an unknown GPU gets the H100 rules with N thresholds scaled by its SM count; pre-sm_80 GPUs
+    (no bf16 mma.sync) get none."""
+    for name, (rules, _) in selector.RULES.items():
+        for m in range(1, selector.FUSED_MAX_M + 1):
+            assert any(m <= r.max_m and r.min_n == 0 for r in rules), (name, m)
+        assert all(isinstance(r, Rule) for r in rules)
+    monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 66, (9, 0)))
+    rules, _ = selector._device_table("Some GPU", 66)
+    assert rules[0].min_n == selector.RULES["H100"][0][0].min_n // 2
+    assert mma_config(1, 4096, 4096, 128, CPU) is not None
+    monkeypatch.setattr(selector, "_device_facts", lambda device: ("Old GPU", 80, (7, 5)))
+    assert mma_config(1, 4096, 4096, 128, CPU) is None
 
 
 def test_split_k_is_deterministic():
     t, x, _ = _problem(2, 40, 512, 64, 4, torch.bfloat16, seed=1)
-    cfg = KernelConfig("gemv", 2, 16, 32, split_k=4)
-    a = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 64, cfg)
-    b = lut_matmul(x, t.qdata, t.lut, t.scales, t.zeros, 4, 64, cfg)
+    cfg = MmaConfig(8, 1, 2, 2, split_k=4)
+    a = lut_mma(x, *_args(t), 4, 64, cfg)
+    b = lut_mma(x, *_args(t), 4, 64, cfg)
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("lut_mode", [0, 1, 2])
-def test_dequantize_kernel_lut_modes_agree(lut_mode):
-    t, _, _ = _problem(1, 37, 200, 32, 4, torch.float32, seed=3)
-    out = lut_dequantize(t.qdata, t.lut, t.scales, t.zeros, 4, 32, 200, torch.float32, lut_mode=lut_mode)
-    torch.testing.assert_close(out, t.dequantize(), rtol=1e-6, atol=1e-6)
+def test_dequantize_kernel_lookup_paths_agree():
+    """The register lookup (permute) and the gather load give the same fp32 weights."""
+    t, _, _ = _problem(1, 37, 200, 32, 4, torch.bfloat16, seed=3)
+    a = lut_dequantize(*_args(t), 4, 32, 200, torch.float32, permute=True)
+    b = lut_dequantize(*_args(t), 4, 32, 200, torch.float32, permute=False)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, t.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
 
 
 @settings(max_examples=10)  # the Triton dequantize (byte-permute emulation) in the interpreter is slow
@@ -303,28 +250,10 @@ def test_lut_linear_backward_gives_grad_out_times_w(m, seed):
     grad_out @ W in float64; nothing flows to the frozen packed parts."""
     t, x, _ = _problem(m, 40, 64, 16, 4, torch.float16, seed)
     x.requires_grad_(True)
-    out = torch.ops.any4ao.lut_linear(x, t.qdata, t.lut, t.scales, t.zeros, 4, 16)
+    out = torch.ops.any4ao.lut_linear(x, *_args(t), 4, 16)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out.dtype)
     out.backward(grad_out)
-    w64 = reference_dequantize(t.codes(), t.lut, t.scales, t.zeros, 16)
+    w64 = reference_dequantize(t.codes(), t.lut, t.scale, t.zero_point, 16)
     ref = grad_out.double() @ w64
     ref.magnitude = grad_out.double().abs() @ w64.abs()
     assert _rel(x.grad, ref) < TOLERANCE[torch.float16]
-
-
-def test_misaligned_codes_take_the_gather_kernel():
-    """Codes whose address is not 4-byte aligned cannot be read as 32-bit words, even when the
-    storage offset looks fine (memory from torch.frombuffer or DLPack): lut_matmul must notice
-    and fall back to the gather kernel, with the same result."""
-    t, x, ref = _problem(1, 24, 64, 32, 4, torch.bfloat16, seed=3)
-    raw = bytearray(t.qdata.numel() + 8)
-    base = torch.frombuffer(raw, dtype=torch.uint8).data_ptr()
-    skew = next(o for o in range(1, 4) if (base + o) % 4)
-    shifted = torch.frombuffer(raw, dtype=torch.uint8, count=t.qdata.numel(), offset=skew).view(t.qdata.shape)
-    shifted.copy_(t.qdata)
-    assert shifted.storage_offset() == 0 and shifted.data_ptr() % 4
-    assert permute_lookup_applies(shifted, t.lut, 4, 64)  # offsets alone cannot see it
-    assert not permute_lookup_applies(shifted, t.lut, 4, 64, check_pointers=True)
-    cfg = KernelConfig("decode-fma", 1, 16, 64, split_k=1)
-    out = lut_matmul(x, shifted, t.lut, t.scales, t.zeros, 4, 32, cfg)
-    assert _rel(out, ref) < TOLERANCE[torch.bfloat16]

@@ -3,16 +3,17 @@ test_distributed.py)."""
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
-from tiny_models import tiny_llama
 
 
 def test_gradient_reaches_the_input_through_a_frozen_any4_linear():
     layer = nn.Linear(96, 40, bias=True)
-    quantize_model(layer, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2), filter_fn=lambda m, n: True,
-                   progress=False)
+    quantize_model(
+        layer, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2), filter_fn=lambda m, n: True, progress=False
+    )
     w = layer.weight
     assert isinstance(w, Any4Tensor) and not w.requires_grad
     x = torch.randn(5, 96, dtype=torch.float64).float().requires_grad_(True)
@@ -27,7 +28,9 @@ def test_peft_lora_adapters_train_and_the_any4_base_stays_frozen():
     model = tiny_llama()
     quantize_model(model, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2), progress=False)
     torch.manual_seed(0)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = peft.get_peft_model(
+        model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     base = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
     before = base.qdata.clone()
     trainable = [p for p in model.parameters() if p.requires_grad]

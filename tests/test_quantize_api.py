@@ -3,12 +3,12 @@ import io
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 from torchao.quantization import quantize_
 
 import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, any4_weight_only, default_filter, quantize_model
-from tiny_models import tiny_llama
 
 
 def _mlp():
@@ -69,7 +69,7 @@ def test_in_features_not_divisible_by_group_size_uses_a_ragged_last_group():
     w = model[0].weight.detach().clone()
     quantize_(model, any4_weight_only(group_size=128))
     qw = model[0].weight
-    assert qw.scales.shape == (40, 5) and qw.shape == (40, 576)
+    assert qw.scale.shape == (40, 5) and qw.shape == (40, 576)
     assert (qw.dequantize() - w).norm() / w.norm() < 0.1
 
 
@@ -99,12 +99,14 @@ def test_default_calibration_text_ships_with_the_package():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(nbits=5, codebook="any"), "nbits"),
+        (dict(codebook="any5"), "codebook"),
+        (dict(codebook=4.0), "codebook"),
+        (dict(version=2), "version"),
+        (dict(kernel_preference="cutlass"), "kernel_preference"),
         (dict(group_size=100), "group_size"),
         (dict(group_size=8), "group_size"),
-        (dict(codebook="nf3"), "nf4"),
+        (dict(codebook="nf3"), "codebook"),
         (dict(codebook="lut4"), "codebook"),
-        (dict(codebook="any4", nbits=2), "4-bit"),
         (dict(lut_dtype=torch.int8), "lut_dtype"),
         (dict(kmeans_iterations=-1), "kmeans_iterations"),
         (dict(refine_rounds=-1), "refine_rounds"),
@@ -151,11 +153,14 @@ def test_failure_midway_restores_every_weight(monkeypatch):
     assert all(dict(model.named_parameters())[n] is p for n, p in before.items())
 
 
-def test_plain_quantize_reports_the_layer_name_with_default_filter():
+def test_plain_quantize_names_the_layer_by_shape_or_by_its_calibration_path():
     model = tiny_llama()
     _poison(model, "model.layers.0.self_attn.k_proj", float("nan"))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj"):
+    with pytest.raises(ValueError, match=r"Linear\(in_features=64, out_features=32\).*NaN"):
         quantize_(model, any4_weight_only(group_size=32), filter_fn=default_filter)
+    stats = any4ao.calibrate(model, input_ids=torch.randint(0, 128, (1, 8)))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj.*NaN"):
+        quantize_(model, any4_weight_only(group_size=32, calibration=stats), filter_fn=default_filter)
 
 
 def test_wrong_shape_and_dtype_weights_are_rejected():

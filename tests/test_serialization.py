@@ -5,11 +5,11 @@ import struct
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, load_quantized, quantize_model, save_quantized
-from tiny_models import tiny_llama
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -47,7 +47,7 @@ def test_saved_metadata_names_format_and_config(tmp_path):
         keys = set(f.keys())
     assert meta["any4ao_format"] == "1"
     assert json.loads(meta["any4ao_config"])["_data"]["group_size"] == 32
-    parts = {f"model.layers.0.mlp.up_proj._weight_{p}" for p in ("qdata", "lut", "scales", "zeros")}
+    parts = {f"model.layers.0.mlp.up_proj._weight_{p}" for p in ("qdata", "lut", "scale", "zero_point")}
     assert parts <= keys and "lm_head.weight" in keys
 
 
@@ -172,6 +172,11 @@ def test_import_defers_transformers_and_registers_when_it_loads(tmp_path):
     from pathlib import Path
 
     code = LAZY_REGISTRATION.format(tests=str(Path(__file__).parent), path=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -3,10 +3,11 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from helpers import reference_dequantize
+from hypothesis import given
+from hypothesis import strategies as st
 
 from any4ao import Any4Tensor
-from helpers import reference_dequantize
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}
@@ -14,7 +15,7 @@ ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-10}
 
 def _tensor(n=24, k=200, group_size=32, nbits=4, dtype=torch.bfloat16, codebook="any", seed=0):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    return w, Any4Tensor.from_hp(w, nbits=nbits, group_size=group_size, codebook=codebook, iterations=5)
+    return w, Any4Tensor.from_hp(w, codebook=f"{codebook}{nbits}", group_size=group_size, kmeans_iterations=5)
 
 
 @given(
@@ -27,12 +28,12 @@ def _tensor(n=24, k=200, group_size=32, nbits=4, dtype=torch.bfloat16, codebook=
 )
 def test_dequantize_matches_float64_formula(n, k, group_size, nbits, dtype, seed):
     _, t = _tensor(n, k, group_size, nbits, dtype, seed=seed)
-    ref = reference_dequantize(t.codes(), t.lut, t.scales, t.zeros, group_size)
+    ref = reference_dequantize(t.codes(), t.lut, t.scale, t.zero_point, group_size)
     assert torch.equal(t.dequantize(torch.float64), ref)
     got = t.dequantize()
     assert got.dtype == dtype and got.shape == (n, k)
     # float32 arithmetic (error <= 2^-23 of the terms' magnitude) then one rounding to `dtype`
-    terms = reference_dequantize(t.codes(), t.lut.abs(), t.scales.abs(), t.zeros.abs(), group_size)
+    terms = reference_dequantize(t.codes(), t.lut.abs(), t.scale.abs(), t.zero_point.abs(), group_size)
     bound = 2**-23 * terms + ULP[dtype] * ref.abs()
     assert torch.all((got.double() - ref).abs() <= bound)
 
@@ -65,7 +66,9 @@ def test_matmul_forms():
     torch.testing.assert_close(torch.mm(x, t.t()), x @ dense.t())
     torch.testing.assert_close(t @ y, dense @ y)
     torch.testing.assert_close(torch.addmm(b, x, t.t()), torch.addmm(b, x, dense.t()))
-    torch.testing.assert_close(torch.addmm(b, x, t.t(), beta=0.5, alpha=2.0), torch.addmm(b, x, dense.t(), beta=0.5, alpha=2.0))
+    torch.testing.assert_close(
+        torch.addmm(b, x, t.t(), beta=0.5, alpha=2.0), torch.addmm(b, x, dense.t(), beta=0.5, alpha=2.0)
+    )
     torch.testing.assert_close(x @ t.transpose(0, 1), x @ dense.t())
     assert t.t().t().shape == t.shape and not t.t().t().transposed
     torch.testing.assert_close(t.t().dequantize(), dense.t())
@@ -95,7 +98,7 @@ def test_to_dtype_and_device():
     assert isinstance(h, Any4Tensor) and h.dtype == torch.float16 and h.lut.dtype == torch.float16
     assert h.qdata.dtype == torch.uint8
     assert torch.equal(h.qdata, t.qdata)
-    for name in ("lut", "scales", "zeros"):  # re-typing rounds each parameter once, nothing else
+    for name in ("lut", "scale", "zero_point"):  # re-typing rounds each parameter once, nothing else
         assert torch.equal(getattr(h, name), getattr(t, name).half())
     assert t.to("cpu") is t or torch.equal(t.to("cpu").qdata, t.qdata)
     with pytest.raises(ValueError, match="non-float"):
@@ -121,7 +124,7 @@ def test_linear_rejects_bad_inputs():
 def test_flatten_unflatten_and_pickle():
     _, t = _tensor()
     names, attrs = t.__tensor_flatten__()
-    assert names == ["qdata", "lut", "scales", "zeros"]
+    assert names == ["qdata", "lut", "scale", "zero_point"]
     rebuilt = Any4Tensor.__tensor_unflatten__({n: getattr(t, n) for n in names}, attrs, t.shape, t.stride())
     assert torch.equal(rebuilt.dequantize(), t.dequantize())
     buf = io.BytesIO()
@@ -133,8 +136,8 @@ def test_flatten_unflatten_and_pickle():
 
 def test_memory_of_4096_square_weight_at_group_128():
     w = torch.randn(4096, 4096, dtype=torch.bfloat16)
-    t = Any4Tensor.from_hp(w, group_size=128, codebook="int")
-    inner = (t.qdata, t.lut, t.scales, t.zeros)
+    t = Any4Tensor.from_hp(w, group_size=128, codebook="int4")
+    inner = (t.qdata, t.lut, t.scale, t.zero_point)
     bits = 8 * sum(x.numel() * x.element_size() for x in inner) / w.numel()
     assert bits <= 4.32, bits
     assert bits == pytest.approx(t.bits_per_weight())

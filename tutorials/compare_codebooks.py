@@ -31,8 +31,14 @@ def load(tiny: bool):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         model = LlamaForCausalLM(cfg).eval()
         return model, any4ao.calibrate(model, input_ids=torch.randint(0, 256, (1, 64)))
     from any4ao.models import load_causal_lm
@@ -48,8 +54,9 @@ def quantize_row_formats(linear, stats, group_size):
     out = {}
     for name in FORMATS:
         kind, nbits = parse_codebook(name, None)
-        out[name] = Any4Tensor.from_hp(w, nbits=nbits, group_size=group_size, codebook=kind,
-                                       channel_weight=importance if kind == "any" else None)
+        out[name] = Any4Tensor.from_hp(
+            w, nbits=nbits, group_size=group_size, codebook=kind, channel_weight=importance if kind == "any" else None
+        )
     return w, out
 
 
@@ -58,7 +65,7 @@ def plot(w, formats, rows, group_size, path):
     for i, r in enumerate(rows):
         for j, (name, q) in enumerate(formats.items()):
             ax = axes[i][j]
-            x = to_code_domain(w[r : r + 1], q.scales[r : r + 1].float(), q.zeros[r : r + 1].float(), group_size)[0]
+            x = to_code_domain(w[r : r + 1], q.scale[r : r + 1].float(), q.zero_point[r : r + 1].float(), group_size)[0]
             err = (q.dequantize().float()[r] - w[r]).square().mean().sqrt() / w[r].square().mean().sqrt()
             ax.hist(x.numpy(), bins=80, color="0.6")
             for v in q.lut[r].float().tolist():

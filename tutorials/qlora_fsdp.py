@@ -24,8 +24,14 @@ def build(tiny: bool, device):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=161, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=161,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         model = LlamaForCausalLM(cfg).to(device)
         # a learnable toy task: arithmetic sequences (next token = previous + step, mod vocab)
         starts, steps = torch.arange(4)[:, None] * 11, torch.tensor([1, 3, 5, 7])[:, None]
@@ -48,14 +54,22 @@ def train(rank: int, world: int, args) -> list:
 
     from any4ao import Any4WeightOnlyConfig, quantize_model
 
-    device = torch.device("cuda", rank) if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", rank)
+        if torch.cuda.is_available() and dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
     model, batches = build(args.tiny, device)
     # 1. Quantize: the same deterministic k-means on every rank, so every rank holds the same base.
     quantize_model(model, Any4WeightOnlyConfig(group_size=32 if args.tiny else 64), progress=rank == 0)
     # 2. LoRA adapters (the only trainable parameters); same seed everywhere -> same initial adapters.
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
+        ),
+    )
     # 3. FSDP2: shard each decoder layer, then the root (embeddings, head).
     mesh = init_device_mesh(device.type, (world,))
     for layer in model.base_model.model.model.layers:

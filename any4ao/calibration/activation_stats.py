@@ -46,6 +46,10 @@ class ChannelImportance:
             return None
         return (self._sums[module] / self._counts[module]).float()
 
+    def name_of(self, module: nn.Module) -> Optional[str]:
+        """The module's path in the model it was recorded in (for error messages), or None."""
+        return next((fqn for fqn, m in self.names.items() if m is module), None)
+
     def tokens_seen(self, module: nn.Module) -> int:
         return self._counts.get(module, 0)
 

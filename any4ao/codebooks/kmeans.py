@@ -9,7 +9,6 @@ from typing import List
 
 import torch
 
-
 # On the CPU, up to this many centroids, counting the boundaries below each element (one broadcast
 # compare per boundary) beats torch.searchsorted 2.3x for 16 centroids (the k-means hot spot). On
 # CUDA it is the other way round: 15 small kernels took 7.8 s per 1.07e9 weights on an H100 against

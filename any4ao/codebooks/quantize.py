@@ -19,6 +19,7 @@ from any4ao.codebooks.fixed import FP4_E2M1_MAGNITUDES, fixed_lut, int_grid
 from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_params, to_code_domain
 from any4ao.codebooks.kmeans import lloyd_max, nearest_code, weighted_sse
 from any4ao.codebooks.refine import fit_group_affine, real_domain_error
+from any4ao.config import Any4WeightOnlyConfig, Scaling
 
 CODEBOOKS = ("any", "int", "nf4", "fp4")
 # Rows are processed in chunks of about this many elements, bounding k-means' working memory
@@ -30,8 +31,8 @@ CHUNK_ELEMENTS = 1 << 22
 class QuantizedWeight:
     codes: torch.Tensor  # (N, K) uint8, unpacked
     lut: torch.Tensor  # (N, 2**nbits), storage dtype, sorted per row
-    scales: torch.Tensor  # (N, ceil(K/G)), storage dtype
-    zeros: torch.Tensor  # (N, ceil(K/G)), storage dtype
+    scale: torch.Tensor  # (N, ceil(K/G)), storage dtype
+    zero_point: torch.Tensor  # (N, ceil(K/G)), storage dtype
 
 
 def _row_chunks(num_rows: int, in_features: int):
@@ -78,26 +79,18 @@ def _refine(w, h, scales, zeros, lut, codes, group_size, iterations, rounds, dty
 
 
 def quantize_weight(
-    w: torch.Tensor,
-    nbits: int = 4,
-    group_size: int = 128,
-    codebook: str = "any",
-    channel_weight: Optional[torch.Tensor] = None,
-    iterations: int = 10,
-    dtype: Optional[torch.dtype] = None,
-    refine_rounds: int = 2,
-    scaling: str = "minmax",
+    w: torch.Tensor, config: Any4WeightOnlyConfig, channel_weight: Optional[torch.Tensor] = None
 ) -> QuantizedWeight:
-    """Quantize a finite 2-D weight (validation is the caller's job: any4ao.validation).
+    """Quantize a finite 2-D weight as `config` says (validation is the caller's job: any4ao.validation).
 
     channel_weight: optional (K,) non-negative importance of each input channel (from calibration);
-    the k-means objective is sum_k channel_weight[k] * (W[n, k] - W_hat[n, k])^2 per row.
-    dtype: storage dtype of LUT, scales and zeros (default: the weight's dtype).
-    refine_rounds: "any" only: rounds of refitting scales/zeros to the learned codes (refine.py)."""
-    dtype = dtype or w.dtype
+    the k-means objective is sum_k channel_weight[k] * (W[n, k] - W_hat[n, k])^2 per row."""
+    codebook, nbits, group_size = config.codebook.kind, config.bits, config.group_size
+    iterations, refine_rounds, scaling = config.kmeans_iterations, config.refine_rounds, config.scaling
+    dtype = config.lut_dtype or w.dtype
     w = w.float()
     n, k = w.shape
-    if codebook == "any" and scaling == "absmax":
+    if codebook == "any" and scaling == Scaling.ABSMAX:
         # Learned LUT over symmetric group scaling, started from the NF grid of the same size.
         grid = fixed_lut("nf4", 4).to(w.device) if nbits == 4 else torch.linspace(-1, 1, 2**nbits, device=w.device)
         scales, zeros = absmax_params(w, group_size, 1.0, dtype)
@@ -122,11 +115,20 @@ def quantize_weight(
             chunk_lut, chunk_codes = _learn_lut(x, sample_weight, grid, iterations, dtype)
             if refine_rounds:
                 scales[rows], zeros[rows], chunk_lut, chunk_codes = _refine(
-                    w[rows], h, scales[rows], zeros[rows], chunk_lut, chunk_codes, group_size, iterations,
-                    refine_rounds, dtype)
+                    w[rows],
+                    h,
+                    scales[rows],
+                    zeros[rows],
+                    chunk_lut,
+                    chunk_codes,
+                    group_size,
+                    iterations,
+                    refine_rounds,
+                    dtype,
+                )
             lut[rows] = chunk_lut
         else:
             lut[rows] = grid
             chunk_codes = nearest_code(x, grid.expand(x.shape[0], -1).contiguous())
         codes[rows] = chunk_codes.to(torch.uint8)
-    return QuantizedWeight(codes=codes, lut=lut.to(dtype), scales=scales.to(dtype), zeros=zeros.to(dtype))
+    return QuantizedWeight(codes=codes, lut=lut.to(dtype), scale=scales.to(dtype), zero_point=zeros.to(dtype))

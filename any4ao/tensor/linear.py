@@ -1,4 +1,5 @@
-"""Matmul with an Any4Tensor weight: fused Triton LUT kernels on CUDA, dequantize + F.linear elsewhere."""
+"""Matmul with an Any4Tensor weight: the Triton op on CUDA (any4ao.kernels.selector picks the
+kernel), dequantize + F.linear elsewhere (CPU, fp32 activations, kernel_preference="dequantize")."""
 
 from typing import Optional
 
@@ -24,11 +25,17 @@ def _check_operands(x: torch.Tensor, weight) -> None:
 def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
     _check_operands(x, weight)
-    from any4ao.kernels.dispatch import triton_linear_applies
+    from any4ao.kernels.selector import fused_linear_applies
 
-    if triton_linear_applies(x, weight):
+    if fused_linear_applies(x, weight):
         out = torch.ops.any4ao.lut_linear(
-            x.reshape(-1, x.shape[-1]), weight.qdata, weight.lut, weight.scales, weight.zeros, weight.nbits, weight.group_size
+            x.reshape(-1, x.shape[-1]),
+            weight.qdata,
+            weight.lut,
+            weight.scale,
+            weight.zero_point,
+            weight.nbits,
+            weight.group_size,
         ).reshape(*x.shape[:-1], weight.out_features)
         return out if bias is None else out + bias
     return F.linear(x, weight.dequantize(x.dtype), bias)

@@ -20,8 +20,15 @@ implements_torch_function = Any4Tensor.implements_torch_function
 
 def _with(w: Any4Tensor, **changes) -> Any4Tensor:
     fields = dict(
-        qdata=w.qdata, lut=w.lut, scales=w.scales, zeros=w.zeros, nbits=w.nbits,
-        block_size=w.block_size, shape=w.shape, transposed=w.transposed,
+        qdata=w.qdata,
+        lut=w.lut,
+        scale=w.scale,
+        zero_point=w.zero_point,
+        nbits=w.nbits,
+        block_size=w.block_size,
+        shape=w.shape,
+        transposed=w.transposed,
+        kernel_preference=w.kernel_preference,
     )
     fields.update(changes)
     return Any4Tensor(**fields)
@@ -101,8 +108,14 @@ def _(func, types, args, kwargs):
     shape[dim] = end - start
     if stored_dim == 0:
         rows = slice(start, end)
-        new = _with(w, qdata=w.qdata[rows], lut=w.lut[rows], scales=w.scales[rows], zeros=w.zeros[rows],
-                    shape=torch.Size(shape))
+        new = _with(
+            w,
+            qdata=w.qdata[rows],
+            lut=w.lut[rows],
+            scale=w.scale[rows],
+            zero_point=w.zero_point[rows],
+            shape=torch.Size(shape),
+        )
     else:
         g, per = w.group_size, codes_per_byte(w.nbits)
         if start % g or (end % g and end != size):
@@ -113,8 +126,8 @@ def _(func, types, args, kwargs):
         new = _with(
             w,
             qdata=w.qdata[:, start // per : -(-end // per)],
-            scales=w.scales[:, start // g : -(-end // g)],
-            zeros=w.zeros[:, start // g : -(-end // g)],
+            scale=w.scale[:, start // g : -(-end // g)],
+            zero_point=w.zero_point[:, start // g : -(-end // g)],
             shape=torch.Size(shape),
         )
     return return_and_correct_aliasing(func, args, kwargs, new)
@@ -138,8 +151,8 @@ def _(func, types, args, kwargs):
         w,
         qdata=move(w.qdata, False),
         lut=move(w.lut, True),
-        scales=move(w.scales, True),
-        zeros=move(w.zeros, True),
+        scale=move(w.scale, True),
+        zero_point=move(w.zero_point, True),
     )
     return return_and_correct_aliasing(func, args, kwargs, new)
 
@@ -147,8 +160,10 @@ def _(func, types, args, kwargs):
 # ----- row sharding: what FSDP2's fully_shard does to a parameter (see any4ao/tensor/fsdp.py) -----
 def _require_row_major(w: Any4Tensor, op: str) -> None:
     if w.transposed or w.ndim != 2:
-        raise NotImplementedError(f"Any4Tensor {op} works on the stored (out, in) orientation only, "
-                                  f"got shape {tuple(w.shape)} transposed={w.transposed}")
+        raise NotImplementedError(
+            f"Any4Tensor {op} works on the stored (out, in) orientation only, "
+            f"got shape {tuple(w.shape)} transposed={w.transposed}"
+        )
 
 
 @implements(aten.split.Tensor)
@@ -179,8 +194,14 @@ def _(func, types, args, kwargs):
     def zeros_like_rows(t):
         return torch.zeros(size[0], t.shape[1], dtype=t.dtype, device=device)
 
-    return _with(w, qdata=zeros_like_rows(w.qdata), lut=zeros_like_rows(w.lut), scales=zeros_like_rows(w.scales),
-                 zeros=zeros_like_rows(w.zeros), shape=torch.Size(size))
+    return _with(
+        w,
+        qdata=zeros_like_rows(w.qdata),
+        lut=zeros_like_rows(w.lut),
+        scale=zeros_like_rows(w.scale),
+        zero_point=zeros_like_rows(w.zero_point),
+        shape=torch.Size(size),
+    )
 
 
 @implements(aten.view.default)
@@ -203,6 +224,8 @@ def _(func, types, args, kwargs):
     _require_row_major(w, "as_strided")
     contiguous = (size[1], 1) if len(size) == 2 else None
     if len(size) != 2 or size[1] != w.in_features or size[0] > w.shape[0] or offset or stride != contiguous:
-        raise NotImplementedError(f"Any4Tensor.as_strided(size={size}, stride={stride}, offset={offset}) of "
-                                  f"shape {tuple(w.shape)}: only a contiguous prefix of whole rows is supported")
+        raise NotImplementedError(
+            f"Any4Tensor.as_strided(size={size}, stride={stride}, offset={offset}) of "
+            f"shape {tuple(w.shape)}: only a contiguous prefix of whole rows is supported"
+        )
     return aten.slice.Tensor(w, 0, 0, size[0])

@@ -1,0 +1,138 @@
+"""Model-level entry points: the torchao handler for Any4WeightOnlyConfig, and `quantize_model`.
+
+`quantize_(model, Any4WeightOnlyConfig(), filter_fn=any4ao.default_filter)` is the torchao way;
+torchao passes the handler a module but not its name, so its errors name a layer by type and
+shape. `quantize_model(model, config)` does the same through `quantize_` with three extras: it
+validates every selected layer before touching any (a NaN in layer 20 leaves the model
+unchanged), it restores the original weights if quantization fails midway, and its errors name
+the layer by its path in the model.
+"""
+
+from typing import Callable, Optional
+
+from torch import nn
+from torchao.quantization import quantize_
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from any4ao.config import Any4WeightOnlyConfig
+from any4ao.tensor import Any4Tensor
+from any4ao.validation import check_channel_weight, check_weight
+
+# Output projections the paper leaves in high precision (transformers names them lm_head).
+SKIPPED_BY_DEFAULT = ("lm_head", "output", "embed_out")
+
+
+class LayerError(ValueError):
+    """A layer could not be quantized; the message starts with the layer's name."""
+
+
+def _describe(module: nn.Module, config: Any4WeightOnlyConfig) -> str:
+    """The layer's path if the calibration statistics (keyed by path) know it, else type and shape."""
+    name = config.calibration.name_of(module) if config.calibration is not None else None
+    return name or (
+        f"{type(module).__name__}(in_features={getattr(module, 'in_features', '?')}, "
+        f"out_features={getattr(module, 'out_features', '?')})"
+    )
+
+
+def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_name: str, name: str):
+    """(weight, channel weight or None) of a layer that can be quantized; LayerError otherwise."""
+    weight = getattr(module, parameter_name, None)
+    if weight is None:
+        raise LayerError(f"layer {name!r} has no parameter {parameter_name!r}")
+    if isinstance(weight, Any4Tensor):
+        raise LayerError(f"layer {name!r}: weight is already an Any4Tensor (quantized twice?)")
+    check_weight(name, weight)
+    channel_weight = None
+    if config.calibration is not None and config.codebook.learned:
+        channel_weight = config.calibration.for_module(module)
+        if channel_weight is None:
+            raise LayerError(
+                f"layer {name!r} has no calibration statistics: it was not called during calibration "
+                f"(or the statistics belong to another model)"
+            )
+        check_channel_weight(name, channel_weight, weight)
+    return weight, channel_weight
+
+
+def quantize_module_weight(
+    module: nn.Module, config: Any4WeightOnlyConfig, parameter_name: str = "weight", name: Optional[str] = None
+) -> Any4Tensor:
+    """Validate and quantize one module's weight; returns the new tensor without installing it."""
+    weight, channel_weight = _checked_inputs(module, config, parameter_name, name or _describe(module, config))
+    if channel_weight is not None:
+        channel_weight = channel_weight.to(weight.device)
+    return Any4Tensor.from_hp(weight.detach(), config, channel_weight)
+
+
+@register_quantize_module_handler(Any4WeightOnlyConfig)
+def _any4_weight_only_transform(
+    module: nn.Module, config: Any4WeightOnlyConfig, *, parameter_name: str = "weight"
+) -> nn.Module:
+    """Replace `module.<parameter_name>` in place by an Any4Tensor parameter (no module swap)."""
+    new_weight = quantize_module_weight(module, config, parameter_name)
+    setattr(module, parameter_name, nn.Parameter(new_weight, requires_grad=False))
+    return module
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """nn.Linear layers except the LM head, not yet quantized."""
+    return (
+        isinstance(module, nn.Linear)
+        and not isinstance(module.weight, Any4Tensor)
+        and fqn.split(".")[-1] not in SKIPPED_BY_DEFAULT
+    )
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """tqdm if it is installed (an optional dependency), else nothing."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if not enabled or tqdm is None:
+
+        class _Silent:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Silent()
+    return tqdm(total=total, desc=desc, unit="layer")
+
+
+def quantize_model(
+    model: nn.Module,
+    config: Optional[Any4WeightOnlyConfig] = None,
+    filter_fn: Callable[[nn.Module, str], bool] = default_filter,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize `model` in place through torchao's `quantize_`, all or nothing. Returns the model."""
+    config = config or Any4WeightOnlyConfig()
+    targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+    for fqn, module in targets:  # validate everything before changing anything
+        _checked_inputs(module, config, "weight", fqn)
+    originals = {module: module.weight for _, module in targets}
+    bar = _progress_bar(len(targets), f"any4ao {config.codebook.value}", progress)
+    current = []  # the layer quantize_ is working on, for the error message
+
+    def selected(module, fqn):
+        if module in originals and filter_fn(module, fqn):
+            current[:] = [fqn]
+            bar.update(1)
+            return True
+        return False
+
+    try:
+        quantize_(model, config, filter_fn=selected)
+    except BaseException as e:
+        for module, weight in originals.items():
+            module.weight = weight
+        if isinstance(e, ValueError) and current:  # name the layer that failed, by its path
+            raise LayerError(f"layer {current[0]!r}: {e}") from e
+        raise
+    finally:
+        bar.close()
+    return model

@@ -1,0 +1,208 @@
+"""Which kernel serves `x @ W^T` for an Any4Tensor W, and how it is launched. The one place.
+
+Two paths:
+  lut_mma             the fused decode kernel (kernels/lut_mma.py): M <= FUSED_MAX_M rows of x,
+                      16-bit x and LUT, nibble-packed codes, groups of a multiple of 32 columns;
+  dequantize + mm     everything else: the Triton dequantize kernel writes W in x's dtype, then
+                      cuBLAS (from M = 65 on, where one dequantized copy per call is cheaper than
+                      looking the weights up again for every 64 rows of x).
+
+The launch config of lut_mma comes from a per-GPU table of rules (RULES), each measured by a
+sweep on that GPU (benchmarks/bench_kernels.py --sweep-only; results in benchmarks/results/):
+the first rule whose `max_m` >= M and `min_n` <= N applies. A GPU with no table of its own uses
+the H100 table with its N thresholds scaled by the SM count (they mark where the grid outgrows the
+SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize + mm.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+FUSED_MAX_M = 64
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def kernels_loaded() -> bool:
+    """Triton is importable and the custom ops are registered (torch.ops.any4ao.*)."""
+    try:
+        import triton  # noqa: F401
+
+        import any4ao.kernels.ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_linear_applies(x: torch.Tensor, weight) -> bool:
+    """The Triton op (torch.ops.any4ao.lut_linear) takes CUDA, 16-bit activations and an
+    untransposed weight that prefers "auto"; everything else is dequantize + F.linear."""
+    return (
+        x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and not weight.transposed
+        and weight.kernel_preference == "auto"
+        and kernels_loaded()
+    )
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """A lut_mma launch: block_m rows of x per program (8 per n-tile), row_tiles 16-row weight tiles
+    per warp, k_warps warps splitting the program's K, code words prefetched 1 or 2 steps ahead,
+    spread: a lane's words of a step 4 apart."""
+
+    block_m: int
+    row_tiles: int
+    k_warps: int
+    prefetch: int
+    spread: bool = False
+    split_k: int = 1
+
+    @property
+    def block_n(self) -> int:
+        return 16 * self.row_tiles
+
+
+@dataclass(frozen=True)
+class Rule:
+    """For M <= max_m and N >= min_n: this tile shape, and as many K warps (a power of two in
+    [min_k_warps, max_k_warps], at most one per group) as keep the grid within warps_per_sm warps
+    per SM."""
+
+    max_m: int
+    min_n: int
+    block_m: int
+    row_tiles: int
+    prefetch: int
+    spread: bool
+    warps_per_sm: int
+    min_k_warps: int
+    max_k_warps: int
+
+
+# H100 (132 SMs), fitted to sweep v14 (benchmarks/results/sweep-H100-v14-prefetch.json: 7 shapes,
+# N 1024-28672, K 4096-14336, every combination of K warps, row tiles, prefetch and spread): the
+# picks are within 4 % of each shape's best config on geometric mean at M = 1, 8, 16, 32, 64.
+_H100 = (
+    Rule(8, 4225, 8, 1, 1, False, 24, 4, 8),  # many programs: 1 step ahead is enough
+    Rule(8, 0, 8, 1, 2, False, 24, 4, 8),
+    Rule(16, 8192, 16, 2, 1, False, 8, 2, 8),  # two row tiles: each x fragment feeds two mmas
+    Rule(16, 0, 16, 1, 2, False, 16, 1, 8),
+    Rule(32, 4096, 32, 2, 2, False, 8, 1, 4),
+    Rule(32, 2048, 32, 1, 2, True, 8, 1, 4),
+    Rule(32, 0, 16, 1, 2, True, 8, 1, 4),
+    Rule(64, 4096, 32, 2, 2, False, 8, 1, 4),
+    Rule(64, 0, 16, 1, 2, True, 8, 1, 4),
+)
+_H100_SMS = 132
+
+# name (a substring of torch.cuda.get_device_name) -> (rules, SM count they were fitted on)
+RULES = {
+    "H100": (_H100, _H100_SMS),
+}
+
+
+def _k_warps(programs: int, groups: int, sms: int, rule: Rule) -> int:
+    k_warps = 1
+    while 2 * k_warps <= min(rule.min_k_warps, groups):
+        k_warps *= 2
+    while 2 * k_warps <= min(rule.max_k_warps, groups) and programs * 2 * k_warps <= rule.warps_per_sm * sms:
+        k_warps *= 2
+    return k_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _device_table(device_name: str, sms: int) -> Tuple[Tuple[Rule, ...], int]:
+    for key, (rules, fitted_sms) in RULES.items():
+        if key in device_name:
+            return rules, fitted_sms
+    rules, fitted_sms = RULES["H100"]
+    if sms == fitted_sms:
+        return rules, fitted_sms
+    scale = sms / fitted_sms  # unknown GPU: N thresholds follow the SM count
+    return tuple(Rule(**{**r.__dict__, "min_n": int(r.min_n * scale)}) for r in rules), sms
+
+
+def _device_facts(device: torch.device) -> Tuple[str, int, Tuple[int, int]]:
+    if device.type != "cuda":  # TRITON_INTERPRET=1 on CPU tensors: tested as an H100
+        return "H100 (interpreter)", _H100_SMS, (9, 0)
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.multi_processor_count, (props.major, props.minor)
+
+
+def mma_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> Optional[MmaConfig]:
+    """The lut_mma launch for an (M, K) x (N, K)^T product, or None where dequantize + mm serves it."""
+    name, sms, capability = _device_facts(device)
+    if m > FUSED_MAX_M or capability < MIN_CAPABILITY:
+        return None
+    rules, _ = _device_table(name, sms)
+    rule = next(r for r in rules if m <= r.max_m and n >= r.min_n)
+    programs = -(-n // (16 * rule.row_tiles)) * -(-m // rule.block_m)
+    k_warps = _k_warps(programs, max(k // group_size, 1), sms, rule)
+    return MmaConfig(rule.block_m, rule.row_tiles, k_warps, rule.prefetch, rule.spread)
+
+
+def mma_applies(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    lut: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    nbits: int,
+    group_size: int,
+) -> bool:
+    """lut_mma reads codes as 32-bit words (nibbles: 3 or 4 bits, 4-byte aligned rows), the LUT as
+    pairs of 16-bit entries, x 16 bytes at a time (16-byte aligned rows) in the LUT's dtype (the
+    looked-up values go into the mma as they are), scales and zero points as 16-bit bits, and steps
+    through whole groups of a multiple of 32 columns."""
+    k = x.shape[1]
+    return (
+        nbits in (3, 4)
+        and lut.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype == lut.dtype
+        and scale.dtype == lut.dtype
+        and zero_point.dtype == lut.dtype
+        and group_size % 32 == 0
+        and k % group_size == 0
+        and qdata.stride(-1) == 1
+        and qdata.stride(0) % 4 == 0
+        and qdata.data_ptr() % 4 == 0
+        and lut.is_contiguous()
+        and lut.data_ptr() % 4 == 0
+        and x.stride(1) == 1
+        and x.stride(0) % 8 == 0
+        and x.data_ptr() % 16 == 0
+    )
+
+
+def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:
+    """The dequantize kernel's register lookup (lut_permute): nibble-packed codes, a 16-bit LUT,
+    K % 8 == 0 and 32-bit aligned rows (from storage offsets: this also runs on fake tensors)."""
+    return (
+        nbits in (3, 4)
+        and lut.dtype in (torch.float16, torch.bfloat16)
+        and k % 8 == 0
+        and qdata.stride(-1) == 1
+        and qdata.stride(0) % 4 == 0
+        and qdata.storage_offset() % 4 == 0
+        and lut.is_contiguous()
+        and lut.storage_offset() % 2 == 0
+    )
+
+
+def choose(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    lut: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    nbits: int,
+    group_size: int,
+) -> Optional[MmaConfig]:
+    """What torch.ops.any4ao.lut_linear runs: a lut_mma config, or None for dequantize + mm."""
+    if not mma_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
+        return None
+    return mma_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)
