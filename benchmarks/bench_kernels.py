@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 import any4ao
 from any4ao import Any4Tensor
-from any4ao.kernels import launch
-from any4ao.kernels.launch import choose_config
+from any4ao.kernels import launch, selector
 
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336), (28672, 4096), (8192, 8192)]
 MS = [1, 4, 16, 32, 64, 256, 2048, 8192]
@@ -92,18 +91,6 @@ class Poison:
         launch._empty = self.saved
 
 
-def register_lut_cuda_cores(x, qw):
-    """The previous decode kernel (lut_decode: register LUT by byte permutes, CUDA-core FMAs at M=1,
-    tl.dot for M=2..16), which the dispatcher now uses only where lut_mma does not apply; kept in
-    the table to show what feeding the mma from the lookup gained. Only timed for M <= 16."""
-    from any4ao.kernels.launch import lut_matmul, register_lut_config
-
-    if x.shape[0] > 16:
-        raise SkipMethod
-    cfg = register_lut_config(x.shape[0], qw.shape[0], qw.shape[1], x.device)
-    return lut_matmul(x, qw.qdata, qw.lut, qw.scale, qw.zero_point, qw.nbits, qw.group_size, cfg)
-
-
 class SkipMethod(Exception):
     pass
 
@@ -113,11 +100,10 @@ def make_methods(n, k, dtype, include):
     w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
     methods = {}
     start = time.perf_counter()
-    q = Any4Tensor.from_hp(w, group_size=GROUP, iterations=10)
+    q = Any4Tensor.from_hp(w, group_size=GROUP)
     torch.cuda.synchronize()
     quant_s = time.perf_counter() - start
     methods["any4"] = ([q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)], F.linear)
-    methods["any4 lut_decode (previous)"] = (methods["any4"][0], register_lut_cuda_cores)
     methods["bf16 cuBLAS"] = ([w] + [w.clone() for _ in range(copies_for(tensor_bytes(w)) - 1)], F.linear)
 
     def naive(x, qw):  # the same format through plain torch ops: gather, scale, then cuBLAS
@@ -171,98 +157,35 @@ def kmeans_throughput(dtype):
     return rows * k * reps, time.perf_counter() - start
 
 
-def _sweep_candidates(m, n, k, sms):
-    """Decode-kernel configs to try at this M (data for tuning choose_config and the M at which
-    lut_linear switches to dequantize + cuBLAS), all lut_mma with the scales applied to the
-    fragments (scaled_a; sweep v10 found it faster at every M): code loads pipelined through
-    shared memory or prefetched 1 or 2 steps ahead in registers (prefetch), K warps, one or two
-    16-row weight tiles per warp (row_tiles), at M 9-16 a lane's words of a step consecutive or 4
-    apart (spread); small N also split K; M > 16: 2, 4 or 8 n-tiles per program. The earlier
-    sweeps (sweep-H100-v7-mma.json .. -v13b) covered stages, register caps, row warps, step width
-    and the unscaled kernel."""
-    from any4ao.kernels.launch import KernelConfig
-
-    cands = [choose_config(m, n, k, torch.device("cuda"))]
-    if m <= 16:
-        bm = 8 if m <= 8 else 16
-        for spread in (False, True) if m > 8 else (False,):
-            for k_warps in (1, 2, 4, 8):
-                for row_tiles in (1, 2):
-                    for prefetch in (0, 1, 2):
-                        cands.append(
-                            KernelConfig(
-                                "decode-mma",
-                                bm,
-                                16 * row_tiles,
-                                128,
-                                1,
-                                k_warps,
-                                3,
-                                k_warps=k_warps,
-                                scaled_a=True,
-                                spread=spread,
-                                row_tiles=row_tiles,
-                                prefetch=prefetch,
-                            )
-                        )
-        if n <= 2048:  # few row tiles: more programs by splitting K (an fp32 workspace, then a sum)
-            for split in (2, 4):
-                for k_warps in (4, 8):
-                    cands.append(
-                        KernelConfig(
-                            "decode-mma", bm, 16, 128, split, k_warps, 3, k_warps=k_warps, scaled_a=True, prefetch=2
-                        )
-                    )
-        return list(dict.fromkeys(cands))
-    for bm in (16, 32, 64):
-        if bm > triton_pow2(m) or 4 * bm < triton_pow2(m):
-            continue
-        for k_warps in (1, 2, 4):
-            for prefetch in (0, 1, 2):
-                cands.append(
-                    KernelConfig(
-                        "decode-mma",
-                        bm,
-                        16,
-                        128,
-                        1,
-                        k_warps,
-                        3,
-                        k_warps=k_warps,
-                        scaled_a=True,
-                        spread=True,
-                        prefetch=prefetch,
-                    )
-                )
-                if bm <= 32:
-                    cands.append(
-                        KernelConfig(
-                            "decode-mma",
-                            bm,
-                            32,
-                            128,
-                            1,
-                            k_warps,
-                            3,
-                            k_warps=k_warps,
-                            scaled_a=True,
-                            row_tiles=2,
-                            prefetch=prefetch,
-                        )
-                    )
-    return list(dict.fromkeys(cands))
+def _sweep_candidates(m, n, k):
+    """lut_mma launch configs to try at this M (the data the selector's rule tables are fitted to):
+    K warps 1-8, one or two 16-row weight tiles per warp, code words prefetched 1 or 2 steps
+    ahead, at M > 8 a lane's words of a step consecutive or 4 apart (spread); M > 16: 2, 4 or 8
+    n-tiles per program; small N also split K. The selector's own pick comes first."""
+    cands = [selector.mma_config(m, n, k, GROUP, torch.device("cuda"))]
+    bms = [8 if m <= 8 else 16] if m <= 16 else [bm for bm in (16, 32, 64) if bm <= triton_pow2(m) <= 4 * bm]
+    for bm in bms:
+        for k_warps in (1, 2, 4, 8):
+            for row_tiles in (1, 2) if bm <= 32 else (1,):
+                for prefetch in (1, 2):
+                    for spread in (False, True) if m > 8 else (False,):
+                        cands.append(selector.MmaConfig(bm, row_tiles, k_warps, prefetch, spread))
+    if n <= 2048:  # few row tiles: more programs by splitting K (an fp32 workspace, then a sum)
+        for split in (2, 4):
+            cands.append(selector.MmaConfig(bms[0], 1, 4, 2, False, split))
+    return list(dict.fromkeys(c for c in cands if c is not None))
 
 
 def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True, shapes=SWEEP_SHAPES):
     """Every candidate kernel config at decode sizes, each checked against float64 (NaN-poisoned
     outputs) before it is timed; then the dequantize kernels (LUT by byte permutes vs load)."""
     from any4ao.kernels import ops  # noqa: F401  (registers torch.ops.any4ao.*)
-    from any4ao.kernels.launch import lut_dequantize, lut_matmul
+    from any4ao.kernels.launch import lut_dequantize, lut_mma
 
-    out, sms = [], torch.cuda.get_device_properties(0).multi_processor_count
+    out = []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-        q = Any4Tensor.from_hp(w, group_size=GROUP, iterations=2)
+        q = Any4Tensor.from_hp(w, group_size=GROUP, kmeans_iterations=2)
         copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
         w64 = q.dequantize(torch.float64)
         for m in sweep_ms:
@@ -273,22 +196,22 @@ def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True, shapes=SWEEP_SHAPES):
             us_bf16 = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb], replays=10)
             del wb
             out.append({"N": n, "K": k, "M": m, "config": "bf16 cuBLAS", "us": us_bf16})
-            op = torch.ops.any4ao.lut_linear  # what the dispatcher does today, for comparison
+            op = torch.ops.any4ao.lut_linear  # what the selector does today, for comparison
             us_op = graph_time_us(
                 [lambda c=c_: op(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c_ in copies], replays=10
             )
             out.append({"N": n, "K": k, "M": m, "config": "torch.ops.any4ao.lut_linear", "us": us_op})
-            for cfg in _sweep_candidates(m, n, k, sms):
+            for i, cfg in enumerate(_sweep_candidates(m, n, k)):
                 try:
                     with Poison():
-                        y = lut_matmul(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP, cfg)
+                        y = lut_mma(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP, cfg)
                     err = ((y.double() - ref).norm() / ref.norm()).item()
                     if not err < 1e-2:
                         print(f"  sweep {n}x{k} M={m} {cfg}: WRONG rel err {err}", flush=True)
                         continue
                     us = graph_time_us(
                         [
-                            lambda c=c_: lut_matmul(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP, cfg)
+                            lambda c=c_: lut_mma(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP, cfg)
                             for c_ in copies
                         ],
                         replays=10,
@@ -297,7 +220,7 @@ def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True, shapes=SWEEP_SHAPES):
                     print(f"  sweep {n}x{k} M={m} {cfg}: {e!r}"[:300], flush=True)
                     continue
                 results.append((us, cfg))
-                out.append({"N": n, "K": k, "M": m, "config": str(cfg), "us": us, "rel_err": err})
+                out.append({"N": n, "K": k, "M": m, "config": str(cfg), "selected": i == 0, "us": us, "rel_err": err})
             results.sort(key=lambda r: r[0])
             print(
                 f"  sweep {n}x{k} M={m}: bf16 cuBLAS {us_bf16:.1f} us, lut_linear today {us_op:.1f} us; best:",
@@ -319,9 +242,7 @@ def sweep_configs(dtype, sweep_ms=SWEEP_MS, dequant=True, shapes=SWEEP_SHAPES):
         ):
 
             def deq(c, bn=bn, bk=bk, warps=warps, permute=permute):
-                return lut_dequantize(
-                    c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP, k, dtype, bn, bk, 0, permute, warps
-                )
+                return lut_dequantize(c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP, k, dtype, bn, bk, permute, warps)
 
             with Poison():
                 err = (deq(q).double() - w64).abs().max().item()
@@ -382,12 +303,11 @@ def main():
         print(f"\n{n}x{k}: any4 quantized (10 iterations) in {quant_s:.2f}s", flush=True)
         for m in ms:
             err = check_any4(q, m, k, dtype, Poison)
-            cfg = choose_config(m, n, k, torch.device("cuda"))
-            checks.append({"N": n, "K": k, "M": m, "rel_err_vs_fp64": err, "config": str(cfg)})
+            cfg = selector.mma_config(m, n, k, GROUP, torch.device("cuda"))
+            checks.append({"N": n, "K": k, "M": m, "rel_err_vs_fp64": err, "config": str(cfg or "dequantize + mm")})
             ok = err == err and err < 1e-2
             print(
-                f"  M={m:5d} check rel err {err:.2e} {'ok' if ok else 'FAIL'}  ({cfg.kind} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} split{cfg.split_k})",
-                flush=True,
+                f"  M={m:5d} check rel err {err:.2e} {'ok' if ok else 'FAIL'}  ({cfg or 'dequantize + mm'})", flush=True
             )
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             for name, (weights, fn) in methods.items():
@@ -429,7 +349,7 @@ def main():
         result["kmeans"] = {
             "weights": numel,
             "seconds": seconds,
-            "iterations": "10 + 2 refine rounds x 10",
+            "iterations": "defaults of Any4WeightOnlyConfig",
             "group_size": GROUP,
         }
         print(f"\nk-means any4: {numel / 1e9:.2f}e9 weights in {seconds:.1f}s", flush=True)

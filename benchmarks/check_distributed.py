@@ -27,8 +27,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import distributed_checks as checks  # noqa: E402
+import any4ao.testing.distributed_checks as checks  # noqa: E402
 
 
 def qlora_step_time(mesh, base: str, layers: int, record, steps=6):

@@ -75,13 +75,7 @@ def kmeans_throughput():
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(reps):
-        Any4Tensor.from_hp(
-            w,
-            group_size=config.group_size,
-            iterations=config.kmeans_iterations,
-            refine_rounds=config.refine_rounds,
-            scaling=config.scaling,
-        )
+        Any4Tensor.from_hp(w, config)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
@@ -89,12 +83,12 @@ def kmeans_throughput():
         "seconds": seconds,
         "seconds_per_1e9": seconds / (rows * k * reps / 1e9),
         "settings": f"group {config.group_size}, {config.kmeans_iterations} iterations, "
-        f"{config.refine_rounds} refine rounds, {config.scaling} scaling",
+        f"{config.refine_rounds} refine rounds, {config.scaling.value} scaling",
     }
 
 
 def check_decode_kernels():
-    from any4ao.kernels import launch, ops
+    from any4ao.kernels import launch, selector
 
     rows = []
     saved = launch._empty
@@ -110,20 +104,15 @@ def check_decode_kernels():
                 (4, 96, 300, 576),
             ]:
                 w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-                q = Any4Tensor.from_hp(w, nbits=nbits, group_size=group, iterations=2)
+                q = Any4Tensor.from_hp(w, codebook=f"any{nbits}", group_size=group, kmeans_iterations=2)
                 w64 = q.dequantize(torch.float64)
                 for m in (1, 3, 8, 9, 16, 20, 32, 33, 64):
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     y = torch.ops.any4ao.lut_linear(x, q.qdata, q.lut, q.scale, q.zero_point, nbits, group)
                     ref = x.double() @ w64.t()
                     err = ((y.double() - ref).norm() / ref.norm()).item()
-                    # the path lut_linear / lut_matmul take (ops.py, launch.lut_matmul)
-                    if m >= ops.DEQUANT_THEN_MM_MIN_M:
-                        kind = "dequantize+mm"
-                    elif launch.mma_applies(x, q.qdata, q.lut, nbits, group):
-                        kind = "decode-mma"
-                    else:
-                        kind = "dequantize+mm" if m > 16 else launch.register_lut_config(m, n, k, x.device).kind
+                    config = selector.choose(x, q.qdata, q.lut, q.scale, q.zero_point, nbits, group)
+                    kind = "dequantize+mm" if config is None else f"lut_mma {config}"
                     rows.append(
                         {
                             "dtype": str(dtype),

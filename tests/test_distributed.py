@@ -2,7 +2,6 @@
 forward equality, all-gather volume of the packed form, Megatron-style TP of a Llama block, and
 QLoRA-style training of peft adapters on a sharded any4 base. One 2-process job runs every check (process start-up dominates); the tests assert."""
 
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,9 +19,9 @@ WORLD = 2
 
 
 def _worker(rank, init_file, out_dir):
-    sys.path.insert(0, str(Path(__file__).parent))
-    import distributed_checks as checks
     from torch.distributed.device_mesh import init_device_mesh
+
+    import any4ao.testing.distributed_checks as checks
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:

@@ -1,34 +1,3 @@
-"""Small randomly initialised models built from configs (nothing is downloaded)."""
+"""The tests import tiny models by this short name; they live in any4ao.testing (benchmarks use them too)."""
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-
-def tiny_llama(hidden=64, layers=2, vocab=128, intermediate=160, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
-
-
-def tiny_tokenizer(text: str, vocab: int = 128):
-    """A word-level tokenizer over the most frequent words of `text` (the rest map to <unk>),
-    built offline with the `tokenizers` library."""
-    from collections import Counter
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = [w for w, _ in Counter(text.split()).most_common(vocab - 2)]
-    table = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+from any4ao.testing.tiny_models import tiny_llama, tiny_tokenizer  # noqa: F401

@@ -21,7 +21,6 @@ import torch  # noqa: E402
 import any4ao  # noqa: E402
 from any4ao import Any4Tensor  # noqa: E402
 from any4ao.codebooks.group_scaling import to_code_domain  # noqa: E402
-from any4ao.config import parse_codebook  # noqa: E402
 
 FORMATS = ("int4", "nf4", "fp4", "any4")
 
@@ -53,10 +52,8 @@ def quantize_row_formats(linear, stats, group_size):
     importance = stats.for_module(linear) if stats is not None else None
     out = {}
     for name in FORMATS:
-        kind, nbits = parse_codebook(name, None)
-        out[name] = Any4Tensor.from_hp(
-            w, nbits=nbits, group_size=group_size, codebook=kind, channel_weight=importance if kind == "any" else None
-        )
+        config = any4ao.Any4WeightOnlyConfig(codebook=name, group_size=group_size)
+        out[name] = Any4Tensor.from_hp(w, config, channel_weight=importance if config.codebook.learned else None)
     return w, out
 
 

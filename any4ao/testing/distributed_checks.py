@@ -31,9 +31,8 @@ def _quantized_tiny_llama(hidden, intermediate, device, dtype):
     """Quantized on the CPU, then moved: CUDA's scatter_add sums in a non-deterministic order, so
     k-means run on each GPU could give ranks slightly different LUTs; the CPU result is the same
     on every rank, which the equality checks (and src_data_rank=None in TP) rely on."""
-    from tiny_models import tiny_llama
-
     from any4ao import Any4WeightOnlyConfig, quantize_model
+    from any4ao.testing.tiny_models import tiny_llama
 
     model = tiny_llama(hidden=hidden, intermediate=intermediate)
     quantize_model(model, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2), progress=False)
