@@ -275,6 +275,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="two shapes, three Ms")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma-separated")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="rows of x")
     p.add_argument("--baselines", default="torchao,gemlite,naive")
     p.add_argument("--sweep", action="store_true", help="also time alternative kernel block shapes")
     p.add_argument("--sweep-only", action="store_true")
@@ -284,7 +286,9 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    shapes, ms = (SHAPES[:1] + SHAPES[4:5], [1, 16, 2048]) if args.quick else (SHAPES, MS)
+    shapes = [tuple(int(v) for v in nk.split("x")) for nk in args.shapes.split(",")]
+    ms = [int(m) for m in args.ms.split(",")]
+    shapes, ms = (SHAPES[:1] + SHAPES[4:5], [1, 16, 2048]) if args.quick else (shapes, ms)
     include = set(args.baselines.split(","))
     gpu = torch.cuda.get_device_name()
     meta = {

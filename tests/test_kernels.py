@@ -257,3 +257,11 @@ def test_lut_linear_backward_gives_grad_out_times_w(m, seed):
     ref = grad_out.double() @ w64
     ref.magnitude = grad_out.double().abs() @ w64.abs()
     assert _rel(x.grad, ref) < TOLERANCE[torch.float16]
+
+
+def test_selector_uses_the_h200_table_on_an_h200(monkeypatch):
+    """The H200 rules differ from the H100's at M = 17..32 only (sweep-H200-v15-selector.json)."""
+    monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H200", 132, (9, 0)))
+    assert mma_config(32, 4096, 14336, 128, CPU) == MmaConfig(32, 2, 8, 2, False)
+    assert mma_config(32, 1024, 4096, 128, CPU) == MmaConfig(16, 1, 8, 2, False)
+    assert mma_config(1, 28672, 4096, 128, CPU) == MmaConfig(8, 1, 4, 1, False)  # as on the H100
