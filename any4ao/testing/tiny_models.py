@@ -27,8 +27,10 @@ def tiny_tokenizer(text: str, vocab: int = 128):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [w for w, _ in Counter(text.split()).most_common(vocab - 2)]
-    table = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    special = ("<unk>", "</s>")  # WikiText has a literal <unk> word: it must not get a second id
+    counts = Counter(w for w in text.split() if w not in special)
+    words = [w for w, _ in counts.most_common(vocab - len(special))]
+    table = {**{w: i for i, w in enumerate(special)}, **{w: i + len(special) for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
