@@ -18,7 +18,9 @@ assert selector.FUSED_MAX_M > 0  # the kernels/ folder made it into the wheel as
 model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
 x = torch.randn(4, 256)
 reference = model(x)
-any4ao.quantize_model(model, any4ao.Any4WeightOnlyConfig(group_size=64), filter_fn=lambda m, n: isinstance(m, nn.Linear))
+any4ao.quantize_model(
+    model, any4ao.Any4WeightOnlyConfig(group_size=64), filter_fn=lambda m, n: isinstance(m, nn.Linear)
+)
 assert isinstance(model[0].weight, any4ao.Any4Tensor)
 y = model(x)
 rel = ((y - reference).norm() / reference.norm()).item()
@@ -31,4 +33,6 @@ with tempfile.TemporaryDirectory() as tmp:
     assert torch.equal(fresh(x), y)
 help_text = subprocess.run([sys.executable, "-m", "any4ao", "eval", "--help"], capture_output=True, text=True)
 assert help_text.returncode == 0 and "--group-size" in help_text.stdout, help_text.stderr[-2000:]
-print(f"wheel smoke test passed: any4ao {any4ao.__version__} from {os.path.dirname(any4ao.__file__)}, rel err {rel:.3f}")
+print(
+    f"wheel smoke test passed: any4ao {any4ao.__version__} from {os.path.dirname(any4ao.__file__)}, rel err {rel:.3f}"
+)

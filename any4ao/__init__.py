@@ -11,6 +11,7 @@ from any4ao.integrations import register_with_torchao, register_with_transformer
 from any4ao.quantize_api import LayerError, default_filter, quantize_model
 from any4ao.serialization import load_quantized, save_quantized
 from any4ao.tensor import Any4Tensor
+from any4ao.validation import CheckpointError, ChecksumError, InvalidAny4TensorError
 
 register_with_torchao()
 
@@ -30,6 +31,9 @@ __all__ = [
     "quantize_model",
     "save_quantized",
     "load_quantized",
+    "CheckpointError",
+    "ChecksumError",
+    "InvalidAny4TensorError",
     "register_with_transformers",
 ]
 __version__ = "0.2.0"

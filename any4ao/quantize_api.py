@@ -8,6 +8,7 @@ unchanged), it restores the original weights if quantization fails midway, and i
 the layer by its path in the model.
 """
 
+import weakref
 from typing import Callable, Optional
 
 from torch import nn
@@ -26,9 +27,18 @@ class LayerError(ValueError):
     """A layer could not be quantized; the message starts with the layer's name."""
 
 
+# module -> its path, while quantize_model runs quantize_ (torchao's handler gets no name)
+_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+# module -> the config its weight was quantized with (save_pretrained stores it in config.json)
+CONFIG_OF: "weakref.WeakKeyDictionary[nn.Module, Any4WeightOnlyConfig]" = weakref.WeakKeyDictionary()
+
+
 def _describe(module: nn.Module, config: Any4WeightOnlyConfig) -> str:
-    """The layer's path if the calibration statistics (keyed by path) know it, else type and shape."""
-    name = config.calibration.name_of(module) if config.calibration is not None else None
+    """The layer's path if quantize_model or the calibration statistics (keyed by path) know it,
+    else type and shape."""
+    name = _NAMES.get(module)
+    if name is None and config.calibration is not None:
+        name = config.calibration.name_of(module)
     return name or (
         f"{type(module).__name__}(in_features={getattr(module, 'in_features', '?')}, "
         f"out_features={getattr(module, 'out_features', '?')})"
@@ -42,10 +52,10 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
         raise LayerError(f"layer {name!r} has no parameter {parameter_name!r}")
     if isinstance(weight, Any4Tensor):
         raise LayerError(f"layer {name!r}: weight is already an Any4Tensor (quantized twice?)")
-    check_weight(name, weight)
+    check_weight(name, weight, config.lut_dtype)
     channel_weight = None
     if config.calibration is not None and config.codebook.learned:
-        channel_weight = config.calibration.for_module(module)
+        channel_weight = config.calibration.for_module(module, normalized=True)
         if channel_weight is None:
             raise LayerError(
                 f"layer {name!r} has no calibration statistics: it was not called during calibration "
@@ -59,10 +69,19 @@ def quantize_module_weight(
     module: nn.Module, config: Any4WeightOnlyConfig, parameter_name: str = "weight", name: Optional[str] = None
 ) -> Any4Tensor:
     """Validate and quantize one module's weight; returns the new tensor without installing it."""
-    weight, channel_weight = _checked_inputs(module, config, parameter_name, name or _describe(module, config))
+    name = name or _describe(module, config)
+    try:
+        weight, channel_weight = _checked_inputs(module, config, parameter_name, name)
+    except LayerError:
+        raise
+    except ValueError as e:
+        raise LayerError(str(e)) from e
     if channel_weight is not None:
         channel_weight = channel_weight.to(weight.device)
-    return Any4Tensor.from_hp(weight.detach(), config, channel_weight)
+    try:
+        return Any4Tensor.from_hp(weight.detach(), config, channel_weight, name=name)
+    except ValueError as e:
+        raise LayerError(f"layer {name!r}: {e}") from e
 
 
 @register_quantize_module_handler(Any4WeightOnlyConfig)
@@ -70,8 +89,12 @@ def _any4_weight_only_transform(
     module: nn.Module, config: Any4WeightOnlyConfig, *, parameter_name: str = "weight"
 ) -> nn.Module:
     """Replace `module.<parameter_name>` in place by an Any4Tensor parameter (no module swap)."""
+    from any4ao.integrations.transformers_loading import register_with_transformers_if_loaded
+
+    register_with_transformers_if_loaded()  # save_pretrained of the quantized model needs it
     new_weight = quantize_module_weight(module, config, parameter_name)
     setattr(module, parameter_name, nn.Parameter(new_weight, requires_grad=False))
+    CONFIG_OF[module] = config
     return module
 
 
@@ -113,7 +136,12 @@ def quantize_model(
     config = config or Any4WeightOnlyConfig()
     targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
     for fqn, module in targets:  # validate everything before changing anything
-        _checked_inputs(module, config, "weight", fqn)
+        try:
+            _checked_inputs(module, config, "weight", fqn)
+        except LayerError:
+            raise
+        except ValueError as e:
+            raise LayerError(str(e)) from e
     originals = {module: module.weight for _, module in targets}
     bar = _progress_bar(len(targets), f"any4ao {config.codebook.value}", progress)
     current = []  # the layer quantize_ is working on, for the error message
@@ -125,14 +153,18 @@ def quantize_model(
             return True
         return False
 
+    _NAMES.update({module: fqn for fqn, module in targets})
     try:
         quantize_(model, config, filter_fn=selected)
     except BaseException as e:
         for module, weight in originals.items():
             module.weight = weight
-        if isinstance(e, ValueError) and current:  # name the layer that failed, by its path
+            CONFIG_OF.pop(module, None)
+        if isinstance(e, ValueError) and not isinstance(e, LayerError) and current:  # name the layer, by its path
             raise LayerError(f"layer {current[0]!r}: {e}") from e
         raise
     finally:
         bar.close()
+        for _, module in targets:
+            _NAMES.pop(module, None)
     return model

@@ -1,17 +1,24 @@
 """Save and load any4-quantized weights as safetensors, without re-running k-means.
 
 `save_quantized(model, "model.safetensors")` flattens every Any4Tensor into plain tensors
-(`<module>._weight_qdata`, `_weight_lut`, `_weight_scales`, `_weight_zeros`) plus JSON metadata,
-the same layout torchao and transformers use for their own tensor subclasses (so a file written
-by transformers' `save_pretrained` with `TorchAoConfig(quant_type=Any4WeightOnlyConfig())` reads
-the same way). `load_quantized(path)` rebuilds the state dict; `load_quantized(path, model)`
-installs it into an unquantized model of the same architecture. Every rebuilt Any4Tensor checks
-its shapes, dtypes and devices, and missing, extra or unreadable parts raise ValueError naming the
-tensor and the file: a bad file never loads as a silently wrong model.
+(`<module>._weight_qdata`, `_weight_lut`, `_weight_scale`, `_weight_zero_point`) plus JSON
+metadata, the layout torchao and transformers use for their own tensor subclasses (so a file
+written by transformers' `save_pretrained` reads the same way), and a crc32 of every tensor and of
+every Any4Tensor's metadata entry. Tied weights (one tensor under two names, e.g. SmolLM2's
+embedding and LM head) are stored once and recorded as aliases. The file is written to a temporary
+name and renamed, so an existing checkpoint is replaced whole or not at all.
+
+`load_quantized(path)` rebuilds the state dict; `load_quantized(path, model)` installs it into a
+model of the same architecture. Before anything in the model changes: the checksums are verified
+(`verify_checksums=False` skips that), every Any4Tensor's structure and values are checked
+(any4ao.validation), and every key, shape and slot of the model is matched. Errors name the file
+and the tensor: a bad file never loads as a silently wrong model.
 """
 
 import dataclasses
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -19,88 +26,357 @@ import torch
 from torch import nn
 
 from any4ao.tensor.any4_tensor import Any4Tensor
+from any4ao.validation import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUM_KEY,
+    CheckpointError,
+    ChecksumError,
+    InvalidAny4TensorError,
+    check_all_values,
+    checksums,
+    tensor_checksum,
+    verify_checksums,
+)
 
-FORMAT_KEY, FORMAT_VERSION = "any4ao_format", "1"
+FORMAT_KEY, FORMAT_VERSION = "any4ao_format", "2"
+ALIASES_KEY = "any4ao_aliases"
+ANY4_PARTS = list(Any4Tensor.tensor_data_names)
+ANY4_ATTRIBUTES = {"nbits", "block_size", "shape", "transposed", "kernel_preference"}
+
+
+def _prefix(name: str) -> str:
+    """'<module>._<param>_' (torchao's naming of a subclass's parts), '_<param>_' at top level."""
+    module, _, param = name.rpartition(".")
+    return f"{module}._{param}_" if module else f"_{param}_"
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _flatten(state: Dict[str, torch.Tensor], path):
+    """(tensors, metadata, aliases): torchao's flattened layout, with tensors that are one object (or
+    one view of one storage) under several names stored once, and other storage sharing cloned."""
+    from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder
+
+    tensors, metadata, aliases, seen, storages = {}, {}, {}, {}, set()
+    for name, value in state.items():
+        if isinstance(value, Any4Tensor):
+            key = ("any4", id(value))
+        elif type(value) is torch.Tensor:
+            if value.device.type == "meta":
+                raise CheckpointError(f"{path}: {name!r} is on the meta device (no data to save)")
+            key = _storage_key(value)
+        else:
+            raise CheckpointError(
+                f"{path}: {name!r} is a {type(value).__name__}; save_quantized stores plain tensors and Any4Tensor only"
+            )
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        if isinstance(value, Any4Tensor):
+            if value.qdata.device.type == "meta":
+                raise CheckpointError(f"{path}: {name!r} is on the meta device (no data to save)")
+            if value.ndim != 2:
+                raise CheckpointError(f"{path}: {name!r} is a flat (FSDP bookkeeping) alias, not a weight")
+            metadata[name] = json.dumps(value, cls=TensorSubclassAttributeJSONEncoder)
+            for part in ANY4_PARTS:
+                tensors[_prefix(name) + part] = getattr(value, part).detach().contiguous().clone()
+        else:
+            storage = value.untyped_storage().data_ptr()
+            value = value.detach()
+            if storage in storages or not value.is_contiguous():
+                value = value.contiguous().clone()  # safetensors refuses tensors that share memory
+            storages.add(storage)
+            metadata[name] = json.dumps({"_type": torch.Tensor.__name__})
+            tensors[name] = value
+    metadata["tensor_names"] = json.dumps([n for n in state if n not in aliases])
+    return tensors, metadata, aliases
 
 
 def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], path, config=None) -> None:
-    """Write a state dict holding Any4Tensor (and plain) tensors to a .safetensors file.
+    """Write a state dict holding Any4Tensor (and plain) tensors to a .safetensors file, atomically.
     `config` (optional, an Any4WeightOnlyConfig) is stored in the metadata for reference."""
     from safetensors.torch import save_file
     from torchao.core.config import config_to_dict
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-    state = (
-        model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else dict(model_or_state_dict)
-    )
-    state = {k: (v.detach() if type(v) is nn.Parameter else v) for k, v in state.items()}
-    tensors, metadata = flatten_tensor_state_dict(state)
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
-    metadata = {**metadata, "format": "pt", FORMAT_KEY: FORMAT_VERSION}
-    if config is not None:  # calibration statistics belong to the run, not the file
-        metadata["any4ao_config"] = json.dumps(config_to_dict(dataclasses.replace(config, calibration=None)))
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _read(path: Path, device):
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated / garbled files
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    return tensors, metadata
-
-
-def load_quantized(path, model: Optional[nn.Module] = None, device="cpu") -> Dict[str, torch.Tensor]:
-    """Rebuild the state dict written by `save_quantized`. With `model`, also install it: each
-    quantized weight replaces the module's parameter in place (no module swap), the rest goes
-    through `load_state_dict(strict=True)`. Returns the state dict."""
-    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     path = Path(path)
-    if model is not None:
-        device = next(iter(model.parameters())).device
-    tensors, metadata = _read(path, device)
-    version = metadata.get(FORMAT_KEY)
-    if version is None:
-        raise ValueError(f"{path}: no {FORMAT_KEY!r} metadata, so not written by any4ao.save_quantized")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {version!r}; this any4ao reads version {FORMAT_VERSION!r}")
+    if isinstance(model_or_state_dict, nn.Module):
+        state = model_or_state_dict.state_dict(keep_vars=True)
+    else:
+        state = dict(model_or_state_dict)
+    state = {k: (v.detach() if type(v) is nn.Parameter else v) for k, v in state.items()}
+    if not state:
+        raise CheckpointError(f"{path}: nothing to save (empty state dict)")
+    tensors, metadata, aliases = _flatten(state, path)
+    any4_names = [n for n, v in state.items() if isinstance(v, Any4Tensor) and n not in aliases]
+    metadata = {**metadata, "format": "pt", FORMAT_KEY: FORMAT_VERSION, ALIASES_KEY: json.dumps(aliases)}
+    if config is not None:  # calibration statistics belong to the run, not the file
+        metadata["any4ao_config"] = json.dumps(config_to_dict(dataclasses.replace(config, calibration=None)))
+    metadata["any4ao_checksum_algorithm"] = CHECKSUM_ALGORITHM
+    metadata[CHECKSUM_KEY] = json.dumps(checksums(tensors, metadata, any4_names + [ALIASES_KEY, "tensor_names"]))
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; save_quantized writes one .safetensors file")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        names = json.loads(metadata["tensor_names"])
-        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: metadata is damaged ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    missing = [n for n in names if n not in state]
-    if missing:
-        raise ValueError(f"{path}: parts missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if leftover:
-        raise ValueError(f"{path}: tensors not described by the metadata: {sorted(leftover)[:5]}")
-    if model is not None:
-        _install(model, state, path)
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read(path: Path, hash_tensors: bool = False):
+    """(tensors, metadata) of a safetensors file, read into memory owned by the tensors.
+
+    Not safetensors' safe_open: its CPU tensors map the file (MAP_SHARED), so bytes verified at
+    load would change, or fault, if the file were rewritten in place afterwards. Here every
+    tensor is read with one readinto into its own storage, and the header is checked first:
+    known dtype, shape matching the byte range, ranges inside the file, in order, not overlapping.
+    hash_tensors: also return {key: crc32}, each tensor hashed in a worker thread while the next
+    one is read (zlib and readinto both release the GIL)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; load_quantized reads one .safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+
+    def bad(why):
+        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, shorter than the header length field")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100 << 20):
+            raise bad(f"header length {n} exceeds the file ({size} bytes): truncated?")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise bad("__metadata__ is not a map of strings")
+        data_size = size - 8 - n
+        entries = []
+        for key, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                start, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"tensor {key!r}: entry {info!r} is not a dtype, shape and data_offsets") from None
+            count = 1
+            for d in shape:
+                count *= d
+            if min(shape, default=0) < 0 or end - start != count * dtype.itemsize or not 0 <= start <= end:
+                raise bad(f"tensor {key!r}: {shape} x {info['dtype']} does not fill bytes {start}..{end}")
+            if end > data_size:
+                raise bad(f"tensor {key!r} needs bytes up to {end} but the file holds {data_size}: truncated")
+            entries.append((start, end, key, dtype, shape))
+        entries.sort()
+        for (_, end, key, _, _), (start, _, nxt, _, _) in zip(entries, entries[1:]):
+            if start < end:
+                raise bad(f"tensors {key!r} and {nxt!r} overlap")
+        tensors, pending = {}, {}
+        pool = ThreadPoolExecutor(1) if hash_tensors else None
+        for start, end, key, dtype, shape in entries:
+            t = torch.empty(shape, dtype=dtype)
+            if end > start:
+                f.seek(8 + n + start)
+                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                if f.readinto(view) != end - start:
+                    raise bad(f"tensor {key!r}: short read (file changed while loading?)")
+            tensors[key] = t
+            if pool is not None:
+                pending[key] = pool.submit(tensor_checksum, t)
+    if pool is None:
+        return tensors, metadata, None
+    sums = {k: f.result() for k, f in pending.items()}
+    pool.shutdown()
+    return tensors, metadata, sums
+
+
+def _json(metadata, key, path, default=None):
+    if key not in metadata:
+        if default is not None:
+            return default
+        raise CheckpointError(f"{path}: metadata entry {key!r} is missing (damaged file?)")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata entry {key!r} is not valid JSON ({e})") from None
+
+
+def _any4_from_parts(name: str, desc: dict, parts: Dict[str, torch.Tensor], path) -> Any4Tensor:
+    where = f"{path}: tensor {name!r}"
+    attrs = desc.get("_data")
+    if desc.get("_tensor_data_names") != ANY4_PARTS or not isinstance(attrs, dict):
+        raise InvalidAny4TensorError(f"{where}: metadata does not describe an Any4Tensor's parts {ANY4_PARTS}")
+    unknown = set(attrs) - ANY4_ATTRIBUTES
+    if unknown or not {"nbits", "block_size", "shape"} <= set(attrs):
+        raise InvalidAny4TensorError(
+            f"{where}: metadata attributes {sorted(attrs)}, expected {sorted(ANY4_ATTRIBUTES)}"
+        )
+    shape = attrs["shape"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise InvalidAny4TensorError(f"{where}: shape {shape!r} is not a list of ints")
+    try:
+        return Any4Tensor(**parts, **{**attrs, "shape": torch.Size(shape)})
+    except (InvalidAny4TensorError, TypeError, ValueError) as e:
+        raise InvalidAny4TensorError(f"{where}: {e}") from None
+
+
+def _unflatten(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path) -> Dict[str, torch.Tensor]:
+    names = _json(metadata, "tensor_names", path)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: metadata 'tensor_names' is not a list of names")
+    left = dict(tensors)
+    state = {}
+    for name in names:
+        desc = _json(metadata, name, path)
+        kind = desc.get("_type") if isinstance(desc, dict) else None
+        if kind == torch.Tensor.__name__:
+            if name not in left:
+                raise CheckpointError(f"{path}: tensor {name!r} is missing")
+            state[name] = left.pop(name)
+        elif kind == "Any4Tensor":
+            keys = [_prefix(name) + p for p in ANY4_PARTS]
+            missing = [k for k in keys if k not in left]
+            if missing:
+                raise CheckpointError(f"{path}: parts missing for {name!r}: {missing}")
+            parts = {p: left.pop(k) for p, k in zip(ANY4_PARTS, keys)}
+            state[name] = _any4_from_parts(name, desc, parts, path)
+        else:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported type {kind!r}")
+    if left:
+        raise CheckpointError(f"{path}: tensors not described by the metadata: {sorted(left)[:5]}")
+    # the value checks, batched over the file's Any4Tensors (InvalidAny4TensorError names the tensor)
+    check_all_values({n: v for n, v in state.items() if isinstance(v, Any4Tensor)}, str(path))
+    aliases = _json(metadata, ALIASES_KEY, path, default={})
+    for alias, target in aliases.items():
+        if target not in state or alias in state:
+            raise CheckpointError(f"{path}: alias {alias!r} -> {target!r} does not name one stored tensor")
+        state[alias] = state[target]
     return state
 
 
-def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
-    """Check everything first, then change the model (a mismatch leaves it untouched)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, value in state.items():
-        if tuple(expected[name].shape) != tuple(value.shape):
-            raise ValueError(
-                f"{path}: {name!r} has shape {tuple(value.shape)}, the model's is {tuple(expected[name].shape)}"
+def load_quantized(
+    path, model: Optional[nn.Module] = None, device="cpu", verify_checksums: bool = True
+) -> Dict[str, torch.Tensor]:
+    """Rebuild the state dict written by `save_quantized` (on `device`). With `model`, also install
+    it, all or nothing: each quantized weight replaces the module's parameter in place (no module
+    swap, on that parameter's device), the rest is copied by `load_state_dict`. Returns the state dict.
+
+    verify_checksums: compare every tensor's crc32 with the file's (about 20 ms per 55 MB on a
+    2-core CPU, see benchmarks/bench_load.py); False skips only that, the structural and value
+    checks always run."""
+    path = Path(path)
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"load_quantized: model must be an nn.Module, got {type(model).__name__}")
+        if not model.state_dict():
+            raise CheckpointError(
+                f"{path}: the {type(model).__name__} has no parameters or buffers to load into "
+                "(pass a model of the architecture that was saved)"
             )
-    quantized = {n: v for n, v in state.items() if isinstance(v, Any4Tensor)}
-    for name, value in quantized.items():
-        module_name, _, param_name = name.rpartition(".")
-        setattr(model.get_submodule(module_name), param_name, nn.Parameter(value, requires_grad=False))
-    model.load_state_dict({n: v for n, v in state.items() if n not in quantized}, strict=False)
+        if any(t.device.type == "meta" for t in model.state_dict(keep_vars=True).values()):
+            raise CheckpointError(
+                f"{path}: the model has parameters on the meta device; materialise it first "
+                "(model.to_empty(device='cpu')) and then load"
+            )
+    tensors, metadata, sums = _read(path, hash_tensors=verify_checksums)
+    version = metadata.get(FORMAT_KEY)
+    if version is None:
+        raise CheckpointError(f"{path}: no {FORMAT_KEY!r} metadata, so not written by any4ao.save_quantized")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version!r}; this any4ao reads version {FORMAT_VERSION!r}")
+    if verify_checksums:
+        if CHECKSUM_KEY not in metadata:
+            raise ChecksumError(f"{path}: no checksums in the metadata (edited file?); verify_checksums=False loads it")
+        expected = _json(metadata, CHECKSUM_KEY, path)
+        verify_checksums_of(tensors, metadata, path, expected, sums)
+    state = _unflatten(tensors, metadata, path)
+    if model is not None:
+        _install(model, state, path)
+    elif str(device) != "cpu":
+        state = {k: v.to(device) for k, v in state.items()}
+    return state
+
+
+def verify_checksums_of(tensors, metadata, path, expected, computed=None) -> None:
+    meta = [k[len("meta:") :] for k in expected if k.startswith("meta:")]
+    stored = _json(metadata, "tensor_names", path)
+    any4 = [n for n in stored if n in metadata and '"Any4Tensor"' in metadata[n]]
+    unchecked = [n for n in any4 if n not in meta]
+    if unchecked:
+        raise ChecksumError(f"{path}: no checksum of the metadata of {unchecked[:5]} (edited file?)")
+    verify_checksums(tensors, metadata, str(path), expected, meta_keys=meta, computed=computed)
+
+
+def _slot(model: nn.Module, name: str):
+    """(module, attribute, 'param' | 'buffer') that state key `name` loads into."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        return module, attr, "param"
+    return module, attr, "buffer"
+
+
+def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
+    """Check everything first, then change the model; a failure while changing it rolls back the
+    parameters it replaced (the copies of plain tensors run last, after every check)."""
+    current = model.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(current) - set(state)), sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match this {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    replace, copy = [], {}
+    for name, value in state.items():
+        target = current[name]
+        if tuple(target.shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{path}: {name!r} has shape {tuple(value.shape)}, the model's is {tuple(target.shape)}"
+            )
+        module, attr, kind = _slot(model, name)
+        if isinstance(value, Any4Tensor) or isinstance(target, Any4Tensor):
+            if kind != "param":
+                raise CheckpointError(
+                    f"{path}: {name!r} is a buffer of the model; quantized tensors replace parameters"
+                )
+            device = target.qdata.device if isinstance(target, Any4Tensor) else target.device
+            replace.append((module, attr, value, device, target.requires_grad and not isinstance(value, Any4Tensor)))
+        else:
+            if value.is_floating_point() != target.is_floating_point():
+                raise CheckpointError(f"{path}: {name!r} is {value.dtype} in the file, {target.dtype} in the model")
+            copy[name] = value
+    # build everything that goes in before changing anything
+    new = [(m, a, nn.Parameter(v.to(d), requires_grad=g)) for m, a, v, d, g in replace]
+    originals = [(m, a, m._parameters[a]) for m, a, _ in new]
+    try:
+        for module, attr, param in new:
+            setattr(module, attr, param)
+        model.load_state_dict(copy, strict=False)
+    except BaseException:
+        for module, attr, param in originals:
+            setattr(module, attr, param)
+        raise

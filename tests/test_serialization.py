@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, load_quantized, quantize_model, save_quantized
+from any4ao.validation import ChecksumError, InvalidAny4TensorError
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -45,7 +46,7 @@ def test_saved_metadata_names_format_and_config(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["any4ao_format"] == "1"
+    assert meta["any4ao_format"] == "2"
     assert json.loads(meta["any4ao_config"])["_data"]["group_size"] == 32
     parts = {f"model.layers.0.mlp.up_proj._weight_{p}" for p in ("qdata", "lut", "scale", "zero_point")}
     assert parts <= keys and "lm_head.weight" in keys
@@ -81,8 +82,10 @@ def test_tampered_shape_metadata_is_rejected(tmp_path):
         header["__metadata__"]["model.layers.0.mlp.up_proj.weight"] = json.dumps(meta)
 
     _rewrite_metadata(path, edit)
-    with pytest.raises(ValueError, match="inconsistent Any4Tensor.*qdata has shape"):
+    with pytest.raises(ChecksumError, match=r"q\.safetensors.*metadata of 'model\.layers\.0\.mlp\.up_proj\.weight'"):
         load_quantized(path)
+    with pytest.raises(InvalidAny4TensorError, match=r"up_proj\.weight.*qdata has shape"):
+        load_quantized(path, verify_checksums=False)
 
 
 def test_missing_part_and_foreign_files_are_rejected(tmp_path):

@@ -141,3 +141,25 @@ def test_memory_of_4096_square_weight_at_group_128():
     bits = 8 * sum(x.numel() * x.element_size() for x in inner) / w.numel()
     assert bits <= 4.32, bits
     assert bits == pytest.approx(t.bits_per_weight())
+
+
+def test_value_checks_accept_everything_quantization_and_the_ops_produce():
+    """validate_values (run by every load path) must not reject a legitimate tensor: constant
+    groups (scale 0), 3-bit codes with an odd in_features (a padding nibble), fp16 weights at the
+    dtype's edge, slices, transposes, dtype casts and FSDP's all-zero new_zeros."""
+    constant = torch.tensor([0.5, -1.25, 0.0, 3.0])[:, None].expand(4, 96).contiguous()
+    edge = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    edge = (edge / edge.abs().max() * 65504).half()
+    tensors = [
+        Any4Tensor.from_hp(constant, group_size=32),
+        Any4Tensor.from_hp(constant, codebook="nf4", group_size=32),
+        Any4Tensor.from_hp(torch.randn(6, 65), codebook="any3", group_size=16, kmeans_iterations=2),
+        Any4Tensor.from_hp(torch.randn(6, 66), codebook="any2", group_size=16, kmeans_iterations=2),
+        Any4Tensor.from_hp(edge, group_size=32, kmeans_iterations=3),
+        Any4Tensor.from_hp(edge, codebook="fp4", group_size=32),
+    ]
+    t = _tensor(dtype=torch.float32)[1]
+    tensors += [t[3:11], t[:, 64:], t.t(), t.to(torch.bfloat16), t.new_zeros(5, 200)]
+    for x in tensors:
+        assert x.validate_values() is x
+        assert torch.isfinite(x.dequantize()).all()

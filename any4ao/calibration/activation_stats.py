@@ -40,11 +40,19 @@ class ChannelImportance:
         self._sums[module] = self._sums.get(module, 0) + stat.sum(0)
         self._counts[module] = self._counts.get(module, 0) + x.shape[0]
 
-    def for_module(self, module: nn.Module) -> Optional[torch.Tensor]:
-        """(in_features,) float32 mean statistic, or None if the module was never called."""
+    def for_module(self, module: nn.Module, normalized: bool = False) -> Optional[torch.Tensor]:
+        """(in_features,) float32 mean statistic, or None if the module was never called.
+        normalized: divided by its maximum in float64 first (what quantization uses: the k-means
+        objective does not depend on the scale, and mean x^2 of activations near 1e-25 underflows
+        float32 to all zeros). All-zero statistics stay all zero (and are rejected by quantization)."""
         if module not in self._sums:
             return None
-        return (self._sums[module] / self._counts[module]).float()
+        mean = self._sums[module] / self._counts[module]
+        if normalized:
+            top = mean.max() if mean.numel() else mean.new_zeros(())
+            if bool(torch.isfinite(top)) and bool(top > 0):
+                mean = mean / top
+        return mean.float()
 
     def name_of(self, module: nn.Module) -> Optional[str]:
         """The module's path in the model it was recorded in (for error messages), or None."""

@@ -81,7 +81,8 @@ def lloyd_max(
     for done in range(1, iterations + 1):
         cluster_weight = torch.zeros_like(centroids).scatter_add_(1, codes, weight)
         cluster_sum = torch.zeros_like(centroids).scatter_add_(1, codes, weighted_x)
-        centroids = torch.where(cluster_weight > 0, cluster_sum / cluster_weight.clamp_min(1e-30), centroids)
+        safe = torch.where(cluster_weight > 0, cluster_weight, torch.ones_like(cluster_weight))
+        centroids = torch.where(cluster_weight > 0, cluster_sum / safe, centroids)
         centroids = _fill_empty_clusters(x, weight, centroids, codes, cluster_weight)
         centroids = centroids.sort(dim=1).values
         new_codes = nearest_code(x, centroids)

@@ -20,11 +20,15 @@ from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_
 from any4ao.codebooks.kmeans import lloyd_max, nearest_code, weighted_sse
 from any4ao.codebooks.refine import fit_group_affine, real_domain_error
 from any4ao.config import Any4WeightOnlyConfig, Scaling
+from any4ao.validation import dequant_range_ok
 
 CODEBOOKS = ("any", "int", "nf4", "fp4")
 # Rows are processed in chunks of about this many elements, bounding k-means' working memory
 # (a handful of float32 temporaries of this size) independently of the layer's size.
 CHUNK_ELEMENTS = 1 << 22
+# Positive k-means sample weights are kept at or above this (they are normalised to a row maximum of
+# 1 first): lloyd_max divides cluster sums by cluster weights clamped at 1e-30.
+MIN_SAMPLE_WEIGHT = 1e-24
 
 
 @dataclass
@@ -39,6 +43,20 @@ def _row_chunks(num_rows: int, in_features: int):
     step = max(1, CHUNK_ELEMENTS // max(1, in_features))
     for start in range(0, num_rows, step):
         yield slice(start, min(num_rows, start + step))
+
+
+def _sample_weight(scales: torch.Tensor, h: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """k-means sample weights h_k * scale_g(k)^2, normalised per row before squaring and again after
+    (in float64): scale^2 of weights near 1e30 overflows float32 and of weights near 1e-30 (or fp32
+    denormals) underflows to 0, which left k-means with Inf/NaN or all-zero weights. A per-row
+    constant does not change the row's k-means solution."""
+    s = scales.double()
+    smax = s.amax(1, keepdim=True)
+    s = s / torch.where(smax > 0, smax, torch.ones_like(smax))
+    sw = expand_groups(s, k, group_size).square() * h
+    top = sw.amax(1, keepdim=True)
+    sw = (sw / torch.where(top > 0, top, torch.ones_like(top))).float()
+    return torch.where(sw > 0, sw.clamp_min(MIN_SAMPLE_WEIGHT), sw)
 
 
 def _learn_lut(x, sample_weight, grid, iterations, dtype):
@@ -67,11 +85,12 @@ def _refine(w, h, scales, zeros, lut, codes, group_size, iterations, rounds, dty
     for _ in range(rounds):
         s, z = fit_group_affine(w, torch.gather(lut, 1, codes), h, scales, zeros, group_size, dtype)
         x = to_code_domain(w, s, z, group_size)
-        sample_weight = expand_groups(s, k, group_size).square() * h
+        sample_weight = _sample_weight(s, h, k, group_size)
         new_lut = lloyd_max(x, sample_weight, lut, iterations).centroids.to(dtype).float()
         new_codes = nearest_code(x, new_lut)
         err = real_domain_error(w, h, s, z, new_lut, new_codes, group_size)
-        better = (err < best)[:, None]
+        # a refit scale may put some LUT entry of a group past the dtype's range (weights near its max)
+        better = ((err < best) & dequant_range_ok(new_lut, s, z, dtype).all(1))[:, None]
         scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
         lut, codes = torch.where(better, new_lut, lut), torch.where(better, new_codes, codes)
         best = torch.minimum(err, best)
@@ -90,6 +109,13 @@ def quantize_weight(
     dtype = config.lut_dtype or w.dtype
     w = w.float()
     n, k = w.shape
+    h = torch.ones(1, k, dtype=torch.float64, device=w.device)
+    if channel_weight is not None and codebook == "any":
+        h = channel_weight.double().reshape(1, k)
+        top = h.max()
+        if not bool(torch.isfinite(h).all()) or bool((h < 0).any()) or not bool(top > 0):
+            raise ValueError("calibration statistics must be finite, non-negative and not all zero")
+        h = h / top  # the objective's scale does not matter; its range in float32 does
     if codebook == "any" and scaling == Scaling.ABSMAX:
         # Learned LUT over symmetric group scaling, started from the NF grid of the same size.
         grid = fixed_lut("nf4", 4).to(w.device) if nbits == 4 else torch.linspace(-1, 1, 2**nbits, device=w.device)
@@ -110,8 +136,8 @@ def quantize_weight(
         x = to_code_domain(w[rows], scales[rows], zeros[rows], group_size)
         if codebook == "any":
             # Real-domain error = scale^2 * code-domain error, so scale^2 joins the sample weight.
-            h = torch.ones(1, k, device=w.device) if channel_weight is None else channel_weight.float()[None, :]
-            sample_weight = expand_groups(scales[rows], k, group_size).square() * h
+            start_scales, start_zeros = scales[rows].clone(), zeros[rows].clone()
+            sample_weight = _sample_weight(scales[rows], h, k, group_size)
             chunk_lut, chunk_codes = _learn_lut(x, sample_weight, grid, iterations, dtype)
             if refine_rounds:
                 scales[rows], zeros[rows], chunk_lut, chunk_codes = _refine(
@@ -126,9 +152,26 @@ def quantize_weight(
                     refine_rounds,
                     dtype,
                 )
+            unsafe = ~dequant_range_ok(chunk_lut, scales[rows], zeros[rows], dtype).all(1)
+            if bool(unsafe.any()):
+                # a rounded learned LUT entry lands past the dtype's range in some group (weights
+                # near the dtype's max): those rows keep the int grid on the safe min/max scales
+                grid_rows = grid.expand(x.shape[0], -1).contiguous()
+                u = unsafe[:, None]
+                scales[rows] = torch.where(u, start_scales, scales[rows])
+                zeros[rows] = torch.where(u, start_zeros, zeros[rows])
+                chunk_lut = torch.where(u, grid_rows, chunk_lut)
+                chunk_codes = torch.where(u, nearest_code(x, grid_rows), chunk_codes)
             lut[rows] = chunk_lut
         else:
             lut[rows] = grid
             chunk_codes = nearest_code(x, grid.expand(x.shape[0], -1).contiguous())
+        bad = ~dequant_range_ok(lut[rows].to(dtype), scales[rows], zeros[rows], dtype).all(1)
+        if bool(bad.any()):
+            row = rows.start + int(bad.nonzero()[0])
+            raise ValueError(
+                f"row {row}: weights up to {float(w[row].abs().max()):.4g} are too close to {dtype}'s largest "
+                f"value ({torch.finfo(dtype).max:.4g}) to quantize without overflow; use a wider lut_dtype"
+            )
         codes[rows] = chunk_codes.to(torch.uint8)
     return QuantizedWeight(codes=codes, lut=lut.to(dtype), scale=scales.to(dtype), zero_point=zeros.to(dtype))

@@ -15,9 +15,22 @@ Two shapes of transformers are handled (both verified by tests/test_serializatio
   - newer releases (5.23+) list the suffixes in the quantizer's `serialized_names` property;
   - older 5.x releases (5.17) build `WeightConverter(source_patterns=[...])` objects in
     `get_weight_conversions()`; those converters are rebuilt with the extra suffix.
+
+The same registration adds the validation layer to transformers' torchao path:
+  - save: `get_state_dict_and_metadata` adds a crc32 of every Any4Tensor part and of its
+    metadata entry (any4ao.validation); `PreTrainedModel.save_pretrained` of a model holding
+    Any4Tensor weights but no torchao quantizer (quantized by quantize_model / quantize_, also
+    after a GGUF load) gets one for the duration of the save, so config.json records the
+    quantization and from_pretrained rebuilds the Any4Tensor weights; a model it cannot save
+    fails before anything is written (transformers writes config.json before the weights);
+  - load: each rebuilt Any4Tensor's parts are checked against those checksums and its values
+    validated; every error names the weight and the checkpoint file(s).
 """
 
+import dataclasses
+import os
 import sys
+import threading
 import warnings
 
 EXTRA_SUFFIXES = ("lut",)
@@ -60,6 +73,272 @@ def register_with_transformers_if_loaded() -> None:
         register_with_transformers()
 
 
+# from_pretrained verifies the checksums save_pretrained wrote (False: skip, for speed)
+VERIFY_CHECKSUMS = True
+# errors our checks raised inside transformers' weight conversion, which catches them and raises a
+# generic RuntimeError after its load report; from_pretrained re-raises the first of ours instead
+_errors = threading.local()
+
+
+def _record(error: Exception) -> None:
+    pending = getattr(_errors, "pending", None)
+    if pending is not None:
+        pending.append(error)
+
+
+def _any4_metadata_names(metadata) -> list:
+    import json
+
+    names = []
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str) and '"Any4Tensor"' in value:
+            try:
+                if json.loads(value).get("_type") == "Any4Tensor":
+                    names.append(key)
+            except (ValueError, AttributeError):
+                continue
+    return names
+
+
+def _patch_save_metadata(quantizer_cls) -> None:
+    """Checksums of the Any4Tensor parts and their metadata in every safetensors shard's header."""
+    import json
+
+    from any4ao.validation import CHECKSUM_ALGORITHM, CHECKSUM_KEY, checksums
+
+    original = quantizer_cls.get_state_dict_and_metadata
+
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        state, metadata = original(self, model, *args, **kwargs)
+        names = _any4_metadata_names(metadata)
+        if names:
+            prefixes = tuple(f"{n.rpartition('.')[0]}._{n.rpartition('.')[2]}_" for n in names)
+            parts = {k: v for k, v in state.items() if k.startswith(prefixes)}
+            metadata = dict(metadata)
+            metadata["any4ao_checksum_algorithm"] = CHECKSUM_ALGORITHM
+            metadata[CHECKSUM_KEY] = json.dumps(checksums(parts, metadata, names))
+        return state, metadata
+
+    quantizer_cls.get_state_dict_and_metadata = get_state_dict_and_metadata
+
+
+def _patch_set_metadata(quantizer_cls) -> None:
+    """Remember the checkpoint files (for error messages) and name the file safetensors cannot read."""
+    original = getattr(quantizer_cls, "set_metadata", None)
+    if original is None:
+        return
+
+    def set_metadata(self, checkpoint_files, *args, **kwargs):
+        self._any4ao_files = list(checkpoint_files or [])
+        from safetensors import safe_open
+
+        from any4ao.validation import CheckpointError
+
+        for f in self._any4ao_files:
+            if str(f).endswith(".safetensors"):
+                try:
+                    with safe_open(str(f), framework="pt") as handle:
+                        handle.metadata()
+                except Exception as e:
+                    raise CheckpointError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        return original(self, checkpoint_files, *args, **kwargs)
+
+    quantizer_cls.set_metadata = set_metadata
+
+
+def _where(hf_quantizer) -> str:
+    files = getattr(hf_quantizer, "_any4ao_files", None) or []
+    if len(files) == 1:
+        return str(files[0])
+    if files:
+        return f"{os.path.dirname(str(files[0]))} ({len(files)} safetensors shards)"
+    return "checkpoint"
+
+
+def _patch_deserialize() -> None:
+    """Validate every Any4Tensor transformers rebuilds from a checkpoint (checksums, values), and
+    name the weight and file in any error raised while rebuilding one."""
+    import json
+
+    import torch
+
+    try:
+        from transformers.integrations.torchao import TorchAoDeserialize
+    except ImportError:
+        return
+    from any4ao.tensor.any4_tensor import Any4Tensor
+    from any4ao.validation import CHECKSUM_KEY, ChecksumError, InvalidAny4TensorError, verify_checksums
+
+    original = TorchAoDeserialize.convert
+
+    def convert(self, input_dict, *args, **kwargs):
+        full = kwargs.get("full_layer_name") or (args[2] if len(args) > 2 else None)
+        metadata = getattr(self.hf_quantizer, "metadata", None) or {}
+        where = _where(self.hf_quantizer)
+        any4 = full in metadata and '"Any4Tensor"' in str(metadata.get(full))
+        try:
+            out = original(self, input_dict, *args, **kwargs)
+        except Exception as e:
+            if not any4:
+                raise
+            error = e if isinstance(e, ValueError) and where in str(e) else None
+            error = error or InvalidAny4TensorError(f"{where}: weight {full!r} cannot be rebuilt: {e}")
+            _record(error)
+            raise error from e
+        try:
+            _validate(out, input_dict, metadata, where)
+        except ValueError as e:
+            _record(e)
+            raise
+        return out
+
+    def _validate(out, input_dict, metadata, where):
+        for name, value in out.items():
+            if not isinstance(value, Any4Tensor):
+                continue
+            layer = name.rpartition(".")[0]
+            if VERIFY_CHECKSUMS and CHECKSUM_KEY in metadata:
+                parts = {}
+                for suffix, tensors in input_dict.items():
+                    t = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
+                    if isinstance(t, torch.Tensor):
+                        parts[f"{layer}.{suffix}" if layer else suffix] = t
+                try:
+                    expected = json.loads(metadata[CHECKSUM_KEY])
+                except ValueError:
+                    raise ChecksumError(f"{where}: the checksum metadata is damaged") from None
+                verify_checksums(parts, metadata, where, expected, meta_keys=[name])
+            try:
+                value.validate_values()
+            except InvalidAny4TensorError as e:
+                raise InvalidAny4TensorError(f"{where}: weight {name!r}: {e}") from None
+
+    TorchAoDeserialize.convert = convert
+
+
+def _patch_from_pretrained() -> None:
+    """transformers turns errors raised while converting weights into a RuntimeError that names
+    neither weight nor file (the details go to its logged load report): re-raise ours."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.from_pretrained.__func__
+    if getattr(original, "_any4ao", False):
+        return
+
+    def from_pretrained(cls, *args, **kwargs):
+        outer = getattr(_errors, "pending", None) is None
+        if outer:
+            _errors.pending = []
+        try:
+            return original(cls, *args, **kwargs)
+        except RuntimeError as e:
+            pending = _errors.pending
+            if outer and pending:
+                raise pending[0] from e
+            raise
+        finally:
+            if outer:
+                _errors.pending = None
+
+    from_pretrained._any4ao = True
+    from_pretrained.__doc__ = original.__doc__
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _any4_config_for_save(model):
+    """The Any4WeightOnlyConfig to record in config.json for a model quantized outside transformers:
+    the one quantize_model / quantize_ used (calibration dropped), else one matching the tensors."""
+    from any4ao.config import Any4WeightOnlyConfig
+    from any4ao.quantize_api import CONFIG_OF
+    from any4ao.tensor.any4_tensor import Any4Tensor
+
+    for module in model.modules():
+        config = CONFIG_OF.get(module)
+        if config is not None:
+            return dataclasses.replace(config, calibration=None)
+    w = next(p for p in model.parameters() if isinstance(p, Any4Tensor))
+    return Any4WeightOnlyConfig(codebook=f"any{w.nbits}", group_size=w.group_size)
+
+
+def _prepare_save(model):
+    """Make `model.save_pretrained` store its Any4Tensor weights, or raise before anything is
+    written. Returns a function that undoes the temporary changes."""
+    from transformers import TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    from any4ao.config import Any4WeightOnlyConfig
+    from any4ao.tensor.any4_tensor import Any4Tensor
+
+    quantized = {n for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
+    if not quantized:
+        return lambda: None
+    if any(p.ndim != 2 for n, p in model.named_parameters() if n in quantized):
+        raise ValueError("save_pretrained: Any4Tensor weights are sharded (FSDP); gather a full state dict first")
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    saved = {k: getattr(model, k) for k in ("hf_quantizer", "is_quantized", "quantization_method") if k in vars(model)}
+    saved_config = getattr(model.config, "quantization_config", None)
+    had_config = "quantization_config" in vars(model.config)
+
+    def restore():
+        for k in ("hf_quantizer", "is_quantized", "quantization_method"):
+            if k in saved:
+                setattr(model, k, saved[k])
+            elif k in vars(model):
+                delattr(model, k)
+        if had_config:
+            model.config.quantization_config = saved_config
+        elif "quantization_config" in vars(model.config):
+            del model.config.quantization_config
+
+    if isinstance(hf_quantizer, TorchAoHfQuantizer):
+        quant_type = hf_quantizer.quantization_config.quant_type
+        if not isinstance(quant_type, Any4WeightOnlyConfig):
+            raise ValueError(
+                f"save_pretrained: the model holds Any4Tensor weights but its torchao quantization config is "
+                f"{type(quant_type).__name__}; save it with any4ao.save_quantized instead"
+            )
+        if quant_type.calibration is not None:  # statistics of one run: not serialisable, not needed to load
+            hf_quantizer.quantization_config.quant_type = dataclasses.replace(quant_type, calibration=None)
+        return restore
+    method = getattr(getattr(hf_quantizer, "quantization_config", None), "quant_method", None)
+    method = getattr(method, "value", method)
+    if hf_quantizer is not None and method != "gguf":
+        raise ValueError(
+            f"save_pretrained: the model holds Any4Tensor weights and is also quantized with {method}; "
+            "transformers cannot save both: save it with any4ao.save_quantized instead"
+        )
+    # quantized by quantize_model / quantize_ (or after a GGUF load, whose weights are dense now):
+    # a torchao quantizer for the save, with every non-quantized linear listed as not converted
+    from torch import nn
+
+    skip = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight" not in quantized]
+    config = TorchAoConfig(quant_type=_any4_config_for_save(model), modules_to_not_convert=skip)
+    model.hf_quantizer = TorchAoHfQuantizer(config)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    return restore
+
+
+def _patch_save_pretrained() -> None:
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+    if getattr(original, "_any4ao", False):
+        return
+
+    def save_pretrained(self, *args, **kwargs):
+        restore = _prepare_save(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            restore()
+
+    save_pretrained._any4ao = True
+    save_pretrained.__doc__ = original.__doc__
+    PreTrainedModel.save_pretrained = save_pretrained
+
+
 def register_with_transformers() -> None:
     """Idempotent; warns (and leaves transformers alone) if its quantizer looks like neither shape."""
     global _registered
@@ -81,4 +360,9 @@ def register_with_transformers() -> None:
             "transformers version (save_quantized/load_quantized still do)"
         )
         return
+    _patch_save_metadata(TorchAoHfQuantizer)
+    _patch_set_metadata(TorchAoHfQuantizer)
+    _patch_deserialize()
+    _patch_save_pretrained()
+    _patch_from_pretrained()
     _registered = True

@@ -12,13 +12,14 @@ import hashlib
 from typing import List, Optional
 
 import torch
-from torchao.utils import TorchAOBaseTensor
+from torchao.utils import TorchAOBaseTensor, _torchao_base_tensor__setstate__
 
-from any4ao.codebooks.group_scaling import expand_groups, num_groups
+from any4ao.codebooks.group_scaling import expand_groups
 from any4ao.codebooks.quantize import quantize_weight
 from any4ao.config import Any4WeightOnlyConfig, KernelPreference
 from any4ao.tensor import fsdp
 from any4ao.tensor.packing import pack_codes, packed_width, unpack_codes
+from any4ao.validation import InvalidAny4TensorError, check_structure, check_values, check_weight
 
 __all__ = ["Any4Tensor"]
 
@@ -43,6 +44,11 @@ class Any4Tensor(TorchAOBaseTensor):
         shape:      the logical shape, (N, K), or (K, N) when `transposed`
         transposed: set by `.t()`; the data stays in (N, K) orientation
         kernel_preference: "auto" or "dequantize" (any4ao.config.KernelPreference)
+    Validation (any4ao.validation): every construction checks the structure (shapes, dtypes,
+    devices, nbits, group size; metadata only, also on fake tensors); `validate_values()` checks
+    codes, LUTs, scales and zero points and is run by from_codes / from_hp and every load path
+    (load_quantized, from_pretrained, torch.load, whose unpickling goes through __setstate__).
+    A scale of 0 is valid: a constant group dequantizes to its zero point.
     """
 
     tensor_data_names = ["qdata", "lut", "scale", "zero_point"]
@@ -52,6 +58,9 @@ class Any4Tensor(TorchAOBaseTensor):
     def __new__(
         cls, qdata, lut, scale, zero_point, nbits, block_size, shape, transposed=False, kernel_preference="auto"
     ):
+        # the structural checks run before the wrapper reads scale.dtype / qdata.device
+        transposed = False if transposed is None else transposed
+        check_structure(qdata, lut, scale, zero_point, nbits, block_size, shape, transposed)
         return torch.Tensor._make_wrapper_subclass(
             cls, shape, device=qdata.device, dtype=scale.dtype, requires_grad=False
         )
@@ -76,52 +85,34 @@ class Any4Tensor(TorchAOBaseTensor):
         self.nbits = nbits
         self.block_size = list(block_size)
         self.transposed = bool(transposed)
-        self.kernel_preference = KernelPreference(kernel_preference or "auto").value
-        self._check_consistency()
+        try:
+            self.kernel_preference = KernelPreference(kernel_preference or "auto").value
+        except ValueError:
+            raise InvalidAny4TensorError(f"invalid Any4Tensor: kernel_preference={kernel_preference!r}") from None
 
-    def _check_consistency(self) -> None:
-        """Shapes, dtypes and devices of the parts agree. Runs on every construction, so a corrupt
-        or mismatched checkpoint (torch.load, safetensors, transformers) fails here, by name."""
+    def _check_consistency(self, name=None) -> None:
+        """Shapes, dtypes, devices, nbits and group size agree (any4ao.validation.check_structure).
+        Metadata only, so it runs on every construction (views in ops, fake tensors under
+        torch.compile); the value checks are `validate_values`, run by the load paths."""
+        check_structure(
+            self.qdata,
+            self.lut,
+            self.scale,
+            self.zero_point,
+            self.nbits,
+            self.block_size,
+            self.shape,
+            self.transposed,
+            name,
+        )
 
-        def fail(what):
-            raise ValueError(f"inconsistent Any4Tensor (corrupt or mismatched checkpoint?): {what}")
-
-        if self.nbits not in (2, 3, 4):
-            fail(f"nbits={self.nbits!r}, expected 2, 3 or 4")
-        if len(self.block_size) != 2 or self.block_size[0] != 1 or not self.block_size[1] > 0:
-            fail(f"block_size={self.block_size}, expected [1, group_size]")
-        if self.qdata.dtype != torch.uint8 or self.qdata.ndim != 2:
-            fail(f"qdata must be 2-D uint8, got {self.qdata.dtype} {tuple(self.qdata.shape)}")
-        if len(self.shape) == 1 and not self.transposed and self.qdata.shape[0] > 0:
-            # the flat alias `view(-1)` makes for FSDP2's bookkeeping; no op computes with it
-            n, k = self.qdata.shape[0], self.shape[0] // self.qdata.shape[0]
-            if n * k != self.shape[0]:
-                fail(f"flat shape {tuple(self.shape)} is not a whole number of {n} rows")
-        elif len(self.shape) != 2:
-            fail(f"shape={tuple(self.shape)} is not 2-D")
-        else:
-            n, k = (self.shape[1], self.shape[0]) if self.transposed else (self.shape[0], self.shape[1])
-        expected = {
-            "qdata": (n, packed_width(k, self.nbits)),
-            "lut": (n, 2**self.nbits),
-            "scale": (n, num_groups(k, self.group_size)),
-            "zero_point": (n, num_groups(k, self.group_size)),
-        }
-        for name, want in expected.items():
-            got = tuple(getattr(self, name).shape)
-            if got != want:
-                fail(
-                    f"{name} has shape {got}, expected {want} for a {n}x{k} weight, nbits={self.nbits}, "
-                    f"group_size={self.group_size}"
-                )
-        if not (self.lut.dtype == self.scale.dtype == self.zero_point.dtype) or not self.lut.is_floating_point():
-            fail(
-                f"lut, scale, zero_point dtypes {self.lut.dtype}, {self.scale.dtype}, {self.zero_point.dtype} "
-                "must be one float dtype"
-            )
-        devices = {t.device for t in (self.qdata, self.lut, self.scale, self.zero_point)}
-        if len(devices) != 1:
-            fail(f"parts live on different devices {sorted(map(str, devices))}")
+    def validate_values(self, name=None) -> "Any4Tensor":
+        """Value checks (any4ao.validation.check_values): code range for the bit width, zero padding
+        codes, finite sorted LUT rows, finite non-negative scales, finite zero points, and no group
+        whose dequantized values overflow the dtype. Raises InvalidAny4TensorError naming `name`.
+        Vectorised; the load paths run it (load_quantized, from_pretrained, torch.load)."""
+        check_values(self, name)
+        return self
 
     # ----- geometry of the stored (N, K) matrix, whatever the logical orientation -----
     @property
@@ -157,13 +148,15 @@ class Any4Tensor(TorchAOBaseTensor):
         weight: torch.Tensor,
         config: Optional[Any4WeightOnlyConfig] = None,
         channel_weight: Optional[torch.Tensor] = None,
+        name: str = "weight",
         **overrides,
     ) -> "Any4Tensor":
         """Quantize a high-precision (N, K) weight with `config` (default: Any4WeightOnlyConfig()),
         any of its fields overridden by keyword, e.g. `from_hp(w, codebook="nf4", group_size=64)`.
-        The weight must already be validated (any4ao.validation.check_weight); the algorithm is in
-        any4ao.codebooks.quantize."""
+        The weight is validated first (any4ao.validation.check_weight: finite, 2-D, float, with data);
+        the algorithm is in any4ao.codebooks.quantize."""
         config = dataclasses.replace(config or Any4WeightOnlyConfig(), **overrides)
+        check_weight(name, weight, config.lut_dtype)
         q = quantize_weight(weight, config, channel_weight)
         return cls.from_codes(
             q.codes,
@@ -179,30 +172,39 @@ class Any4Tensor(TorchAOBaseTensor):
     def from_codes(
         cls, codes, lut, scale, zero_point, nbits: int, group_size: int, kernel_preference: str = "auto"
     ) -> "Any4Tensor":
-        """Build from unpacked (N, K) codes and the per-row / per-group parameters."""
+        """Build from unpacked (N, K) integer codes in [0, 2**nbits) and the per-row / per-group
+        parameters; every structural and value check runs (InvalidAny4TensorError otherwise)."""
+        if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or codes.is_floating_point() or codes.is_complex():
+            raise InvalidAny4TensorError(
+                f"codes must be a 2-D integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)} "
+                f"{tuple(getattr(codes, 'shape', ()))}"
+            )
+        if nbits not in (2, 3, 4) or isinstance(nbits, bool) or not isinstance(nbits, int):
+            raise InvalidAny4TensorError(f"nbits={nbits!r}, expected the int 2, 3 or 4")
         n, k = codes.shape
-        expected = {
-            "lut": (n, 2**nbits),
-            "scale": (n, num_groups(k, group_size)),
-            "zero_point": (n, num_groups(k, group_size)),
-        }
-        for name, t in (("lut", lut), ("scale", scale), ("zero_point", zero_point)):
-            if tuple(t.shape) != expected[name]:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]}")
-        if not (lut.dtype == scale.dtype == zero_point.dtype):
-            raise ValueError(f"lut, scale, zero_point dtypes differ: {lut.dtype}, {scale.dtype}, {zero_point.dtype}")
+        if codes.numel() and codes.device.type != "meta":
+            out_of_range = (codes < 0) | (codes >= 2**nbits)
+            if bool(out_of_range.any()):
+                first = tuple(out_of_range.nonzero()[0].tolist())
+                raise InvalidAny4TensorError(
+                    f"codes must lie in [0, {2**nbits}) for nbits={nbits}; got {int(codes[first])} at {first}"
+                )
         qdata = pack_codes(codes, nbits)
         assert qdata.shape[1] == packed_width(k, nbits)
-        return cls(
+        lut, scale, zero_point = (
+            p.contiguous() if isinstance(p, torch.Tensor) else p for p in (lut, scale, zero_point)
+        )
+        t = cls(
             qdata,
-            lut.contiguous(),
-            scale.contiguous(),
-            zero_point.contiguous(),
+            lut,
+            scale,
+            zero_point,
             nbits,
             [1, group_size],
             torch.Size([n, k]),
             kernel_preference=kernel_preference,
         )
+        return t.validate_values()
 
     def codes(self) -> torch.Tensor:
         """Unpacked (N, K) uint8 codes of the stored matrix."""
@@ -272,4 +274,23 @@ class Any4Tensor(TorchAOBaseTensor):
         return 8.0 * self.storage_bytes() / self.numel()
 
 
+def _checked_setstate(self, state):
+    """Unpickling (torch.load, also weights_only=True): torchao's __setstate__ fills the parts in
+    without __init__, so the structural and value checks run here."""
+    _torchao_base_tensor__setstate__(self, state)
+    what = f"unpickled by torch.load (shape {tuple(self.shape)}, nbits={getattr(self, 'nbits', '?')})"
+    missing = [p for p in self.tensor_data_names + ["nbits", "block_size"] if getattr(self, p, None) is None]
+    if missing:
+        raise InvalidAny4TensorError(f"invalid Any4Tensor {what}: parts missing: {missing}")
+    self.transposed = self.transposed or False
+    try:
+        self.kernel_preference = KernelPreference(self.kernel_preference or "auto").value
+    except ValueError:
+        raise InvalidAny4TensorError(f"invalid Any4Tensor {what}: kernel_preference={self.kernel_preference!r}")
+    self._check_consistency(what)
+    self.validate_values(what)
+
+
+# TorchAOBaseTensor.__init_subclass__ installs its own __setstate__ on every subclass; wrap it
+Any4Tensor.__setstate__ = _checked_setstate
 torch.serialization.add_safe_globals([Any4Tensor])

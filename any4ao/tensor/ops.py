@@ -154,7 +154,24 @@ def _(func, types, args, kwargs):
         scale=move(w.scale, True),
         zero_point=move(w.zero_point, True),
     )
+    if dtype != w.dtype and torch.finfo(dtype).max < torch.finfo(w.dtype).max:
+        _check_narrowing(w, new, dtype)
     return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> None:
+    """`.to(float16)` of weights beyond fp16's range would give Inf weights: refuse (vectorised,
+    O(rows x groups); skipped on fake tensors while tracing)."""
+    from any4ao.validation import _is_data_less, dequant_range_ok
+
+    if _is_data_less(new.scale) or new.qdata.shape[0] == 0:
+        return
+    finite = all(bool(torch.isfinite(t).all()) for t in (new.lut, new.scale, new.zero_point))
+    if not finite or not bool(dequant_range_ok(new.lut, new.scale, new.zero_point, dtype).all()):
+        raise ValueError(
+            f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: its values "
+            f"exceed {dtype}'s range (largest finite {torch.finfo(dtype).max:.4g}) and would become Inf"
+        )
 
 
 # ----- row sharding: what FSDP2's fully_shard does to a parameter (see any4ao/tensor/fsdp.py) -----

@@ -1,0 +1,192 @@
+"""What load-time validation and checksums cost: load_quantized of a 1e8-weight any4 checkpoint.
+
+The checkpoint: 24 linear layers of 2048 x 2048 (100.7 M weights), bf16, 4-bit codes, group 128
+(random codes, sorted random LUTs, positive scales: quantization itself is not measured), 55 MB.
+Timed, each the median (and the minimum) of --repeats runs:
+  none       load_quantized with the value checks switched off and verify_checksums=False: reading
+             every byte into memory the tensors own (load_quantized does not map the file, whose
+             bytes could then change after they were verified), unflattening, and the structural
+             checks every construction runs
+  values     + the value checks (verify_checksums=False)
+  checksums  + the crc32 of every tensor and metadata entry (the default; each tensor is hashed in
+             a worker thread while the next is read)
+for the state dict alone and installed into a model, with the file in the page cache ("warm") and
+evicted from it by posix_fadvise(DONTNEED) before each run ("cold": read from disk).
+Writes benchmarks/results/load-validation-cpu.json.
+
+    python benchmarks/bench_load.py [--repeats 15] [--nbits 4]
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import any4ao
+from any4ao import Any4Tensor, serialization
+
+RESULTS = Path(__file__).resolve().parent / "results" / "load-validation-cpu.json"
+
+
+def build(layers: int, n: int, k: int, group: int, nbits: int) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="meta") for _ in range(layers)])
+    for lin in model:
+        codes = torch.randint(0, 2**nbits, (n, k), dtype=torch.uint8, generator=g)
+        lut = torch.randn(n, 2**nbits, generator=g).sort(1).values.bfloat16()
+        scale = (torch.rand(n, k // group, generator=g) + 0.01).bfloat16()
+        zero = torch.randn(n, k // group, generator=g).bfloat16()
+        w = Any4Tensor.from_codes(codes, lut, scale, zero, nbits, group)
+        lin.weight = nn.Parameter(w, requires_grad=False)
+    return model
+
+
+def fresh_model(layers, n, k) -> nn.Module:
+    return nn.Sequential(*[nn.Linear(k, n, bias=False, dtype=torch.bfloat16) for _ in range(layers)])
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def timed(fn, repeats: int, cold_path=None):
+    times = []
+    for _ in range(repeats):
+        if cold_path is not None:
+            evict(cold_path)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--nbits", type=int, default=4, choices=(2, 3, 4))
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    layers, n, k, group = 24, 2048, 2048, 128
+    work = Path(tempfile.mkdtemp(prefix="any4ao-bench-load-"))
+    path = work / "model.safetensors"
+    any4ao.save_quantized(build(layers, n, k, group, args.nbits), path)
+    model = fresh_model(layers, n, k)
+    real_check = serialization.check_all_values
+
+    def load(values: bool, checksums: bool, into_model: bool):
+        def run():
+            serialization.check_all_values = real_check if values else (lambda tensors, where="": None)
+            try:
+                any4ao.load_quantized(path, model if into_model else None, verify_checksums=checksums)
+            finally:
+                serialization.check_all_values = real_check
+
+        return run
+
+    results = {}
+    for cache in ("warm", "cold"):
+        for target in ("state_dict", "model"):
+            row = {}
+            for level, (values, sums) in {
+                "none": (False, False),
+                "values": (True, False),
+                "checksums": (True, True),
+            }.items():
+                fn = load(values, sums, target == "model")
+                fn()  # warm-up (and page cache for "warm")
+                median, times = timed(fn, args.repeats, path if cache == "cold" else None)
+                row[level] = {
+                    "median_s": round(median, 5),
+                    "min_s": round(min(times), 5),
+                    "runs_s": [round(t, 5) for t in times],
+                }
+            base = row["none"]["median_s"]
+            row["values_overhead"] = round(row["values"]["median_s"] / base - 1, 4)
+            row["values_and_checksums_overhead"] = round(row["checksums"]["median_s"] / base - 1, 4)
+            low = row["none"]["min_s"]
+            row["values_overhead_of_min"] = round(row["values"]["min_s"] / low - 1, 4)
+            row["values_and_checksums_overhead_of_min"] = round(row["checksums"]["min_s"] / low - 1, 4)
+            results[f"{cache}/{target}"] = row
+            print(
+                f"{cache:4s} {target:10s} none {base * 1e3:7.1f} ms  values {row['values']['median_s'] * 1e3:7.1f} ms "
+                f"(+{100 * row['values_overhead']:.1f} %)  checksums {row['checksums']['median_s'] * 1e3:7.1f} ms "
+                f"(+{100 * row['values_and_checksums_overhead']:.1f} %);  min: none {low * 1e3:.1f}, values "
+                f"+{100 * row['values_overhead_of_min']:.1f} %, checksums +{100 * row['values_and_checksums_overhead_of_min']:.1f} %"
+            )
+    # the checks alone, on one loaded state dict (free of the allocator's page-fault noise that
+    # dominates the end-to-end spread on this shared 2-core machine)
+    from any4ao.validation import checksums as crc_all
+
+    state = any4ao.load_quantized(path, verify_checksums=False)
+    any4 = {k: v for k, v in state.items() if isinstance(v, Any4Tensor)}
+    parts = {f"{k}.{p}": getattr(v, p) for k, v in any4.items() for p in Any4Tensor.tensor_data_names}
+    components = {}
+    for label, fn in {
+        "value_checks": lambda: real_check(any4, str(path)),
+        "checksums_all_tensors": lambda: crc_all(parts),
+    }.items():
+        fn()
+        median, times = timed(fn, args.repeats)
+        components[label] = {"median_s": round(median, 5), "min_s": round(min(times), 5)}
+        print(f"{label:22s} {median * 1e3:6.1f} ms (min {min(times) * 1e3:.1f})")
+    for key in ("warm/model", "cold/model"):
+        base = results[key]["none"]["median_s"]
+        components[f"value_checks_over_{key.replace('/', '_')}_load"] = round(
+            components["value_checks"]["median_s"] / base, 4
+        )
+        components[f"checksums_over_{key.replace('/', '_')}_load"] = round(
+            components["checksums_all_tensors"]["median_s"] / base, 4
+        )
+    import safetensors
+    import torchao
+
+    report = {
+        "command": "python benchmarks/bench_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "checkpoint": {
+            "layers": layers,
+            "shape": [n, k],
+            "weights": layers * n * k,
+            "dtype": "bfloat16",
+            "nbits": args.nbits,
+            "group_size": group,
+            "file_mb": round(path.stat().st_size / 1e6, 2),
+        },
+        "repeats": args.repeats,
+        "results": results,
+        "components": components,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchao": torchao.__version__,
+            "safetensors": safetensors.__version__,
+            "any4ao": any4ao.__version__,
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    path.unlink()
+    work.rmdir()
+    print("wrote", args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,638 @@
+"""Adversarial inputs at every public entry point: each must raise the exact error type, name the
+layer / tensor / file, and leave the model and the files as they were. Nothing may load or run as a
+silently wrong model.
+
+Entry points: quantize_model, quantize_ (torchao), Any4Tensor(...), from_codes, from_hp,
+save_quantized, load_quantized, torch.save + torch.load(weights_only=True), save_pretrained +
+from_pretrained, torch.ops.any4ao.lut_linear / dequantize, F.linear, .to(dtype).
+"""
+
+import io
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from tiny_models import tiny_llama
+from torch import nn
+from torchao.quantization import quantize_
+
+import any4ao
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, LayerError, load_quantized, quantize_model, save_quantized
+from any4ao.validation import CHECKSUM_KEY, CheckpointError, ChecksumError, InvalidAny4TensorError, checksums
+
+CONFIG = Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2, refine_rounds=1)
+IDS = torch.arange(12).reshape(1, 12)
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+# ----- helpers -----
+def _snapshot(model):
+    """Parameter objects and their values, to assert that a failed call changed nothing."""
+    params = dict(model.named_parameters())
+    values = {n: (p.dequantize() if isinstance(p, Any4Tensor) else p.detach()).clone() for n, p in params.items()}
+    return params, values
+
+
+def _assert_unchanged(model, snapshot):
+    params, values = snapshot
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for n, p in params.items():
+        assert now[n] is p, f"{n} was replaced"
+        v = p.dequantize() if isinstance(p, Any4Tensor) else p.detach()
+        assert torch.equal(v, values[n]), f"{n} changed"
+
+
+def _read_header(path):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def _write_header(path, header, body):
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def _flip_byte(path, key, offset=3, bit=0x10):
+    header, body = _read_header(path)
+    start = header[key]["data_offsets"][0]
+    body = bytearray(body)
+    body[start + offset] ^= bit
+    _write_header(path, header, bytes(body))
+
+
+def _edit_meta(path, name, edit):
+    header, body = _read_header(path)
+    meta = json.loads(header["__metadata__"][name])
+    edit(meta)
+    header["__metadata__"][name] = json.dumps(meta)
+    _write_header(path, header, body)
+
+
+def _forge(path, edit_tensors=lambda t: None, edit_meta=lambda m: None):
+    """Rewrite the file with edited tensors / metadata and *recomputed* checksums: what a buggy
+    writer (or a deliberate forger) produces; only the structural and value checks can catch it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit_tensors(tensors)
+    edit_meta(meta)
+    names = [n for n, v in meta.items() if '"Any4Tensor"' in v]
+    if CHECKSUM_KEY in meta:  # (an edit that removes the checksums keeps them removed)
+        meta[CHECKSUM_KEY] = json.dumps(
+            checksums(tensors, meta, [k for k in names + ["tensor_names", "any4ao_aliases"] if k in meta])
+        )
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A quantized tiny Llama, its safetensors file and its save_pretrained directory."""
+    root = tmp_path_factory.mktemp("adversarial")
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False)
+    save_quantized(model, root / "q.safetensors", CONFIG)
+    model.save_pretrained(root / "hf")
+    return model, root
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    shutil.copy(saved[1] / "q.safetensors", tmp_path / "q.safetensors")
+    return tmp_path / "q.safetensors"
+
+
+# ----- load_quantized: damaged bytes are caught by the checksums, naming file and tensor -----
+@pytest.mark.parametrize("part", ["qdata", "lut", "scale", "zero_point"])
+def test_one_flipped_byte_in_any_part_is_a_checksum_error(copy, part):
+    _flip_byte(copy, f"{LAYER}._weight_{part}")
+    fresh = tiny_llama(seed=1)
+    before = _snapshot(fresh)
+    with pytest.raises(ChecksumError, match=rf"q\.safetensors: tensor '{LAYER}\._weight_{part}' is corrupt"):
+        load_quantized(copy, fresh)
+    _assert_unchanged(fresh, before)
+
+
+def test_flipped_byte_in_a_plain_tensor_is_a_checksum_error(copy):
+    _flip_byte(copy, "lm_head.weight")
+    with pytest.raises(ChecksumError, match="'lm_head.weight' is corrupt"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["_data"].update(block_size=[1, 48]),  # group 32 -> 48: same number of groups for K=64
+        lambda m: m["_data"].update(transposed=True),  # on a square weight every shape still fits
+        lambda m: m["_data"].update(kernel_preference="dequantize"),
+    ],
+    ids=["group-size", "transposed", "kernel-preference"],
+)
+def test_edited_metadata_that_still_fits_the_shapes_is_a_checksum_error(copy, edit):
+    _edit_meta(copy, "model.layers.0.self_attn.q_proj.weight", edit)  # q_proj is 64 x 64
+    with pytest.raises(ChecksumError, match=r"metadata of 'model\.layers\.0\.self_attn\.q_proj\.weight'"):
+        load_quantized(copy)
+
+
+def test_removed_checksums_fail_unless_opted_out(copy, saved):
+    _forge(copy, edit_meta=lambda m: m.pop(CHECKSUM_KEY))
+    with pytest.raises(ChecksumError, match="no checksums"):
+        load_quantized(copy)
+    fresh = tiny_llama(seed=1)
+    load_quantized(copy, fresh, verify_checksums=False)
+    assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
+
+
+# ----- load_quantized: values and structure, with consistent (forged) checksums -----
+def _set(key, fn):
+    def edit(tensors):
+        tensors[key] = fn(tensors[key].clone())
+
+    return edit
+
+
+def _nan_row(t):
+    t[2] = float("nan")
+    return t
+
+
+def _inf_first(t):
+    t.view(-1)[0] = float("inf")
+    return t
+
+
+def _unsort(t):
+    return t.flip(1)
+
+
+def _negative(t):
+    t[0, 0] = -abs(float(t[0, 0])) - 1
+    return t
+
+
+def _huge(t):
+    t[1, 0] = 3e38
+    return t
+
+
+W = f"{LAYER}._weight_"
+VALUE_CASES = {
+    "nan-lut-row": (_set(W + "lut", _nan_row), "lut has 16 NaN/Inf"),
+    "inf-lut": (_set(W + "lut", _inf_first), "lut has 1 NaN/Inf"),
+    "unsorted-lut": (_set(W + "lut", _unsort), "lut row 0 is not sorted"),
+    "inf-scale": (_set(W + "scale", _inf_first), "scale has 1 NaN/Inf"),
+    "nan-zero-point": (_set(W + "zero_point", _nan_row), "zero_point has"),
+    "negative-scale": (_set(W + "scale", _negative), "scale has 1 negative"),
+    "overflowing-scale": (_set(W + "scale", _huge), "beyond torch.float32's range"),
+    "half-width-qdata": (_set(W + "qdata", lambda t: t[:, : t.shape[1] // 2].contiguous()), "qdata has shape"),
+    "fp16-scale": (_set(W + "scale", lambda t: t.half()), "must be one float dtype"),
+    "2-d-lut-as-1-d": (_set(W + "lut", lambda t: t.reshape(-1)), "lut has shape"),
+}
+
+
+@pytest.mark.parametrize("case", VALUE_CASES, ids=list(VALUE_CASES))
+def test_bad_values_with_consistent_checksums_are_rejected_by_name(copy, case):
+    edit, message = VALUE_CASES[case]
+    _forge(copy, edit_tensors=edit)
+    fresh = tiny_llama(seed=1)
+    before = _snapshot(fresh)
+    with pytest.raises(InvalidAny4TensorError, match=rf"q\.safetensors: tensor '{LAYER}\.weight'.*{message}"):
+        load_quantized(copy, fresh)
+    _assert_unchanged(fresh, before)
+
+
+def _meta_edit(name, **changes):
+    def edit(meta):
+        m = json.loads(meta[name])
+        m["_data"].update(changes)
+        meta[name] = json.dumps(m)
+
+    return edit
+
+
+META_CASES = {
+    "nbits-3": (dict(nbits=3), InvalidAny4TensorError, "lut has shape"),
+    "nbits-4.0": (dict(nbits=4.0), InvalidAny4TensorError, "nbits=4.0"),
+    "group-40": (dict(block_size=[1, 40]), InvalidAny4TensorError, "multiple of 16"),
+    "block-size-2-rows": (dict(block_size=[2, 32]), InvalidAny4TensorError, "block_size"),
+    "shape-doubled": (dict(shape=[160, 128]), InvalidAny4TensorError, "qdata has shape"),
+    "shape-float": (dict(shape=[160.0, 64]), InvalidAny4TensorError, "shape"),
+    "transposed-string": (dict(transposed="yes"), InvalidAny4TensorError, "transposed"),
+    "kernel-cutlass": (dict(kernel_preference="cutlass"), InvalidAny4TensorError, "kernel_preference"),
+    "unknown-attribute": (dict(backdoor=1), InvalidAny4TensorError, "attributes"),
+}
+
+
+@pytest.mark.parametrize("case", META_CASES, ids=list(META_CASES))
+def test_bad_metadata_with_consistent_checksums_is_rejected_by_name(copy, case):
+    changes, error, message = META_CASES[case]
+    _forge(copy, edit_meta=_meta_edit(f"{LAYER}.weight", **changes))
+    with pytest.raises(error, match=rf"{LAYER}\.weight.*{message}"):
+        load_quantized(copy, tiny_llama(seed=1))
+
+
+def test_file_level_damage_is_a_checkpoint_error(copy, tmp_path):
+    cases = []
+    for name, make in {
+        "missing-part": lambda p: _forge(p, edit_tensors=lambda t: t.pop(W + "lut")),
+        "extra-tensor": lambda p: _forge(p, edit_tensors=lambda t: t.update(stray=torch.zeros(2))),
+        "unknown-type": lambda p: _forge(
+            p, edit_meta=lambda m: m.update({f"{LAYER}.weight": json.dumps({"_type": "Int4Tensor", "_data": {}})})
+        ),
+        "alias-to-nothing": lambda p: _forge(p, edit_meta=lambda m: m.update(any4ao_aliases='{"a.weight": "nope"}')),
+        "old-format": lambda p: _forge(p, edit_meta=lambda m: m.update(any4ao_format="1")),
+        "damaged-json": lambda p: _forge(p, edit_meta=lambda m: m.update(tensor_names="[oops")),
+        "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        "empty": lambda p: p.write_bytes(b""),
+        "random-bytes": lambda p: p.write_bytes(bytes(range(256)) * 8),
+    }.items():
+        path = tmp_path / f"{name}.safetensors"
+        shutil.copy(copy, path)
+        make(path)
+        cases.append((name, path))
+    fresh = tiny_llama(seed=1)
+    before = _snapshot(fresh)
+    for name, path in cases:
+        with pytest.raises(CheckpointError, match=rf"{name}\.safetensors") as info:
+            load_quantized(path, fresh)
+        assert type(info.value) is CheckpointError, name
+    _assert_unchanged(fresh, before)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_quantized(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_quantized(tmp_path / "nope.safetensors")
+
+
+def test_three_bit_codes_above_7_and_padding_codes_are_rejected(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.Linear(65, 8)  # K odd: the last byte of every row holds one padding nibble
+    quantize_(layer, Any4WeightOnlyConfig(codebook="any3", group_size=16, kmeans_iterations=1))
+    path = tmp_path / "any3.safetensors"
+    save_quantized(layer, path)
+    bad = {
+        "above-7": (lambda t: t["_weight_qdata"].view(-1)[5:6].bitwise_or_(0x80), "3-bit codes above 7 in row 0"),
+        "padding": (lambda t: t["_weight_qdata"][3, -1:].bitwise_or_(0x30), "padding codes beyond in_features=65"),
+    }
+    for name, (edit, message) in bad.items():
+        p = tmp_path / f"{name}.safetensors"
+        shutil.copy(path, p)
+        _forge(p, edit_tensors=edit)
+        with pytest.raises(InvalidAny4TensorError, match=rf"{name}\.safetensors: tensor 'weight'.*{message}"):
+            load_quantized(p)
+    assert torch.equal(load_quantized(path)["weight"].dequantize(), layer.weight.dequantize())
+
+
+# ----- load_quantized into models -----
+def test_model_mismatches_are_checkpoint_errors_and_change_nothing(saved):
+    path = saved[1] / "q.safetensors"
+    for other in (tiny_llama(hidden=96, intermediate=160), tiny_llama(layers=1), tiny_llama(vocab=64)):
+        before = _snapshot(other)
+        with pytest.raises(CheckpointError, match=r"q\.safetensors"):
+            load_quantized(path, other)
+        _assert_unchanged(other, before)
+    with pytest.raises(CheckpointError, match="has no parameters or buffers"):
+        load_quantized(path, nn.Module())
+    with pytest.raises(TypeError, match="nn.Module"):
+        load_quantized(path, {"not": "a model"})
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(CheckpointError, match="meta device"):
+        load_quantized(path, meta)
+
+
+def test_loading_into_a_model_that_is_already_quantized_differently_replaces_every_tensor(saved):
+    model, root = saved
+    other = tiny_llama(seed=3)
+    quantize_model(
+        other,
+        Any4WeightOnlyConfig(codebook="int4", group_size=64),
+        filter_fn=lambda m, n: isinstance(m, nn.Linear),
+        progress=False,
+    )
+    assert isinstance(other.lm_head.weight, Any4Tensor)
+    load_quantized(root / "q.safetensors", other)
+    assert not isinstance(other.lm_head.weight, Any4Tensor)
+    assert torch.equal(other(IDS).logits, model(IDS).logits)
+
+
+def test_failure_while_installing_rolls_back(saved, monkeypatch):
+    fresh = tiny_llama(seed=1)
+    before = _snapshot(fresh)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure in load_state_dict")
+
+    monkeypatch.setattr(fresh, "load_state_dict", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        load_quantized(saved[1] / "q.safetensors", fresh)
+    _assert_unchanged(fresh, before)
+
+
+# ----- save_quantized: all or nothing -----
+def test_save_failures_leave_the_existing_file_intact(saved, copy, monkeypatch):
+    original = copy.read_bytes()
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(CheckpointError, match="meta device"):
+        save_quantized(meta, copy)
+
+    class Odd(torch.Tensor):
+        pass
+
+    with pytest.raises(CheckpointError, match="'w' is a Odd"):
+        save_quantized({"w": torch.zeros(2).as_subclass(Odd)}, copy)
+    import safetensors.torch
+
+    def half_written(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(saved[0], copy)
+    assert copy.read_bytes() == original
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["q.safetensors"]  # no temporary left behind
+    with pytest.raises(CheckpointError, match="is a directory"):
+        save_quantized({"w": torch.zeros(2)}, copy.parent)
+
+
+def _tied_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_tied_embeddings_save_and_load_both_ways(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tied_llama()
+    quantize_model(model, CONFIG, progress=False)
+    save_quantized(model, tmp_path / "tied.safetensors")
+    fresh = _tied_llama(seed=1)
+    load_quantized(tmp_path / "tied.safetensors", fresh)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    model.save_pretrained(tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+
+
+# ----- transformers: save_pretrained works for quantize_ models, from_pretrained validates -----
+def test_save_pretrained_of_quantize_model_round_trips_and_leaves_the_model_as_it_was(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, root = saved
+    assert getattr(model, "hf_quantizer", None) is None  # the temporary quantizer is gone again
+    config = json.loads((root / "hf" / "config.json").read_text())
+    assert config["quantization_config"]["quant_type"]["default"]["_type"] == "Any4WeightOnlyConfig"
+    reloaded = AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32)
+    assert isinstance(reloaded.model.layers[1].mlp.down_proj.weight, Any4Tensor)
+    assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+    # quantize_ (torchao) with the head quantized too, saved over an existing checkpoint
+    other = tiny_llama(seed=2)
+    quantize_(other, Any4WeightOnlyConfig(codebook="nf4", group_size=32))
+    shutil.copytree(root / "hf", tmp_path / "hf")
+    other.save_pretrained(tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert isinstance(reloaded.lm_head.weight, Any4Tensor)
+    assert torch.equal(reloaded(IDS).logits, other(IDS).logits)
+
+
+def test_save_pretrained_that_cannot_work_fails_before_writing(saved, tmp_path):
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False)
+    model.hf_quantizer = TorchAoHfQuantizer(TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+    with pytest.raises(ValueError, match="Int8WeightOnlyConfig"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _hf_copy(saved, tmp_path):
+    shutil.copytree(saved[1] / "hf", tmp_path / "hf")
+    return tmp_path / "hf" / "model.safetensors"
+
+
+def test_from_pretrained_of_damaged_checkpoints_names_weight_and_file(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = _hf_copy(saved, tmp_path)
+    good = path.read_bytes()
+    _flip_byte(path, f"{LAYER}._weight_qdata")
+    with pytest.raises(ChecksumError, match=rf"model\.safetensors: tensor '{LAYER}\._weight_qdata' is corrupt"):
+        AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+    path.write_bytes(good)
+    _edit_meta(path, "model.layers.0.self_attn.q_proj.weight", lambda m: m["_data"].update(block_size=[1, 48]))
+    with pytest.raises(ChecksumError, match="q_proj.weight.*was edited"):
+        AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+    path.write_bytes(good)
+    _forge(path, edit_tensors=_set(W + "lut", _nan_row))
+    with pytest.raises(InvalidAny4TensorError, match=rf"model\.safetensors: weight '{LAYER}\.weight'.*NaN"):
+        AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+    path.write_bytes(good)
+    _forge(path, edit_tensors=_set(W + "qdata", lambda t: t[:, :16].contiguous()))
+    with pytest.raises(InvalidAny4TensorError, match=rf"model\.safetensors: weight '{LAYER}\.weight'.*qdata has shape"):
+        AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+
+
+# ----- torch.save / torch.load(weights_only=True) -----
+def _pickled(mutate):
+    t = Any4Tensor.from_hp(torch.randn(16, 64), codebook="any3", group_size=32, kmeans_iterations=1)
+    mutate(t.__dict__)
+    buf = io.BytesIO()
+    torch.save({"w": t}, buf)
+    buf.seek(0)
+    return buf
+
+
+PICKLE_CASES = {
+    "half-width-qdata": (lambda d: d.update(qdata=d["qdata"][:, :16].clone()), "qdata has shape"),
+    "nan-lut": (lambda d: d["lut"].view(-1)[3:4].fill_(float("nan")), "lut has 1 NaN"),
+    "codes-above-7": (lambda d: d["qdata"].view(-1)[0:1].bitwise_or_(0x08), "3-bit codes above 7"),
+    "unsorted-lut": (lambda d: d.update(lut=d["lut"].flip(1).contiguous()), "not sorted"),
+    "nbits-5": (lambda d: d.update(nbits=5), "nbits=5"),
+    "bf16-scale": (lambda d: d.update(scale=d["scale"].bfloat16()), "one float dtype"),
+    "missing-part": (lambda d: d.pop("zero_point"), "parts missing"),
+    "kernel-preference": (lambda d: d.update(kernel_preference="cutlass"), "kernel_preference"),
+}
+
+
+@pytest.mark.parametrize("case", PICKLE_CASES, ids=list(PICKLE_CASES))
+def test_torch_load_weights_only_checks_every_tensor(case):
+    mutate, message = PICKLE_CASES[case]
+    buf = _pickled(mutate)
+    with pytest.raises(InvalidAny4TensorError, match=rf"unpickled by torch\.load \(shape \(16, 64\).*{message}"):
+        torch.load(buf, weights_only=True)
+
+
+# ----- quantization inputs -----
+def test_quantize_inputs_name_the_layer_and_change_nothing():
+    ids = torch.randint(0, 128, (1, 8))
+    cases = []
+    model = tiny_llama()
+    with torch.no_grad():
+        model.get_submodule(LAYER).weight.mul_(1e6)
+    cases.append((model, Any4WeightOnlyConfig(group_size=32, lut_dtype=torch.float16), "do not fit lut_dtype"))
+    model = tiny_llama()
+    stats = any4ao.calibrate(model, input_ids=ids)
+    stats._sums[model.get_submodule(LAYER)] = torch.zeros(64, dtype=torch.float64)
+    cases.append((model, Any4WeightOnlyConfig(group_size=32, calibration=stats), "all zero"))
+    model = tiny_llama()
+    stats = any4ao.calibrate(model, input_ids=ids)
+    stats._sums[model.get_submodule(LAYER)][3] = float("nan")
+    cases.append((model, Any4WeightOnlyConfig(group_size=32, calibration=stats), "NaN"))
+    for model, config, message in cases:
+        before = _snapshot(model)
+        with pytest.raises(LayerError, match=rf"{LAYER}.*{message}"):
+            quantize_model(model, config, progress=False)
+        _assert_unchanged(model, before)
+    with torch.device("meta"):
+        meta = tiny_llama()
+    with pytest.raises(LayerError, match=r"model\.layers\.0\.self_attn\.q_proj.*meta device"):
+        quantize_model(meta, CONFIG, progress=False)
+    with pytest.raises(LayerError, match=r"Linear\(in_features=64, out_features=64\).*meta device"):
+        quantize_(meta, CONFIG)
+    empty = nn.Sequential(nn.Linear(0, 8))
+    with pytest.raises(LayerError, match="'0'.*empty"):
+        quantize_model(empty, CONFIG, progress=False)
+
+
+def test_underflowing_calibration_statistics_still_weight_kmeans():
+    """Activations near 1e-25: their mean x^2 (1e-50) underflows float32 to zero; normalised in
+    float64 first, the statistics keep their relative sizes."""
+    model = tiny_llama()
+    layer = model.get_submodule(LAYER)
+    stats = any4ao.calibrate(model, input_ids=torch.randint(0, 128, (1, 8)))
+    stats._sums[layer] = stats._sums[layer] * 1e-50
+    assert not bool((stats.for_module(layer) > 0).any())
+    assert torch.allclose(
+        stats.for_module(layer, normalized=True).double().max(), torch.tensor(1.0, dtype=torch.float64)
+    )
+    quantize_model(model, Any4WeightOnlyConfig(group_size=32, calibration=stats, kmeans_iterations=2), progress=False)
+
+
+def test_from_codes_and_the_constructor_reject_bad_parts():
+    codes = torch.randint(0, 16, (4, 64))
+    lut = torch.arange(16.0).expand(4, 16).contiguous()
+    s, z = torch.ones(4, 2), torch.zeros(4, 2)
+    good = Any4Tensor.from_codes(codes, lut, s, z, 4, 32)
+    bad_calls = {
+        "code 16": (lambda: Any4Tensor.from_codes(codes + 1, lut, s, z, 4, 32), "codes must lie in"),
+        "negative code": (lambda: Any4Tensor.from_codes(codes - 1, lut, s, z, 4, 32), "codes must lie in"),
+        "float codes": (lambda: Any4Tensor.from_codes(codes.float(), lut, s, z, 4, 32), "integer"),
+        "unsorted lut": (lambda: Any4Tensor.from_codes(codes, lut.flip(1), s, z, 4, 32), "not sorted"),
+        "nan scale": (lambda: Any4Tensor.from_codes(codes, lut, s * float("nan"), z, 4, 32), "scale has 8 NaN"),
+        "lut width": (lambda: Any4Tensor.from_codes(codes, lut[:, :8], s, z, 4, 32), "lut has shape"),
+        "nbits 4.0": (lambda: Any4Tensor.from_codes(codes, lut, s, z, 4.0, 32), "nbits=4.0"),
+        "scale not a tensor": (lambda: Any4Tensor.from_codes(codes, lut, 1.0, z, 4, 32), "scale is a float"),
+        "group 24": (lambda: Any4Tensor.from_codes(codes, lut, s, z, 4, 24), "multiple of 16"),
+        "constructor devices": (
+            lambda: Any4Tensor(good.qdata, lut.to("meta"), s, z, 4, [1, 32], torch.Size([4, 64])),
+            "different devices",
+        ),
+        "constructor transposed": (
+            lambda: Any4Tensor(good.qdata, lut, s, z, 4, [1, 32], torch.Size([4, 64]), transposed="no"),
+            "transposed",
+        ),
+    }
+    for name, (call, message) in bad_calls.items():
+        with pytest.raises(InvalidAny4TensorError, match=message):
+            call()
+
+
+# ----- the ops and the tensor's own operations -----
+def test_custom_ops_check_their_arguments():
+    import any4ao.kernels.ops  # noqa: F401  registers torch.ops.any4ao.*
+
+    t = Any4Tensor.from_hp(torch.randn(32, 64).bfloat16(), group_size=32, kmeans_iterations=1)
+    args = (t.qdata, t.lut, t.scale, t.zero_point)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    lut_linear, dequantize = torch.ops.any4ao.lut_linear, torch.ops.any4ao.dequantize
+    bad = {
+        "x K=128": (lambda: lut_linear(torch.randn(4, 128, dtype=torch.bfloat16), *args, 4, 32), "in_features=128"),
+        "nbits 2": (lambda: lut_linear(x, *args, 2, 32), "in_features=64 at nbits=2"),
+        "nbits 5": (lambda: lut_linear(x, *args, 5, 32), "nbits=5"),
+        "group 64": (lambda: lut_linear(x, *args, 4, 64), "scale has shape"),
+        "group 20": (lambda: lut_linear(x, *args, 4, 20), "group_size=20"),
+        "lut width 8": (lambda: lut_linear(x, t.qdata, t.lut[:, :8], t.scale, t.zero_point, 4, 32), "lut has shape"),
+        "int x": (lambda: lut_linear(x.to(torch.int32), *args, 4, 32), "x must be a 2-D float"),
+        "3-d x": (lambda: lut_linear(x[None], *args, 4, 32), "x must be a 2-D float"),
+        "int8 qdata": (lambda: lut_linear(x, t.qdata.to(torch.int8), *args[1:], 4, 32), "uint8"),
+        "mixed scale dtypes": (lambda: lut_linear(x, t.qdata, t.lut, t.scale, t.zero_point.float(), 4, 32), "differ"),
+        "strided lut": (
+            lambda: lut_linear(x, t.qdata, t.lut.t().contiguous().t(), t.scale, t.zero_point, 4, 32),
+            "contiguous",
+        ),
+        "dequantize K": (lambda: dequantize(*args, 4, 32, 128, torch.bfloat16), "in_features=128"),
+        "dequantize int dtype": (lambda: dequantize(*args, 4, 32, 64, torch.int32), "output dtype"),
+    }
+    for name, (call, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(ValueError, match="in_features=64"):
+        F.linear(torch.randn(3, 32, dtype=torch.bfloat16), t)
+
+
+def test_narrowing_dtype_that_would_overflow_is_refused():
+    t = Any4Tensor.from_hp(torch.randn(8, 64) * 1e6, group_size=32, kmeans_iterations=1)
+    with pytest.raises(ValueError, match="float32 to torch.float16"):
+        t.to(torch.float16)
+    assert t.to(torch.bfloat16).dtype == torch.bfloat16
+
+
+# ----- numerics: extreme magnitudes stay finite and no worse than int4 -----
+def _rel(t, w):
+    d = t.dequantize(torch.float64)
+    return float((d - w.double()).norm() / w.double().norm())
+
+
+@given(
+    exponent=st.sampled_from([-30, -20, -5, 0, 5, 20, 30]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_scaled_weights_stay_finite_and_no_worse_than_int4(exponent, dtype, seed):
+    w = (torch.randn(12, 96, generator=torch.Generator().manual_seed(seed)) * 10.0**exponent).to(dtype)
+    learned = Any4Tensor.from_hp(w, group_size=32, kmeans_iterations=5)
+    grid = Any4Tensor.from_hp(w, codebook="int4", group_size=32)
+    assert bool(torch.isfinite(learned.dequantize()).all())
+    assert _rel(learned, w) <= _rel(grid, w) * (1 + 1e-4)
+
+
+@given(seed=st.integers(0, 2**16), codebook=st.sampled_from(["any4", "int4", "nf4", "fp4", "any3", "int2"]))
+def test_fp16_weights_near_65504_and_fp32_denormals_dequantize_finite(seed, codebook):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(12, 96, generator=g)
+    for w in ((base / base.abs().max() * 65504).half(), base * 1e-40):
+        t = Any4Tensor.from_hp(w, codebook=codebook, group_size=32, kmeans_iterations=5)
+        assert bool(torch.isfinite(t.dequantize()).all())
+        t.validate_values()
+        if codebook in ("any4", "any3"):
+            grid = Any4Tensor.from_hp(w, codebook=f"int{codebook[-1]}", group_size=32)
+            assert _rel(t, w) <= _rel(grid, w) * (1 + 1e-4)
