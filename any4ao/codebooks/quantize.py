@@ -27,7 +27,7 @@ CODEBOOKS = ("any", "int", "nf4", "fp4")
 # (a handful of float32 temporaries of this size) independently of the layer's size.
 CHUNK_ELEMENTS = 1 << 22
 # Positive k-means sample weights are kept at or above this (they are normalised to a row maximum of
-# 1 first): lloyd_max divides cluster sums by cluster weights clamped at 1e-30.
+# 1 first), so that no positive weight is a float32 denormal, whose products with x lose their bits.
 MIN_SAMPLE_WEIGHT = 1e-24
 
 
