@@ -108,16 +108,11 @@ def format_table(rows: List[Row], prompt: str) -> str:
 
 
 def build_parser():
-    from any4ao.evaluation.cli import _models_epilog
+    from any4ao.evaluation.cli import _models_epilog, add_model_arguments
     from any4ao.evaluation.cli_common import HelpFormatter, Parser, add_common_arguments
 
     p = Parser(prog="any4ao demo", description=__doc__, epilog=_models_epilog(), formatter_class=HelpFormatter)
-    p.add_argument(
-        "--model",
-        help=f"packaged model name ({', '.join(models.PACKAGED)}; default {models.DEFAULT_MODEL}), "
-        "a transformers model directory, or a .gguf file; nothing is downloaded",
-    )
-    p.add_argument("--gguf-file", help="GGUF file name inside the --model directory (default: none)")
+    add_model_arguments(p)
     p.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero group (multiple of 16)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt every method continues")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per method")

@@ -367,19 +367,7 @@ def test_save_failures_leave_the_existing_file_intact(saved, copy, monkeypatch):
 
 
 def _tied_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(layers=1, seed=seed, tie=True)
 
 
 def test_tied_embeddings_save_and_load_both_ways(tmp_path):

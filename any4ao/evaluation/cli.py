@@ -226,14 +226,19 @@ def _models_epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> Parser:
-    p = Parser(prog="any4ao eval", description=__doc__, epilog=_models_epilog(), formatter_class=HelpFormatter)
+def add_model_arguments(p) -> None:
+    """--model and --gguf-file, the same for `any4ao eval` and `any4ao demo`."""
     p.add_argument(
         "--model",
         help=f"packaged model name ({', '.join(models.PACKAGED)}; default {models.DEFAULT_MODEL}), "
         "a transformers model directory, or a .gguf file; nothing is downloaded",
     )
     p.add_argument("--gguf-file", help="GGUF file name inside the --model directory (default: none)")
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="any4ao eval", description=__doc__, epilog=_models_epilog(), formatter_class=HelpFormatter)
+    add_model_arguments(p)
     p.add_argument(
         "--list-models", action="store_true", help="print the packaged models and whether they are installed"
     )

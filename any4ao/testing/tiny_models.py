@@ -4,7 +4,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(hidden=64, layers=2, vocab=128, intermediate=160, seed=0, dtype=torch.float32):
+def tiny_llama(hidden=64, layers=2, vocab=128, intermediate=160, seed=0, dtype=torch.float32, tie=False):
+    """tie: share lm_head's weight with the embedding (tie_word_embeddings, as SmolLM2 does)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -14,7 +15,7 @@ def tiny_llama(hidden=64, layers=2, vocab=128, intermediate=160, seed=0, dtype=t
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
