@@ -6,7 +6,14 @@ from any4ao.calibration.activation_stats import (
     default_calibration_text,
     record_channel_importance,
 )
-from any4ao.config import Any4WeightOnlyConfig, Codebook, KernelPreference, Scaling, any4_weight_only
+from any4ao.config import (
+    Any4WeightOnlyConfig,
+    Codebook,
+    ErrorFeedback,
+    KernelPreference,
+    Scaling,
+    any4_weight_only,
+)
 from any4ao.integrations import register_with_torchao, register_with_transformers
 from any4ao.quantize_api import LayerError, default_filter, quantize_model
 from any4ao.serialization import load_quantized, save_quantized
@@ -19,6 +26,7 @@ __all__ = [
     "Any4Tensor",
     "Any4WeightOnlyConfig",
     "Codebook",
+    "ErrorFeedback",
     "KernelPreference",
     "Scaling",
     "any4_weight_only",

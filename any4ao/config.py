@@ -48,8 +48,16 @@ class Codebook(str, enum.Enum):
 class Scaling(str, enum.Enum):
     """How a group of weights is mapped into the code domain."""
 
+    AUTO = "auto"  # learned codebooks: both below (and absmax from nf4 and fp4), best kept per row
     MINMAX = "minmax"  # asymmetric, int4-style: [min, max] -> the grid's range (the paper's)
     ABSMAX = "absmax"  # symmetric: absmax -> the grid's largest magnitude (nf4 / fp4 style)
+
+
+class ErrorFeedback(str, enum.Enum):
+    """How codes are chosen once the LUTs and group scales are learned."""
+
+    NONE = "none"  # nearest LUT entry per weight
+    GPTQ = "gptq"  # column by column, each column's error fed back through the inverse Hessian
 
 
 class KernelPreference(str, enum.Enum):
@@ -87,8 +95,14 @@ class Any4WeightOnlyConfig(AOBaseConfig):
         kmeans_iterations: Lloyd iterations per k-means run (stops early once codes stop changing).
         refine_rounds: rounds of refitting each group's scale and zero to the learned codes
             (weighted least squares), each followed by k-means again. Learned codebooks only.
-        scaling: "minmax" (asymmetric, the paper's) or "absmax" (symmetric) group scaling for
-            the learned codebooks; fixed grids use their own (int: minmax, nf4 / fp4: absmax).
+        scaling: group scaling of the learned codebooks: "auto" (k-means from min/max + int grid,
+            absmax + nf4 and absmax + fp4, the lowest weighted error kept per row: never worse than
+            int4, nf4 or fp4 on any row), "minmax" (the paper's) or "absmax" alone. Fixed grids use
+            their own (int: minmax, nf4 / fp4: absmax).
+        error_feedback: "none", or "gptq": codes chosen in column order, each column's error fed
+            back through the inverse of the layer-input Hessian (needs calibration recorded with
+            `calibrate(..., hessian=True)`). Learned codebooks only.
+        gptq_damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to it.
         lut_dtype: dtype of LUT, scales and zero points (default: the weight's).
         kernel_preference: "auto" (fused LUT kernels where they apply) or "dequantize".
         version: format version of the tensors this config makes (torchao's convention).
@@ -99,7 +113,9 @@ class Any4WeightOnlyConfig(AOBaseConfig):
     calibration: Optional[ChannelImportance] = None
     kmeans_iterations: int = 10
     refine_rounds: int = 2
-    scaling: Scaling = Scaling.MINMAX
+    scaling: Scaling = Scaling.AUTO
+    error_feedback: ErrorFeedback = ErrorFeedback.NONE
+    gptq_damp: float = 0.01
     lut_dtype: Optional[torch.dtype] = None
     kernel_preference: KernelPreference = KernelPreference.AUTO
     version: int = 1
@@ -107,6 +123,13 @@ class Any4WeightOnlyConfig(AOBaseConfig):
     def __post_init__(self):
         self.codebook = _enum(Codebook, self.codebook, "codebook")
         self.scaling = _enum(Scaling, self.scaling, "scaling")
+        self.error_feedback = _enum(ErrorFeedback, self.error_feedback, "error_feedback")
+        if (
+            isinstance(self.gptq_damp, bool)
+            or not isinstance(self.gptq_damp, (int, float))
+            or not (0 < self.gptq_damp <= 1)
+        ):
+            raise ValueError(f"gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
         self.kernel_preference = _enum(KernelPreference, self.kernel_preference, "kernel_preference")
         if (
             not isinstance(self.group_size, int)
@@ -126,6 +149,15 @@ class Any4WeightOnlyConfig(AOBaseConfig):
             raise ValueError(
                 f"calibration must be a ChannelImportance from any4ao.calibrate, got {type(self.calibration).__name__}"
             )
+        if self.error_feedback == ErrorFeedback.GPTQ:
+            if not self.codebook.learned:
+                raise ValueError(
+                    f"error_feedback='gptq' is for learned codebooks (any4/any3/any2), not {self.codebook.value}"
+                )
+            if self.calibration is not None and not self.calibration.has_hessian:
+                raise ValueError(
+                    "error_feedback='gptq' needs the layer-input Hessians: calibrate with any4ao.calibrate(..., hessian=True)"
+                )
         if self.version != 1:
             raise ValueError(f"Any4WeightOnlyConfig version {self.version!r} is not supported (this any4ao: 1)")
         # HF flows build this config after importing transformers: teach its torchao loader our

@@ -8,14 +8,17 @@ unchanged), it restores the original weights if quantization fails midway, and i
 the layer by its path in the model.
 """
 
+import dataclasses
 import weakref
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from any4ao.config import Any4WeightOnlyConfig
+from any4ao.calibration.activation_stats import calibrate
+from any4ao.config import Any4WeightOnlyConfig, ErrorFeedback
 from any4ao.tensor import Any4Tensor
 from any4ao.validation import check_channel_weight, check_weight
 
@@ -46,7 +49,8 @@ def _describe(module: nn.Module, config: Any4WeightOnlyConfig) -> str:
 
 
 def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_name: str, name: str):
-    """(weight, channel weight or None) of a layer that can be quantized; LayerError otherwise."""
+    """(weight, channel weight or None, Hessian or None) of a layer that can be quantized;
+    LayerError otherwise."""
     weight = getattr(module, parameter_name, None)
     if weight is None:
         raise LayerError(f"layer {name!r} has no parameter {parameter_name!r}")
@@ -62,7 +66,21 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
                 f"(or the statistics belong to another model)"
             )
         check_channel_weight(name, channel_weight, weight)
-    return weight, channel_weight
+    hessian = None
+    if config.error_feedback == ErrorFeedback.GPTQ:
+        if config.calibration is None:
+            raise LayerError(
+                f"layer {name!r}: error_feedback='gptq' needs calibration=any4ao.calibrate(model, tokenizer, hessian=True)"
+            )
+        hessian = config.calibration.hessian_for(module)
+        if hessian is None:
+            raise LayerError(f"layer {name!r} has no Hessian: calibrate with any4ao.calibrate(..., hessian=True)")
+        if hessian.shape != (weight.shape[1], weight.shape[1]) or not bool(torch.isfinite(hessian).all()):
+            raise LayerError(
+                f"layer {name!r}: the Hessian has shape {tuple(hessian.shape)} or non-finite entries "
+                f"(expected finite, {weight.shape[1]} x {weight.shape[1]})"
+            )
+    return weight, channel_weight, hessian
 
 
 def quantize_module_weight(
@@ -71,7 +89,7 @@ def quantize_module_weight(
     """Validate and quantize one module's weight; returns the new tensor without installing it."""
     name = name or _describe(module, config)
     try:
-        weight, channel_weight = _checked_inputs(module, config, parameter_name, name)
+        weight, channel_weight, hessian = _checked_inputs(module, config, parameter_name, name)
     except LayerError:
         raise
     except ValueError as e:
@@ -79,7 +97,7 @@ def quantize_module_weight(
     if channel_weight is not None:
         channel_weight = channel_weight.to(weight.device)
     try:
-        return Any4Tensor.from_hp(weight.detach(), config, channel_weight, name=name)
+        return Any4Tensor.from_hp(weight.detach(), config, channel_weight, name=name, hessian=hessian)
     except ValueError as e:
         raise LayerError(f"layer {name!r}: {e}") from e
 
@@ -131,9 +149,20 @@ def quantize_model(
     config: Optional[Any4WeightOnlyConfig] = None,
     filter_fn: Callable[[nn.Module, str], bool] = default_filter,
     progress: bool = True,
+    tokenizer=None,
+    calibration_text: Optional[str] = None,
 ) -> nn.Module:
-    """Quantize `model` in place through torchao's `quantize_`, all or nothing. Returns the model."""
+    """Quantize `model` in place through torchao's `quantize_`, all or nothing. Returns the model.
+
+    tokenizer: calibrate first (the paper's any4: one sample, `calibration_text` or the prompt
+    shipped in any4ao/data) when the codebook is learned and `config` has no calibration yet;
+    with error_feedback="gptq" the Hessians are recorded too. Without a tokenizer or calibration,
+    a learned codebook minimises the plain weight error."""
     config = config or Any4WeightOnlyConfig()
+    if tokenizer is not None and config.codebook.learned and config.calibration is None:
+        gptq = config.error_feedback == ErrorFeedback.GPTQ
+        stats = calibrate(model, tokenizer, text=calibration_text, hessian=gptq, filter_fn=filter_fn)
+        config = dataclasses.replace(config, calibration=stats)
     targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
     for fqn, module in targets:  # validate everything before changing anything
         try:

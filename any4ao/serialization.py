@@ -3,8 +3,8 @@
 `save_quantized(model, "model.safetensors")` flattens every Any4Tensor into plain tensors
 (`<module>._weight_qdata`, `_weight_lut`, `_weight_scale`, `_weight_zero_point`) plus JSON
 metadata, the layout torchao and transformers use for their own tensor subclasses (so a file
-written by transformers' `save_pretrained` reads the same way), and a crc32 of every tensor and of
-every Any4Tensor's metadata entry. Tied weights (one tensor under two names, e.g. SmolLM2's
+written by transformers' `save_pretrained` reads the same way), and a checksum (xxh3_64) of every
+tensor and of every Any4Tensor's metadata entry. Tied weights (one tensor under two names, e.g. SmolLM2's
 embedding and LM head) are stored once and recorded as aliases. The file is written to a temporary
 name and renamed, so an existing checkpoint is replaced whole or not at all.
 
@@ -18,7 +18,6 @@ and the tensor: a bad file never loads as a silently wrong model.
 import dataclasses
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -27,18 +26,22 @@ from torch import nn
 
 from any4ao.tensor.any4_tensor import Any4Tensor
 from any4ao.validation import (
+    ALGORITHM_KEY,
     CHECKSUM_ALGORITHM,
     CHECKSUM_KEY,
     CheckpointError,
     ChecksumError,
     InvalidAny4TensorError,
     check_all_values,
+    checksum_algorithm,
     checksums,
-    tensor_checksum,
+    new_hasher,
     verify_checksums,
 )
 
-FORMAT_KEY, FORMAT_VERSION = "any4ao_format", "2"
+# 3: checksums are xxh3_64 (named in the metadata); 2 (any4ao 0.2.0): crc32. Both are read.
+FORMAT_KEY, FORMAT_VERSION = "any4ao_format", "3"
+READABLE_FORMATS = ("2", "3")
 ALIASES_KEY = "any4ao_aliases"
 ANY4_PARTS = list(Any4Tensor.tensor_data_names)
 ANY4_ATTRIBUTES = {"nbits", "block_size", "shape", "transposed", "kernel_preference"}
@@ -114,7 +117,7 @@ def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]
     metadata = {**metadata, "format": "pt", FORMAT_KEY: FORMAT_VERSION, ALIASES_KEY: json.dumps(aliases)}
     if config is not None:  # calibration statistics belong to the run, not the file
         metadata["any4ao_config"] = json.dumps(config_to_dict(dataclasses.replace(config, calibration=None)))
-    metadata["any4ao_checksum_algorithm"] = CHECKSUM_ALGORITHM
+    metadata[ALGORITHM_KEY] = CHECKSUM_ALGORITHM
     metadata[CHECKSUM_KEY] = json.dumps(checksums(tensors, metadata, any4_names + [ALIASES_KEY, "tensor_names"]))
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; save_quantized writes one .safetensors file")
@@ -141,6 +144,9 @@ _DTYPES = {
 }
 
 
+_READ_CHUNK = 1 << 22
+
+
 def _read(path: Path, hash_tensors: bool = False):
     """(tensors, metadata) of a safetensors file, read into memory owned by the tensors.
 
@@ -148,8 +154,9 @@ def _read(path: Path, hash_tensors: bool = False):
     load would change, or fault, if the file were rewritten in place afterwards. Here every
     tensor is read with one readinto into its own storage, and the header is checked first:
     known dtype, shape matching the byte range, ranges inside the file, in order, not overlapping.
-    hash_tensors: also return {key: crc32}, each tensor hashed in a worker thread while the next
-    one is read (zlib and readinto both release the GIL)."""
+    hash_tensors: also return {key: checksum} (the algorithm the metadata names), each tensor read
+    in 4 MiB pieces and each piece hashed right after it is read, while it is still in the CPU's
+    cache (hashing the finished tensors from memory cost a second pass: 1.1x the read)."""
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; load_quantized reads one .safetensors file")
     if not path.is_file():
@@ -196,23 +203,24 @@ def _read(path: Path, hash_tensors: bool = False):
         for (_, end, key, _, _), (start, _, nxt, _, _) in zip(entries, entries[1:]):
             if start < end:
                 raise bad(f"tensors {key!r} and {nxt!r} overlap")
-        tensors, pending = {}, {}
-        pool = ThreadPoolExecutor(1) if hash_tensors else None
+        algorithm = checksum_algorithm(metadata) if hash_tensors else None
+        tensors, sums = {}, {}
         for start, end, key, dtype, shape in entries:
             t = torch.empty(shape, dtype=dtype)
+            hasher = new_hasher(algorithm) if hash_tensors else None
             if end > start:
                 f.seek(8 + n + start)
                 view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-                if f.readinto(view) != end - start:
-                    raise bad(f"tensor {key!r}: short read (file changed while loading?)")
+                for a in range(0, end - start, _READ_CHUNK):
+                    piece = view[a : a + _READ_CHUNK]
+                    if f.readinto(piece) != len(piece):
+                        raise bad(f"tensor {key!r}: short read (file changed while loading?)")
+                    if hasher is not None:
+                        hasher.update(piece)
             tensors[key] = t
-            if pool is not None:
-                pending[key] = pool.submit(tensor_checksum, t)
-    if pool is None:
-        return tensors, metadata, None
-    sums = {k: f.result() for k, f in pending.items()}
-    pool.shutdown()
-    return tensors, metadata, sums
+            if hasher is not None:
+                sums[key] = hasher.hexdigest()
+    return tensors, metadata, (sums if hash_tensors else None)
 
 
 def _json(metadata, key, path, default=None):
@@ -286,7 +294,7 @@ def load_quantized(
     it, all or nothing: each quantized weight replaces the module's parameter in place (no module
     swap, on that parameter's device), the rest is copied by `load_state_dict`. Returns the state dict.
 
-    verify_checksums: compare every tensor's crc32 with the file's (about 20 ms per 55 MB on a
+    verify_checksums: compare every tensor's checksum with the file's (about 20 ms per 55 MB on a
     2-core CPU, see benchmarks/bench_load.py); False skips only that, the structural and value
     checks always run."""
     path = Path(path)
@@ -307,8 +315,8 @@ def load_quantized(
     version = metadata.get(FORMAT_KEY)
     if version is None:
         raise CheckpointError(f"{path}: no {FORMAT_KEY!r} metadata, so not written by any4ao.save_quantized")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {version!r}; this any4ao reads version {FORMAT_VERSION!r}")
+    if version not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: format version {version!r}; this any4ao reads versions {READABLE_FORMATS}")
     if verify_checksums:
         if CHECKSUM_KEY not in metadata:
             raise ChecksumError(f"{path}: no checksums in the metadata (edited file?); verify_checksums=False loads it")

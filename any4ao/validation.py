@@ -11,8 +11,8 @@ Three kinds of checks, by cost:
     every group's scale plus its zero point finite in the storage dtype. Vectorised; run by the load
     paths (load_quantized, from_pretrained, torch.load / unpickling), not per op.
 
-Plus content checksums (crc32 of each stored tensor's bytes), written by save_quantized and by
-transformers' save_pretrained, verified on load.
+Plus content checksums (xxh3_64 of each stored tensor's bytes; crc32 in files of any4ao 0.2.0),
+written by save_quantized and by transformers' save_pretrained, verified on load.
 
 A value is valid if quantization can produce it: scale 0 is valid (a constant group: it
 dequantizes to its zero point), a negative or non-finite scale is not.
@@ -333,8 +333,41 @@ def _any_bits(qdata: torch.Tensor, mask: int, chunk_rows: int = 4096):
 
 # ----- content checksums -----
 CHECKSUM_KEY = "any4ao_checksums"
-CHECKSUM_ALGORITHM = "crc32"
-_CHUNK = 1 << 24  # crc32 of large tensors in 16 MiB pieces, combined in order
+ALGORITHM_KEY = "any4ao_checksum_algorithm"
+# xxh3 (64-bit) rather than zlib's crc32: crc32 hashed at about the speed the file is read, so
+# verifying doubled the load time (benchmarks/bench_load.py). Files written by any4ao 0.2.0 (no
+# algorithm entry, or "crc32") are verified with crc32.
+CHECKSUM_ALGORITHM = "xxh3_64"
+_CHUNK = 1 << 22  # large tensors are hashed in 4 MiB pieces, in order
+
+
+class _Crc32:
+    def __init__(self):
+        self.crc = 0
+
+    def update(self, data) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+
+    def hexdigest(self) -> str:
+        return f"{self.crc:08x}"
+
+
+def new_hasher(algorithm: str = CHECKSUM_ALGORITHM):
+    """An object with update(bytes-like) and hexdigest() for a checksum algorithm of the format."""
+    if algorithm == "xxh3_64":
+        import xxhash
+
+        return xxhash.xxh3_64()
+    if algorithm == "crc32":
+        return _Crc32()
+    raise ChecksumError(f"unknown checksum algorithm {algorithm!r} (this any4ao knows xxh3_64 and crc32)")
+
+
+def checksum_algorithm(metadata: Mapping[str, str]) -> str:
+    """The algorithm a file's checksums were taken with (crc32 for files from any4ao 0.2.0)."""
+    algorithm = metadata.get(ALGORITHM_KEY, "crc32")
+    new_hasher(algorithm)  # ChecksumError if unknown
+    return algorithm
 
 
 def _bytes_of(t: torch.Tensor):
@@ -345,32 +378,36 @@ def _bytes_of(t: torch.Tensor):
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def tensor_checksum(t: torch.Tensor) -> str:
-    """crc32 of the tensor's raw (row-major, little-endian) bytes, as 8 hex digits."""
+def tensor_checksum(t: torch.Tensor, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    """Checksum of the tensor's raw (row-major, little-endian) bytes, as hex digits."""
     data = _bytes_of(t)
-    crc = 0
+    hasher = new_hasher(algorithm)
     for start in range(0, len(data), _CHUNK):
-        crc = zlib.crc32(data[start : start + _CHUNK], crc)
-    return f"{crc:08x}"
+        hasher.update(data[start : start + _CHUNK])
+    return hasher.hexdigest()
 
 
-def text_checksum(text: str) -> str:
-    return f"{zlib.crc32(text.encode()):08x}"
+def text_checksum(text: str, algorithm: str = CHECKSUM_ALGORITHM) -> str:
+    hasher = new_hasher(algorithm)
+    hasher.update(text.encode())
+    return hasher.hexdigest()
 
 
 def _workers() -> int:
     return max(1, min(8, (os.cpu_count() or 1)))
 
 
-def checksums(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] = (), keys=None) -> Dict[str, str]:
-    """{key: crc32} for every tensor, and {'meta:' + key: crc32} for the metadata entries in `keys`
-    (the JSON describing each Any4Tensor: nbits, group size, shape, transposed). zlib releases the
-    GIL, so large tensors are hashed in parallel threads."""
+def checksums(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] = (), keys=None, algorithm=CHECKSUM_ALGORITHM
+) -> Dict[str, str]:
+    """{key: checksum} for every tensor, and {'meta:' + key: checksum} for the metadata entries in
+    `keys` (the JSON describing each Any4Tensor: nbits, group size, shape, transposed). Both hash
+    libraries release the GIL, so large tensors are hashed in parallel threads."""
     items = list(tensors.items())
     with ThreadPoolExecutor(_workers()) as pool:
-        sums = dict(zip([k for k, _ in items], pool.map(lambda kv: tensor_checksum(kv[1]), items)))
+        sums = dict(zip([k for k, _ in items], pool.map(lambda kv: tensor_checksum(kv[1], algorithm), items)))
     for key in keys or ():
-        sums[f"meta:{key}"] = text_checksum(metadata[key])
+        sums[f"meta:{key}"] = text_checksum(metadata[key], algorithm)
     return sums
 
 
@@ -386,25 +423,27 @@ def verify_checksums(
     """ChecksumError naming `where` (the file) and the first tensor or metadata entry whose bytes
     differ from the stored checksum. `only`: check just these tensor keys; `meta_keys`: just these
     metadata entries (default: every one the checksums cover); `computed`: checksums of `tensors`
-    already taken (load_quantized hashes each tensor while it reads the next)."""
+    already taken (load_quantized hashes each tensor as it reads it). The algorithm is the one the
+    metadata names."""
+    algorithm = checksum_algorithm(metadata)
     if expected is None:
         expected = json.loads(metadata[CHECKSUM_KEY])
     keys = list(tensors) if only is None else list(only)
     missing = [k for k in keys if k not in expected]
     if missing:
         raise ChecksumError(f"{where}: no checksum stored for {missing[:5]} (file edited?)")
-    got = computed if computed is not None else checksums({k: tensors[k] for k in keys})
+    got = computed if computed is not None else checksums({k: tensors[k] for k in keys}, algorithm=algorithm)
     for k in keys:
         if got[k] != expected[k]:
             raise ChecksumError(
-                f"{where}: tensor {k!r} is corrupt: its crc32 is {got[k]}, the file's checksum says {expected[k]} "
+                f"{where}: tensor {k!r} is corrupt: its {algorithm} is {got[k]}, the file's checksum says {expected[k]} "
                 "(truncated, edited or damaged file; pass verify_checksums=False to load it anyway)"
             )
     if meta_keys is None:
         meta_keys = [key[len("meta:") :] for key in expected if key.startswith("meta:")]
     for entry in meta_keys:
         want = expected.get(f"meta:{entry}")
-        if want is None or entry not in metadata or text_checksum(metadata[entry]) != want:
+        if want is None or entry not in metadata or text_checksum(metadata[entry], algorithm) != want:
             raise ChecksumError(
                 f"{where}: the metadata of {entry!r} (nbits, group size, shape, orientation) was edited: "
                 "its checksum does not match"

@@ -8,8 +8,8 @@ Timed, each the median (and the minimum) of --repeats runs:
              bytes could then change after they were verified), unflattening, and the structural
              checks every construction runs
   values     + the value checks (verify_checksums=False)
-  checksums  + the crc32 of every tensor and metadata entry (the default; each tensor is hashed in
-             a worker thread while the next is read)
+  checksums  + the checksum (xxh3_64) of every tensor and metadata entry (the default; each 4 MiB
+             piece is hashed right after it is read, while it is in the CPU's cache)
 for the state dict alone and installed into a model, with the file in the page cache ("warm") and
 evicted from it by posix_fadvise(DONTNEED) before each run ("cold": read from disk).
 Writes benchmarks/results/load-validation-cpu.json.
@@ -128,7 +128,7 @@ def main(argv=None):
             )
     # the checks alone, on one loaded state dict (free of the allocator's page-fault noise that
     # dominates the end-to-end spread on this shared 2-core machine)
-    from any4ao.validation import checksums as crc_all
+    from any4ao.validation import checksums as hash_all
 
     state = any4ao.load_quantized(path, verify_checksums=False)
     any4 = {k: v for k, v in state.items() if isinstance(v, Any4Tensor)}
@@ -136,7 +136,7 @@ def main(argv=None):
     components = {}
     for label, fn in {
         "value_checks": lambda: real_check(any4, str(path)),
-        "checksums_all_tensors": lambda: crc_all(parts),
+        "checksums_all_tensors": lambda: hash_all(parts),
     }.items():
         fn()
         median, times = timed(fn, args.repeats)

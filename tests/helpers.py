@@ -13,8 +13,8 @@ def reference_dequantize(codes, lut, scales, zeros, group_size):
     return values * scales.double()[rows, group[None, :]] + zeros.double()[rows, group[None, :]]
 
 
-def weighted_error(w, w_hat, channel_weight=None):
+def weighted_error(w, w_hat, channel_weight=None, per_row=False):
     diff2 = (w.double() - w_hat.double()).square()
     if channel_weight is not None:
         diff2 = diff2 * channel_weight.double()[None, :]
-    return diff2.sum().item()
+    return diff2.sum(1) if per_row else diff2.sum().item()

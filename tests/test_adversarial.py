@@ -23,7 +23,14 @@ from torchao.quantization import quantize_
 
 import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, LayerError, load_quantized, quantize_model, save_quantized
-from any4ao.validation import CHECKSUM_KEY, CheckpointError, ChecksumError, InvalidAny4TensorError, checksums
+from any4ao.validation import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUM_KEY,
+    CheckpointError,
+    ChecksumError,
+    InvalidAny4TensorError,
+    checksums,
+)
 
 CONFIG = Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2, refine_rounds=1)
 IDS = torch.arange(12).reshape(1, 12)
@@ -76,7 +83,7 @@ def _edit_meta(path, name, edit):
     _write_header(path, header, body)
 
 
-def _forge(path, edit_tensors=lambda t: None, edit_meta=lambda m: None):
+def _forge(path, edit_tensors=lambda t: None, edit_meta=lambda m: None, algorithm=None):
     """Rewrite the file with edited tensors / metadata and *recomputed* checksums: what a buggy
     writer (or a deliberate forger) produces; only the structural and value checks can catch it."""
     from safetensors import safe_open
@@ -88,10 +95,11 @@ def _forge(path, edit_tensors=lambda t: None, edit_meta=lambda m: None):
     edit_tensors(tensors)
     edit_meta(meta)
     names = [n for n, v in meta.items() if '"Any4Tensor"' in v]
+    if algorithm is not None:
+        meta["any4ao_checksum_algorithm"] = algorithm
     if CHECKSUM_KEY in meta:  # (an edit that removes the checksums keeps them removed)
-        meta[CHECKSUM_KEY] = json.dumps(
-            checksums(tensors, meta, [k for k in names + ["tensor_names", "any4ao_aliases"] if k in meta])
-        )
+        keys = [k for k in names + ["tensor_names", "any4ao_aliases"] if k in meta]
+        meta[CHECKSUM_KEY] = json.dumps(checksums(tensors, meta, keys, algorithm=algorithm or CHECKSUM_ALGORITHM))
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -151,6 +159,21 @@ def test_removed_checksums_fail_unless_opted_out(copy, saved):
     fresh = tiny_llama(seed=1)
     load_quantized(copy, fresh, verify_checksums=False)
     assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
+
+
+def test_crc32_files_of_any4ao_0_2_load_and_are_verified(copy, saved):
+    """Files from any4ao 0.2.0 carry crc32 checksums: they still load, and a flipped byte in one
+    still fails; an algorithm this version does not know is an error, not a skipped check."""
+    _forge(copy, edit_meta=lambda m: m.update(any4ao_format="2"), algorithm="crc32")
+    fresh = tiny_llama(seed=1)
+    load_quantized(copy, fresh)
+    assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
+    _flip_byte(copy, f"{LAYER}._weight_lut")
+    with pytest.raises(ChecksumError, match=rf"tensor '{LAYER}\._weight_lut' is corrupt: its crc32"):
+        load_quantized(copy)
+    _forge(copy, edit_meta=lambda m: m.update(any4ao_checksum_algorithm="md5"))
+    with pytest.raises(ChecksumError, match="unknown checksum algorithm 'md5'"):
+        load_quantized(copy)
 
 
 # ----- load_quantized: values and structure, with consistent (forged) checksums -----

@@ -102,7 +102,7 @@ def test_help_shows_defaults_and_documents_every_option(command, capsys):
     if command == "eval":
         assert "(default: 512)" in flat and "(default: 1000)" in flat and "(default: wikitext-2-test)" in flat
         assert "(default: 0)" in flat  # --seed: a falsy default is still shown
-        assert "baseline,int4,fp4,nf4,any4,any4+cal,any3+cal,any2+cal" in flat
+        assert "baseline,int4,fp4,nf4,any4,any4+cal,any4+gptq" in flat
         from any4ao.evaluation.cli import build_parser
     else:
         assert "(default: baseline,int4,fp4,nf4,any4,any4+cal)" in flat

@@ -40,15 +40,22 @@ def _dequant(q, group_size):
     calibrated=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_learned_codebook_error_never_exceeds_int(n, k, group_size, nbits, dtype, calibrated, seed):
+def test_learned_codebook_never_loses_to_a_fixed_grid_on_any_row(n, k, group_size, nbits, dtype, calibrated, seed):
+    """Per row, under the objective any4 optimises (weighted by the calibration statistics when
+    given): any4 <= int4, nf4 and fp4; any3 / any2 <= int3 / int2. By construction (k-means from
+    each grid on its own scales, best start kept), not by luck, so it holds on every input."""
     w = _weight(n, k, seed, dtype, heavy_tail=seed % 2 == 0)
+    if seed % 3 == 0:  # a few outlier input channels, as LLM weights have
+        w[:, :: max(1, k // 5)] *= 20
     channel_weight = torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) if calibrated else None
     learned = _quantize(w, nbits, group_size, "any", channel_weight, iterations=10)
-    grid = _quantize(w, nbits, group_size, "int")
-    e_any = weighted_error(w, _dequant(learned, group_size), channel_weight)
-    e_int = weighted_error(w, _dequant(grid, group_size), channel_weight)
-    # Equal on degenerate inputs; the slack only absorbs float32 summation order.
-    assert e_any <= e_int * (1 + 1e-5) + 1e-12
+    e_any = weighted_error(w, _dequant(learned, group_size), channel_weight, per_row=True)
+    grids = ["int", "nf4", "fp4"] if nbits == 4 else ["int"]
+    for kind in grids:
+        e_grid = weighted_error(w, _dequant(_quantize(w, nbits, group_size, kind), group_size), channel_weight, True)
+        # Equal on degenerate inputs; the slack only absorbs float32 vs float64 summation order.
+        worse = e_any > e_grid * (1 + 1e-5) + 1e-12
+        assert not bool(worse.any()), f"rows {worse.nonzero().flatten().tolist()} worse than {kind}"
     assert int(learned.codes.max()) < 2**nbits and learned.codes.dtype == torch.uint8
 
 

@@ -112,6 +112,10 @@ def test_default_calibration_text_ships_with_the_package():
         (dict(refine_rounds=-1), "refine_rounds"),
         (dict(refine_rounds=1.5), "refine_rounds"),
         (dict(scaling="max"), "scaling"),
+        (dict(error_feedback="awq"), "error_feedback"),
+        (dict(error_feedback="gptq", codebook="nf4"), "learned codebooks"),
+        (dict(gptq_damp=0), "gptq_damp"),
+        (dict(gptq_damp=float("nan")), "gptq_damp"),
     ],
 )
 def test_bad_settings(kwargs, match):

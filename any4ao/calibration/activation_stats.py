@@ -5,6 +5,9 @@ measured on one calibration prompt. Forward pre-hooks accumulate, per input chan
 x_k^2 ("square", the default: the diagonal of E[x x^T], so the weighted k-means objective is the
 layer's output error E||(W - W_hat) x||^2 when channels are uncorrelated) or of |x_k| ("abs").
 On SmolLM2-135M "square" gives clearly lower perplexity (benchmarks/results/ablation-*.md).
+
+With `hessian=True` the full second moment E[x x^T] (K x K, float32, one per layer: about
+1.2 GB per decoder block of Llama-3-8B) is kept as well, for GPTQ's error feedback.
 """
 
 import contextlib
@@ -26,19 +29,32 @@ def default_calibration_text() -> str:
 class ChannelImportance:
     """Per-input-channel importance of each recorded linear layer, keyed by module identity."""
 
-    def __init__(self, statistic: str = "square"):
+    def __init__(self, statistic: str = "square", hessian: bool = False):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         self.statistic = statistic
+        self.has_hessian = bool(hessian)
+        self._second_moments: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
         self._sums: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
         self._counts: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
         self.names: Dict[str, nn.Module] = {}
 
     def _record(self, module: nn.Module, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.has_hessian:
+            xf = x.float()
+            self._second_moments[module] = self._second_moments.get(module, 0) + xf.T @ xf
+        x = x.double()
         stat = x.abs() if self.statistic == "abs" else x.square()
         self._sums[module] = self._sums.get(module, 0) + stat.sum(0)
         self._counts[module] = self._counts.get(module, 0) + x.shape[0]
+
+    def hessian_for(self, module: nn.Module) -> Optional[torch.Tensor]:
+        """(in_features, in_features) float32 E[x x^T] of the module's inputs, or None if it was
+        never called or the statistics were recorded without hessian=True."""
+        if module not in self._second_moments:
+            return None
+        return self._second_moments[module] / self._counts[module]
 
     def for_module(self, module: nn.Module, normalized: bool = False) -> Optional[torch.Tensor]:
         """(in_features,) float32 mean statistic, or None if the module was never called.
@@ -71,11 +87,14 @@ def _is_linear(module: nn.Module, fqn: str) -> bool:
 
 @contextlib.contextmanager
 def record_channel_importance(
-    model: nn.Module, statistic: str = "square", filter_fn: Callable[[nn.Module, str], bool] = _is_linear
+    model: nn.Module,
+    statistic: str = "square",
+    filter_fn: Callable[[nn.Module, str], bool] = _is_linear,
+    hessian: bool = False,
 ) -> Iterator[ChannelImportance]:
     """Within the block, every forward of a selected layer adds to the statistics.
     The hooks are removed on exit, also when the block raises."""
-    stats = ChannelImportance(statistic)
+    stats = ChannelImportance(statistic, hessian)
     handles = []
     try:
         for fqn, module in model.named_modules():
@@ -97,16 +116,18 @@ def calibrate(
     max_tokens: int = 2048,
     statistic: str = "square",
     filter_fn: Callable[[nn.Module, str], bool] = _is_linear,
+    hessian: bool = False,
 ) -> ChannelImportance:
     """Run one calibration sample through a causal LM and return per-layer channel importance.
 
-    Pass `input_ids`, or a `tokenizer` (and optionally `text`, default: the shipped prompt)."""
+    Pass `input_ids`, or a `tokenizer` (and optionally `text`, default: the shipped prompt).
+    hessian: also keep each layer's full E[x x^T] (for error_feedback="gptq")."""
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("calibrate needs either input_ids or a tokenizer")
         input_ids = tokenizer(text or default_calibration_text(), return_tensors="pt").input_ids
     input_ids = input_ids[:, :max_tokens].to(next(model.parameters()).device)
-    with record_channel_importance(model, statistic, filter_fn) as stats:
+    with record_channel_importance(model, statistic, filter_fn, hessian) as stats:
         model(input_ids)
     if len(stats) == 0:
         raise ValueError("calibration recorded no layer: does filter_fn select any module that the forward calls?")

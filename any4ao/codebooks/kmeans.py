@@ -4,8 +4,9 @@ Each row of `x` is an independent problem with its own centroids; all rows advan
 tensor ops (no per-row Python loop), on whatever device `x` lives on.
 """
 
+import os
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -59,21 +60,63 @@ def _fill_empty_clusters(x, weight, centroids, codes, cluster_weight):
     return torch.where(empty, candidates, centroids)
 
 
+def _fused_steps_available(x: torch.Tensor, num_centroids: int) -> bool:
+    if num_centroids > 16 or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import any4ao.kernels.lloyd  # noqa: F401  (triton is a Linux-only dependency)
+    except ImportError:
+        return False
+    return True
+
+
+def _lloyd_fused(x, weight, centroids, iterations) -> KMeansResult:
+    """The Lloyd loop with each step one fused kernel (any4ao.kernels.lloyd). Same updates as the
+    loop below; it stops once an update leaves every centroid where it was (then no code changes)."""
+    from any4ao.kernels.lloyd import lloyd_step
+
+    x, weight = x.contiguous(), weight.contiguous()
+    done = 0
+    for done in range(1, iterations + 1):
+        cluster_sum, cluster_weight, _ = lloyd_step(x, weight, centroids, with_error=False)
+        safe = torch.where(cluster_weight > 0, cluster_weight, torch.ones_like(cluster_weight))
+        new = torch.where(cluster_weight > 0, cluster_sum / safe, centroids)
+        empty = cluster_weight <= 0
+        if bool(empty.any()):  # (the one host sync of a step without empty clusters)
+            new = _fill_empty_clusters(x, weight, new, nearest_code(x, centroids), cluster_weight)
+            new = new.sort(dim=1).values
+        else:
+            new = new.sort(dim=1).values
+            # converged when no centroid moved; checked every 4th step only, each check is a sync
+            if done % 4 == 0 and torch.equal(new, centroids):
+                break
+        centroids = new
+    return KMeansResult(centroids=centroids, codes=nearest_code(x, centroids), iterations=done)
+
+
 def lloyd_max(
     x: torch.Tensor,
     weight: torch.Tensor,
     init: torch.Tensor,
     iterations: int,
     track_error: bool = False,
+    fused: Optional[bool] = None,
 ) -> KMeansResult:
     """Minimise sum_p weight[r, p] * (x[r, p] - c[r, code[r, p]])^2 for every row r.
 
     Starts from `init` (R, C), sorted; the first assignment is the nearest-init-centroid solution,
     and every Lloyd step (assign, then weighted mean) can only lower each row's error, so the result
-    is never worse than `init` itself. Stops early once no code changes."""
+    is never worse than `init` itself. Stops early once no code changes.
+    fused: run each step as one Triton kernel (default: on CUDA tensors, when not tracking errors)."""
     x = x.float()
     weight = weight.float().expand_as(x)
     centroids = init.float().expand(x.shape[0], -1).contiguous()
+    if fused is None:
+        fused = x.is_cuda and not track_error and _fused_steps_available(x, centroids.shape[1])
+    if fused:
+        if track_error or not _fused_steps_available(x, centroids.shape[1]):
+            raise ValueError("the fused Lloyd steps need CUDA tensors (or TRITON_INTERPRET=1), <= 16 centroids")
+        return _lloyd_fused(x, weight, centroids, iterations)
     weighted_x = weight * x
     codes = nearest_code(x, centroids)
     history = [weighted_sse(x, weight, centroids, codes)] if track_error else []

@@ -3,8 +3,10 @@
 W[n, k] ~= lut[n, code[n, k]] * scales[n, k // G] + zeros[n, k // G]
 
 Codebooks:
-  "any"  learned per-row LUT: int-style min/max group scaling, then weighted k-means per row
-         (the any4 paper's method; nbits 2, 3 or 4 give any2/any3/any4)
+  "any"  learned per-row LUT: weighted k-means per row (the any4 paper's method; nbits 2, 3 or 4
+         give any2/any3/any4), started from several (scaling, grid) pairs -- min/max + int grid
+         (the paper's), absmax + nf4, absmax + fp4 -- keeping per row the start that ends with the
+         lowest weighted error
   "int"  the uniform grid 0..2**nbits-1 with the same min/max scaling (int4 when nbits=4)
   "nf4"  QLoRA normal-float values with absmax scaling
   "fp4"  e2m1 values with absmax scaling
@@ -24,8 +26,9 @@ from any4ao.validation import dequant_range_ok
 
 CODEBOOKS = ("any", "int", "nf4", "fp4")
 # Rows are processed in chunks of about this many elements, bounding k-means' working memory
-# (a handful of float32 temporaries of this size) independently of the layer's size.
-CHUNK_ELEMENTS = 1 << 22
+# (a handful of float32 and float64 temporaries of this size) independently of the layer's size.
+# GPUs take larger chunks: each chunk costs a few hundred kernel launches, whatever its size.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 25}
 # Positive k-means sample weights are kept at or above this (they are normalised to a row maximum of
 # 1 first), so that no positive weight is a float32 denormal, whose products with x lose their bits.
 MIN_SAMPLE_WEIGHT = 1e-24
@@ -39,8 +42,9 @@ class QuantizedWeight:
     zero_point: torch.Tensor  # (N, ceil(K/G)), storage dtype
 
 
-def _row_chunks(num_rows: int, in_features: int):
-    step = max(1, CHUNK_ELEMENTS // max(1, in_features))
+def _row_chunks(num_rows: int, in_features: int, device=None):
+    elements = CHUNK_ELEMENTS.get(getattr(device, "type", "cpu"), CHUNK_ELEMENTS["cpu"])
+    step = max(1, elements // max(1, in_features))
     for start in range(0, num_rows, step):
         yield slice(start, min(num_rows, start + step))
 
@@ -97,81 +101,155 @@ def _refine(w, h, scales, zeros, lut, codes, group_size, iterations, rounds, dty
     return scales, zeros, lut, codes
 
 
+def _start_points(nbits: int, scaling: Scaling, device):
+    """The (scaling, grid, grid's absmax) pairs k-means starts from. Each start's k-means can only
+    improve on its grid under the same scales, so keeping per row the best start makes any4 at
+    least as good as int (min/max), nf4 and fp4 (absmax) on every row, under its objective."""
+    starts = []
+    if scaling in (Scaling.AUTO, Scaling.MINMAX):
+        starts.append(("minmax", int_grid(nbits), None))
+    if scaling in (Scaling.AUTO, Scaling.ABSMAX):
+        if nbits == 4:
+            starts.append(("absmax", fixed_lut("nf4", 4), 1.0))
+            if scaling == Scaling.AUTO:
+                # fp4 has two zeros; k-means starts with the second moved to -0.25 (between -0.5
+                # and 0): one more distinct value can only lower the first assignment's error, so
+                # the result is still never worse than fp4, and no cluster starts empty
+                fp4 = fixed_lut("fp4", 4).clone()
+                fp4[7] = -0.25
+                starts.append(("absmax", fp4, max(FP4_E2M1_MAGNITUDES)))
+        else:
+            starts.append(("absmax", torch.linspace(-1, 1, 2**nbits), 1.0))
+    return [(kind, grid.to(device), absmax) for kind, grid, absmax in starts]
+
+
+def _group_params(w, kind, grid, absmax, group_size, dtype):
+    if kind == "minmax":
+        return minmax_params(w, group_size, float(grid[0]), float(grid[-1]), dtype)
+    return absmax_params(w, group_size, absmax, dtype)
+
+
+def _fit_start(w, h, grid, scales, zeros, config, dtype):
+    """k-means from one start, for a chunk of rows: (lut, codes, per-row real-domain weighted error)."""
+    x = to_code_domain(w, scales, zeros, config.group_size)
+    sample_weight = _sample_weight(scales, h, w.shape[1], config.group_size)
+    lut, codes = _learn_lut(x, sample_weight, grid, config.kmeans_iterations, dtype)
+    return lut, codes, real_domain_error(w, h, scales, zeros, lut, codes, config.group_size)
+
+
+def _keep_safe(w, grid_rows, scales, zeros, lut, codes, start_scales, start_zeros, group_size, dtype):
+    """Rows where a rounded learned LUT entry lands past the dtype's range in some group (weights
+    near its max) keep their start's grid on its safe scales."""
+    unsafe = ~dequant_range_ok(lut, scales, zeros, dtype).all(1)
+    if not bool(unsafe.any()):
+        return scales, zeros, lut, codes
+    u = unsafe[:, None]
+    scales, zeros = torch.where(u, start_scales, scales), torch.where(u, start_zeros, zeros)
+    grid_codes = nearest_code(to_code_domain(w, scales, zeros, group_size), grid_rows)
+    return scales, zeros, torch.where(u, grid_rows, lut), torch.where(u, grid_codes, codes)
+
+
+def _learned(w, h, config, dtype):
+    """Learned LUTs: k-means from every start point, the best kept per row, then the winner's
+    group scales and zeros refitted (each round kept only where it lowers the row's error)."""
+    n, k = w.shape
+    starts = _start_points(config.bits, config.scaling, w.device)
+    params = [_group_params(w, kind, grid, absmax, config.group_size, dtype) for kind, grid, absmax in starts]
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    lut = torch.empty(n, 2**config.bits, dtype=torch.float32, device=w.device)
+    scales, zeros = params[0][0].clone(), params[0][1].clone()
+    for rows in _row_chunks(n, k, w.device):
+        best = None
+        for i, ((_, grid, _), (s, z)) in enumerate(zip(starts, params)):
+            chunk_lut, chunk_codes, err = _fit_start(w[rows], h, grid, s[rows], z[rows], config, dtype)
+            if best is None:
+                best = [torch.zeros(err.shape, dtype=torch.long, device=w.device), chunk_lut, chunk_codes, err]
+                continue
+            better = err < best[3]
+            b = better[:, None]
+            best = [
+                torch.where(better, i, best[0]),
+                torch.where(b, chunk_lut, best[1]),
+                torch.where(b, chunk_codes, best[2]),
+                torch.minimum(err, best[3]),
+            ]
+        choice = best[0][:, None]
+        start_s = torch.stack([s[rows] for s, _ in params]).gather(0, choice.expand(-1, scales.shape[1])[None])[0]
+        start_z = torch.stack([z[rows] for _, z in params]).gather(0, choice.expand(-1, scales.shape[1])[None])[0]
+        grids = torch.stack([grid for _, grid, _ in starts])[best[0]]
+        chunk_s, chunk_z, chunk_lut, chunk_codes = start_s, start_z, best[1], best[2]
+        if config.refine_rounds:
+            chunk_s, chunk_z, chunk_lut, chunk_codes = _refine(
+                w[rows], h, chunk_s, chunk_z, chunk_lut, chunk_codes, config.group_size,
+                config.kmeans_iterations, config.refine_rounds, dtype,
+            )  # fmt: skip
+        scales[rows], zeros[rows], lut[rows], chunk_codes = _keep_safe(
+            w[rows], grids, chunk_s, chunk_z, chunk_lut, chunk_codes, start_s, start_z, config.group_size, dtype
+        )
+        codes[rows] = chunk_codes.to(torch.uint8)
+    return codes, lut, scales, zeros
+
+
+def _fixed(w, codebook, nbits, config, dtype):
+    n, k = w.shape
+    if codebook == "int":
+        grid = int_grid(nbits).to(w.device)
+        scales, zeros = minmax_params(w, config.group_size, 0.0, float(2**nbits - 1), dtype)
+    else:
+        grid = fixed_lut(codebook, nbits).to(w.device)
+        lut_absmax = 1.0 if codebook == "nf4" else max(FP4_E2M1_MAGNITUDES)
+        scales, zeros = absmax_params(w, config.group_size, lut_absmax, dtype)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    for rows in _row_chunks(n, k, w.device):
+        x = to_code_domain(w[rows], scales[rows], zeros[rows], config.group_size)
+        codes[rows] = nearest_code(x, grid.expand(x.shape[0], -1).contiguous()).to(torch.uint8)
+    return codes, grid.expand(n, -1).contiguous(), scales, zeros
+
+
+def _importance(channel_weight, k, device):
+    """(1, K) float64 objective weights, max 1 (the objective's scale does not matter; its range
+    in float32 does)."""
+    if channel_weight is None:
+        return torch.ones(1, k, dtype=torch.float64, device=device)
+    h = channel_weight.double().reshape(1, k).to(device)
+    top = h.max()
+    if not bool(torch.isfinite(h).all()) or bool((h < 0).any()) or not bool(top > 0):
+        raise ValueError("calibration statistics must be finite, non-negative and not all zero")
+    return h / top
+
+
 def quantize_weight(
-    w: torch.Tensor, config: Any4WeightOnlyConfig, channel_weight: Optional[torch.Tensor] = None
+    w: torch.Tensor,
+    config: Any4WeightOnlyConfig,
+    channel_weight: Optional[torch.Tensor] = None,
+    hessian: Optional[torch.Tensor] = None,
 ) -> QuantizedWeight:
     """Quantize a finite 2-D weight as `config` says (validation is the caller's job: any4ao.validation).
 
     channel_weight: optional (K,) non-negative importance of each input channel (from calibration);
-    the k-means objective is sum_k channel_weight[k] * (W[n, k] - W_hat[n, k])^2 per row."""
-    codebook, nbits, group_size = config.codebook.kind, config.bits, config.group_size
-    iterations, refine_rounds, scaling = config.kmeans_iterations, config.refine_rounds, config.scaling
+    the k-means objective is sum_k channel_weight[k] * (W[n, k] - W_hat[n, k])^2 per row.
+    hessian: (K, K) second moment of the layer's inputs, for config.error_feedback="gptq": codes
+    are then chosen column by column with GPTQ's error feedback (any4ao.codebooks.gptq)."""
+    codebook, nbits = config.codebook.kind, config.bits
     dtype = config.lut_dtype or w.dtype
     w = w.float()
-    n, k = w.shape
-    h = torch.ones(1, k, dtype=torch.float64, device=w.device)
-    if channel_weight is not None and codebook == "any":
-        h = channel_weight.double().reshape(1, k)
-        top = h.max()
-        if not bool(torch.isfinite(h).all()) or bool((h < 0).any()) or not bool(top > 0):
-            raise ValueError("calibration statistics must be finite, non-negative and not all zero")
-        h = h / top  # the objective's scale does not matter; its range in float32 does
-    if codebook == "any" and scaling == Scaling.ABSMAX:
-        # Learned LUT over symmetric group scaling, started from the NF grid of the same size.
-        grid = fixed_lut("nf4", 4).to(w.device) if nbits == 4 else torch.linspace(-1, 1, 2**nbits, device=w.device)
-        scales, zeros = absmax_params(w, group_size, 1.0, dtype)
-    elif codebook in ("any", "int"):
-        grid = int_grid(nbits).to(w.device)
-        scales, zeros = minmax_params(w, group_size, 0.0, float(2**nbits - 1), dtype)
-    elif codebook in ("nf4", "fp4"):
-        grid = fixed_lut(codebook, nbits).to(w.device)
-        lut_absmax = 1.0 if codebook == "nf4" else max(FP4_E2M1_MAGNITUDES)
-        scales, zeros = absmax_params(w, group_size, lut_absmax, dtype)
+    if codebook == "any":
+        h = _importance(channel_weight, w.shape[1], w.device)
+        codes, lut, scales, zeros = _learned(w, h, config, dtype)
+    elif codebook in ("int", "nf4", "fp4"):
+        codes, lut, scales, zeros = _fixed(w, codebook, nbits, config, dtype)
     else:
         raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
+    bad = ~dequant_range_ok(lut.to(dtype), scales, zeros, dtype).all(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0])
+        raise ValueError(
+            f"row {row}: weights up to {float(w[row].abs().max()):.4g} are too close to {dtype}'s largest "
+            f"value ({torch.finfo(dtype).max:.4g}) to quantize without overflow; use a wider lut_dtype"
+        )
+    if hessian is not None:
+        from any4ao.codebooks.gptq import gptq_codes
 
-    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    lut = torch.empty(n, 2**nbits, dtype=torch.float32, device=w.device)
-    for rows in _row_chunks(n, k):
-        x = to_code_domain(w[rows], scales[rows], zeros[rows], group_size)
-        if codebook == "any":
-            # Real-domain error = scale^2 * code-domain error, so scale^2 joins the sample weight.
-            start_scales, start_zeros = scales[rows].clone(), zeros[rows].clone()
-            sample_weight = _sample_weight(scales[rows], h, k, group_size)
-            chunk_lut, chunk_codes = _learn_lut(x, sample_weight, grid, iterations, dtype)
-            if refine_rounds:
-                scales[rows], zeros[rows], chunk_lut, chunk_codes = _refine(
-                    w[rows],
-                    h,
-                    scales[rows],
-                    zeros[rows],
-                    chunk_lut,
-                    chunk_codes,
-                    group_size,
-                    iterations,
-                    refine_rounds,
-                    dtype,
-                )
-            unsafe = ~dequant_range_ok(chunk_lut, scales[rows], zeros[rows], dtype).all(1)
-            if bool(unsafe.any()):
-                # a rounded learned LUT entry lands past the dtype's range in some group (weights
-                # near the dtype's max): those rows keep the int grid on the safe min/max scales
-                grid_rows = grid.expand(x.shape[0], -1).contiguous()
-                u = unsafe[:, None]
-                scales[rows] = torch.where(u, start_scales, scales[rows])
-                zeros[rows] = torch.where(u, start_zeros, zeros[rows])
-                chunk_lut = torch.where(u, grid_rows, chunk_lut)
-                chunk_codes = torch.where(u, nearest_code(x, grid_rows), chunk_codes)
-            lut[rows] = chunk_lut
-        else:
-            lut[rows] = grid
-            chunk_codes = nearest_code(x, grid.expand(x.shape[0], -1).contiguous())
-        bad = ~dequant_range_ok(lut[rows].to(dtype), scales[rows], zeros[rows], dtype).all(1)
-        if bool(bad.any()):
-            row = rows.start + int(bad.nonzero()[0])
-            raise ValueError(
-                f"row {row}: weights up to {float(w[row].abs().max()):.4g} are too close to {dtype}'s largest "
-                f"value ({torch.finfo(dtype).max:.4g}) to quantize without overflow; use a wider lut_dtype"
-            )
-        codes[rows] = chunk_codes.to(torch.uint8)
+        lut_stored = lut.to(dtype).float()
+        codes = gptq_codes(w, hessian, lut_stored, scales, zeros, config.group_size, config.gptq_damp, nearest=codes)
     return QuantizedWeight(codes=codes, lut=lut.to(dtype), scale=scales.to(dtype), zero_point=zeros.to(dtype))

@@ -45,7 +45,14 @@ from any4ao.evaluation.cli_common import (
     require_eval_extra,
     run_command,
 )
-from any4ao.evaluation.methods import DEFAULT_METHODS, MethodSettings, check_methods, config_for, needs_calibration
+from any4ao.evaluation.methods import (
+    DEFAULT_METHODS,
+    MethodSettings,
+    check_methods,
+    config_for,
+    needs_calibration,
+    needs_hessian,
+)
 from any4ao.evaluation.perplexity import default_bos, perplexity, progress_bar, scored_tokens, token_windows
 from any4ao.evaluation.stats import PairedBootstrap, bootstrap_or_none
 from any4ao.quantize_api import quantize_model
@@ -121,7 +128,9 @@ def evaluate(
         start = time.perf_counter()
         calibration = None
         if needs_calibration(name):
-            calibration = calibrate(model_q, tokenizer, text=calibration_text, statistic=statistic)
+            calibration = calibrate(
+                model_q, tokenizer, text=calibration_text, statistic=statistic, hessian=needs_hessian(name)
+            )
         config = config_for(name, settings, calibration)
         if config is not None:
             quantize_model(model_q, config, progress=progress)

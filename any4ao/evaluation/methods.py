@@ -6,18 +6,19 @@ from typing import Optional
 
 from any4ao.config import Any4WeightOnlyConfig
 
-# name -> (codebook, calibrated); "baseline" is the unquantized model.
+# name -> (codebook, calibrated, error feedback); "baseline" is the unquantized model.
 METHODS = {
-    "baseline": (None, False),
-    "int4": ("int4", False),
-    "fp4": ("fp4", False),
-    "nf4": ("nf4", False),
-    "any4": ("any4", False),
-    "any4+cal": ("any4", True),
-    "any3+cal": ("any3", True),
-    "any2+cal": ("any2", True),
+    "baseline": (None, False, "none"),
+    "int4": ("int4", False, "none"),
+    "fp4": ("fp4", False, "none"),
+    "nf4": ("nf4", False, "none"),
+    "any4": ("any4", False, "none"),
+    "any4+cal": ("any4", True, "none"),
+    "any4+gptq": ("any4", True, "gptq"),
+    "any3+cal": ("any3", True, "none"),
+    "any2+cal": ("any2", True, "none"),
 }
-DEFAULT_METHODS = tuple(METHODS)
+DEFAULT_METHODS = ("baseline", "int4", "fp4", "nf4", "any4", "any4+cal", "any4+gptq")
 
 
 @dataclass
@@ -52,8 +53,12 @@ def needs_calibration(name: str) -> bool:
     return METHODS[name][1]
 
 
+def needs_hessian(name: str) -> bool:
+    return METHODS[name][2] == "gptq"
+
+
 def config_for(name: str, settings: MethodSettings, calibration=None) -> Optional[Any4WeightOnlyConfig]:
-    codebook, calibrated = METHODS[name]
+    codebook, calibrated, feedback = METHODS[name]
     if codebook is None:
         return None
     if calibrated and calibration is None:
@@ -62,6 +67,7 @@ def config_for(name: str, settings: MethodSettings, calibration=None) -> Optiona
         codebook=codebook,
         group_size=settings.group_size,
         calibration=calibration if calibrated else None,
+        error_feedback=feedback,
         kmeans_iterations=settings.kmeans_iterations,
         refine_rounds=settings.refine_rounds,
         lut_dtype=settings.lut_dtype,

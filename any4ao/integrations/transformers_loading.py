@@ -17,7 +17,7 @@ Two shapes of transformers are handled (both verified by tests/test_serializatio
     `get_weight_conversions()`; those converters are rebuilt with the extra suffix.
 
 The same registration adds the validation layer to transformers' torchao path:
-  - save: `get_state_dict_and_metadata` adds a crc32 of every Any4Tensor part and of its
+  - save: `get_state_dict_and_metadata` adds a checksum (xxh3_64) of every Any4Tensor part and of its
     metadata entry (any4ao.validation); `PreTrainedModel.save_pretrained` of a model holding
     Any4Tensor weights but no torchao quantizer (quantized by quantize_model / quantize_, also
     after a GGUF load) gets one for the duration of the save, so config.json records the
@@ -104,7 +104,7 @@ def _patch_save_metadata(quantizer_cls) -> None:
     """Checksums of the Any4Tensor parts and their metadata in every safetensors shard's header."""
     import json
 
-    from any4ao.validation import CHECKSUM_ALGORITHM, CHECKSUM_KEY, checksums
+    from any4ao.validation import ALGORITHM_KEY, CHECKSUM_ALGORITHM, CHECKSUM_KEY, checksums
 
     original = quantizer_cls.get_state_dict_and_metadata
 
@@ -115,7 +115,7 @@ def _patch_save_metadata(quantizer_cls) -> None:
             prefixes = tuple(f"{n.rpartition('.')[0]}._{n.rpartition('.')[2]}_" for n in names)
             parts = {k: v for k, v in state.items() if k.startswith(prefixes)}
             metadata = dict(metadata)
-            metadata["any4ao_checksum_algorithm"] = CHECKSUM_ALGORITHM
+            metadata[ALGORITHM_KEY] = CHECKSUM_ALGORITHM
             metadata[CHECKSUM_KEY] = json.dumps(checksums(parts, metadata, names))
         return state, metadata
 

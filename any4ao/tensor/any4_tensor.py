@@ -149,15 +149,19 @@ class Any4Tensor(TorchAOBaseTensor):
         config: Optional[Any4WeightOnlyConfig] = None,
         channel_weight: Optional[torch.Tensor] = None,
         name: str = "weight",
+        hessian: Optional[torch.Tensor] = None,
         **overrides,
     ) -> "Any4Tensor":
         """Quantize a high-precision (N, K) weight with `config` (default: Any4WeightOnlyConfig()),
         any of its fields overridden by keyword, e.g. `from_hp(w, codebook="nf4", group_size=64)`.
         The weight is validated first (any4ao.validation.check_weight: finite, 2-D, float, with data);
-        the algorithm is in any4ao.codebooks.quantize."""
+        the algorithm is in any4ao.codebooks.quantize. `hessian` (K, K): the layer inputs'
+        E[x x^T], used when config.error_feedback is "gptq"."""
         config = dataclasses.replace(config or Any4WeightOnlyConfig(), **overrides)
         check_weight(name, weight, config.lut_dtype)
-        q = quantize_weight(weight, config, channel_weight)
+        if config.error_feedback.value == "gptq" and hessian is None:
+            raise ValueError(f"{name}: error_feedback='gptq' needs the layer's Hessian (hessian=...)")
+        q = quantize_weight(weight, config, channel_weight, hessian if config.error_feedback.value == "gptq" else None)
         return cls.from_codes(
             q.codes,
             q.lut,
