@@ -93,7 +93,12 @@ def test_hessian_statistics_are_the_inputs_second_moment():
     stats = calibrate(model, input_ids=ids, hessian=True)
     handle.remove()
     x = seen["x"].double()
-    assert torch.allclose(stats.hessian_for(layer).double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    t, k = x.shape
+    sample = x.T @ x / t
+    shrink = stats.shrinkage_for(layer)
+    assert k / (k + t) <= shrink <= 1  # 48 tokens, 160 inputs: mostly the diagonal
+    expected = (1 - shrink) * sample + shrink * torch.diag(torch.diagonal(sample))
+    assert torch.allclose(stats.hessian_for(layer).double(), expected, rtol=1e-5, atol=1e-6)
     assert calibrate(model, input_ids=ids).hessian_for(layer) is None
 
 
@@ -177,3 +182,19 @@ def test_fused_gptq_matches_the_torch_loop_end_to_end():
         return float(((e @ hessian.double()) * e).sum())
 
     assert abs(err(fused) - err(plain)) <= 1e-3 * err(plain)
+
+
+def test_shrinkage_fades_with_many_tokens_and_grows_with_few():
+    """l = max(K / (K + T), Schafer-Strimmer): near 0 for 20000 tokens of 8 correlated inputs
+    (the sample Hessian is then trustworthy), near 1 when the off-diagonal entries are pure noise."""
+    from any4ao import ChannelImportance
+
+    layer = torch.nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(0)
+    correlated = torch.randn(20000, 8, generator=g) @ (torch.eye(8) + 0.5)
+    stats = ChannelImportance(hessian=True)
+    stats._record(layer, correlated)
+    assert stats.shrinkage_for(layer) < 0.01
+    noise = ChannelImportance(hessian=True)
+    noise._record(layer, torch.randn(40, 8, generator=g))  # independent inputs: off-diagonals are noise
+    assert noise.shrinkage_for(layer) > 0.5
