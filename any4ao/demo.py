@@ -17,7 +17,7 @@ import torch
 
 from any4ao import models
 from any4ao.calibration.activation_stats import calibrate
-from any4ao.evaluation.methods import MethodSettings, config_for, needs_calibration
+from any4ao.evaluation.methods import MethodSettings, config_for, needs_calibration, needs_hessian
 from any4ao.quantize_api import quantize_model
 from any4ao.tensor.any4_tensor import Any4Tensor
 
@@ -84,7 +84,9 @@ def run(
             continue
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        calibration = calibrate(model, tokenizer) if needs_calibration(method) else None  # the shipped prompt
+        calibration = None
+        if needs_calibration(method):  # on the shipped prompt
+            calibration = calibrate(model, tokenizer, hessian=needs_hessian(method))
         quantize_model(model, config_for(method, settings, calibration), progress=progress)
         seconds = time.perf_counter() - start
         rel_error, bits = weight_report(model, base)
