@@ -14,7 +14,8 @@ never makes a row worse than plain rounding under the (undamped) Hessian.
 
 import torch
 
-from any4ao.codebooks.group_scaling import expand_groups
+from any4ao.codebooks.group_scaling import expand_groups, to_code_domain
+from any4ao.codebooks.kmeans import nearest_code
 
 BLOCK_COLUMNS = 128
 MAX_DAMP_RETRIES = 4
@@ -114,10 +115,7 @@ def gptq_codes(w, hessian, lut, scales, zeros, group_size: int, damp: float, nea
             _block_torch(work, upper, lut_c, boundaries, s_full, z_full, codes, errors, i1, i2)
         work[:, i2:] -= errors[:, : i2 - i1] @ upper[i1:i2, i2:]
     if nearest is None:
-        s_full = expand_groups(scales, k, group_size)
-        z_full = expand_groups(zeros, k, group_size)
-        x = torch.where(s_full > 0, (w - z_full) / torch.where(s_full > 0, s_full, 1.0), 0.0)
-        nearest = torch.searchsorted(((lut[:, 1:] + lut[:, :-1]) * 0.5).contiguous(), x.contiguous())
+        nearest = nearest_code(to_code_domain(w, scales, zeros, group_size), lut)
     fed_back = _row_output_error(w, dequantize_codes(codes, lut, scales, zeros, group_size), hessian)
     rounded = _row_output_error(w, dequantize_codes(nearest, lut, scales, zeros, group_size), hessian)
     return torch.where((fed_back <= rounded)[:, None], codes, nearest.to(torch.uint8))

@@ -82,14 +82,13 @@ def _lloyd_fused(x, weight, centroids, iterations) -> KMeansResult:
         safe = torch.where(cluster_weight > 0, cluster_weight, torch.ones_like(cluster_weight))
         new = torch.where(cluster_weight > 0, cluster_sum / safe, centroids)
         empty = cluster_weight <= 0
-        if bool(empty.any()):  # (the one host sync of a step without empty clusters)
+        refill = bool(empty.any())  # (the one host sync of a step without empty clusters)
+        if refill:
             new = _fill_empty_clusters(x, weight, new, nearest_code(x, centroids), cluster_weight)
-            new = new.sort(dim=1).values
-        else:
-            new = new.sort(dim=1).values
-            # converged when no centroid moved; checked every 4th step only, each check is a sync
-            if done % 4 == 0 and torch.equal(new, centroids):
-                break
+        new = new.sort(dim=1).values
+        # converged when no centroid moved; checked every 4th step only, each check is a sync
+        if not refill and done % 4 == 0 and torch.equal(new, centroids):
+            break
         centroids = new
     return KMeansResult(centroids=centroids, codes=nearest_code(x, centroids), iterations=done)
 

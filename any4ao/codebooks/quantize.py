@@ -192,13 +192,10 @@ def _learned(w, h, config, dtype):
 
 def _fixed(w, codebook, nbits, config, dtype):
     n, k = w.shape
-    if codebook == "int":
-        grid = int_grid(nbits).to(w.device)
-        scales, zeros = minmax_params(w, config.group_size, 0.0, float(2**nbits - 1), dtype)
-    else:
-        grid = fixed_lut(codebook, nbits).to(w.device)
-        lut_absmax = 1.0 if codebook == "nf4" else max(FP4_E2M1_MAGNITUDES)
-        scales, zeros = absmax_params(w, config.group_size, lut_absmax, dtype)
+    grid = fixed_lut(codebook, nbits).to(w.device)
+    kind = "minmax" if codebook == "int" else "absmax"
+    absmax = 1.0 if codebook == "nf4" else max(FP4_E2M1_MAGNITUDES)
+    scales, zeros = _group_params(w, kind, grid, absmax, config.group_size, dtype)
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     for rows in _row_chunks(n, k, w.device):
         x = to_code_domain(w[rows], scales[rows], zeros[rows], config.group_size)
