@@ -17,8 +17,9 @@ import triton
 from torch.library import wrap_triton
 
 from any4ao.kernels.dequant import dequant_kernel
+from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_mma import lut_mma_kernel
-from any4ao.kernels.selector import MmaConfig, permute_dequantize_applies
+from any4ao.kernels.selector import GemmConfig, MmaConfig, permute_dequantize_applies
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -97,6 +98,63 @@ def lut_mma(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, confi
         num_stages=3,  # as measured; the loop itself sets num_stages=1
     )
     return out[0] if config.split_k == 1 else out.sum(0).to(x.dtype)
+
+
+def check_gemm_config(config: GemmConfig, k: int, group_size: int) -> None:
+    if (
+        config.block_m not in (16, 32, 64, 128, 256)
+        or config.block_n not in (16, 32, 64, 128, 256)
+        or config.block_k not in (16, 32, 64, 128)
+        or group_size % config.block_k
+        or k % config.block_k
+        or config.split_k < 1
+        or config.group_m < 1
+    ):
+        raise ValueError(
+            f"lut_gemm takes block_m and block_n in 16..256, block_k in 16..128 dividing the group size "
+            f"({group_size}) and K ({k}), split_k >= 1 and group_m >= 1; got {config}"
+        )
+
+
+def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, config: GemmConfig) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) in x's dtype, on the fused tensor-core LUT GEMM
+    (selector.gemm_applies holds)."""
+    m, k = x.shape
+    check_gemm_config(config, k, group_size)
+    n = qdata.shape[0]
+    split_k = min(config.split_k, k // config.block_k)
+    out = _empty((split_k, m, n), x.device, torch.float32 if split_k > 1 else x.dtype)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
+    lut_gemm_kernel[grid](
+        x,
+        qdata.view(torch.int32),
+        lut.view(torch.int32),
+        scale,
+        zero_point,
+        out,
+        M=m,
+        N=n,
+        K=k,
+        stride_xm=x.stride(0),
+        stride_qw=qdata.stride(0) // 4,
+        stride_sn=scale.stride(0),
+        stride_os=out.stride(0),
+        stride_om=out.stride(1),
+        LUT_SIZE=1 << nbits,
+        GROUP=group_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        SPLIT_K=split_k,
+        SWAP_AB=config.swap_ab,
+        LUT_FP16=lut.dtype == torch.float16,
+        USE_ASM=not INTERPRET,
+        INTERPRET=INTERPRET,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
 
 
 def _block_k_for(group_size: int, block_k: int) -> int:

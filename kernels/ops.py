@@ -16,8 +16,8 @@ registrations.
 import torch
 from torch.library import triton_op
 
-from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_mma
-from any4ao.kernels.selector import choose
+from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_gemm, lut_mma
+from any4ao.kernels.selector import GemmConfig, choose
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -121,6 +121,8 @@ def lut_linear(
     config = choose(x, qdata, lut, scale, zero_point, nbits, group_size)
     if config is None:
         return dequantize_then_mm(x, qdata, lut, scale, zero_point, nbits, group_size)
+    if isinstance(config, GemmConfig):
+        return lut_gemm(x, qdata, lut, scale, zero_point, nbits, group_size, config)
     return lut_mma(x, qdata, lut, scale, zero_point, nbits, group_size, config)
 
 

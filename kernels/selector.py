@@ -1,11 +1,13 @@
 """Which kernel serves `x @ W^T` for an Any4Tensor W, and how it is launched. The one place.
 
-Two paths:
+Three paths:
   lut_mma             the fused decode kernel (kernels/lut_mma.py): M <= FUSED_MAX_M rows of x,
                       16-bit x and LUT, nibble-packed codes, groups of a multiple of 32 columns;
+  lut_gemm            the fused tensor-core GEMM (kernels/lut_gemm.py) for larger M: same layouts,
+                      W looked up per tile in registers and fed to tl.dot; where GEMM_RULES
+                      (measured per GPU) say it beats dequantize + mm;
   dequantize + mm     everything else: the Triton dequantize kernel writes W in x's dtype, then
-                      cuBLAS (from M = 65 on, where one dequantized copy per call is cheaper than
-                      looking the weights up again for every 64 rows of x).
+                      cuBLAS.
 
 The launch config of lut_mma comes from a per-GPU table of rules (RULES), each measured by a
 sweep on that GPU (benchmarks/bench_kernels.py --sweep-only; results in benchmarks/results/):
@@ -16,7 +18,7 @@ SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize 
 
 import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -64,6 +66,22 @@ class MmaConfig:
     @property
     def block_n(self) -> int:
         return 16 * self.row_tiles
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """A lut_gemm launch: (block_m, block_n) output tiles, block_k columns per step (dividing the
+    group), split_k programs along K, group_m M tiles per band (L2 reuse of W tiles), swap_ab:
+    the looked-up W tile as the left tl.dot operand."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    swap_ab: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 @dataclass(frozen=True)
@@ -194,6 +212,82 @@ def mma_applies(
     )
 
 
+def gemm_applies(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    lut: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    nbits: int,
+    group_size: int,
+) -> bool:
+    """lut_gemm reads codes as 32-bit words and the LUT as pairs of 16-bit entries (as the register
+    dequantize does), x as contiguous rows of a 16-bit dtype, and steps through K in blocks of at
+    least 16 columns that divide the group."""
+    k = x.shape[1]
+    return (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and x.stride(1) == 1
+        and group_size % 16 == 0
+        and k % _gemm_block_k(group_size) == 0
+        and permute_dequantize_applies(qdata, lut, nbits, k)
+    )
+
+
+def _gemm_block_k(group_size: int, block_k: int = 64) -> int:
+    while group_size % block_k:
+        block_k //= 2
+    return block_k
+
+
+@dataclass(frozen=True)
+class GemmRule:
+    """lut_gemm serves FUSED_MAX_M < M <= max_m where N >= min_n and the weight has at least
+    min_weights elements (there the dequantized copy that dequantize + mm writes per call costs
+    more than looking the weights up once per M tile); block_m x block_n tiles, block_k columns
+    per step (or the largest power of two dividing the group), the looked-up W as the left operand."""
+
+    max_m: int
+    min_n: int
+    min_weights: int
+    block_k: int
+    block_m: int = 128
+    block_n: int = 128
+
+
+# From benchmarks/results/sweep-gemm-NVIDIA-H200*.md (CUDA graphs, weights rotated past L2): at
+# M = 65 and 128 lut_gemm beat dequantize + mm on 14336x4096, 4096x14336 and 28672x4096 (1.2-1.4x;
+# 128-column steps on the first two, 64 on the widest) and lost on 4096x4096; at M = 256 they
+# tied, above it dequantize + mm won. GPUs with no rules measured on them take dequantize + mm.
+GEMM_RULES = {
+    "H200": (
+        GemmRule(max_m=128, min_n=20480, min_weights=14336 * 4096, block_k=64),
+        GemmRule(max_m=128, min_n=0, min_weights=14336 * 4096, block_k=128),
+    )
+}
+
+
+def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> Optional[GemmConfig]:
+    """The lut_gemm launch for M > FUSED_MAX_M, or None where dequantize + mm serves it. Under
+    TRITON_INTERPRET=1 (CPU tensors) every such M takes lut_gemm, so the op's path is tested."""
+    name, sms, capability = _device_facts(device)
+    if m <= FUSED_MAX_M or capability < MIN_CAPABILITY:
+        return None
+    if device.type == "cuda":
+        rules = next((r for key, r in GEMM_RULES.items() if key in name), ())
+        rule = next((r for r in rules if m <= r.max_m and n >= r.min_n and n * k >= r.min_weights), None)
+        if rule is None:
+            return None
+        block_m, block_n, block_k = rule.block_m, rule.block_n, _gemm_block_k(group_size, rule.block_k)
+    else:
+        block_m, block_n, block_k = 128, 128, _gemm_block_k(group_size)
+    tiles = -(-m // block_m) * -(-n // block_n)
+    split_k = 1  # fill the SMs, keeping at least 4 K steps per split
+    while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
+        split_k *= 2
+    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=True, num_warps=8)
+
+
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:
     """The dequantize kernel's register lookup (lut_permute): nibble-packed codes, a 16-bit LUT,
     K % 8 == 0 and 32-bit aligned rows (from storage offsets: this also runs on fake tensors)."""
@@ -217,8 +311,13 @@ def choose(
     zero_point: torch.Tensor,
     nbits: int,
     group_size: int,
-) -> Optional[MmaConfig]:
-    """What torch.ops.any4ao.lut_linear runs: a lut_mma config, or None for dequantize + mm."""
-    if not mma_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
+) -> Union[MmaConfig, GemmConfig, None]:
+    """What torch.ops.any4ao.lut_linear runs: a lut_mma or lut_gemm config, or None for
+    dequantize + mm."""
+    if x.shape[0] <= FUSED_MAX_M:
+        if not mma_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
+            return None
+        return mma_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)
+    if not gemm_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
         return None
-    return mma_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)
+    return gemm_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)

@@ -1,0 +1,70 @@
+"""Prefill-sized F.linear on an Any4Tensor through the selector: which path it takes (lut_gemm or
+dequantize + mm), its error against float64 (NaN-poisoned outputs) and its time next to the
+dequantize + mm path and bf16 cuBLAS, measured in one run (CUDA graphs, weights rotated past L2).
+
+    python benchmarks/check_gemm_path.py [--out DIR]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_kernels import GROUP, Poison, copies_for, graph_time_us
+
+from any4ao import Any4Tensor
+from any4ao.kernels import ops, selector  # noqa: F401  (ops registers torch.ops.any4ao.*)
+from any4ao.kernels.launch import dequantize_then_mm
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
+MS = [65, 128, 256]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    print("| N x K | M | path | rel err vs fp64 | F.linear us | dequantize + mm us | bf16 cuBLAS us |")
+    print("|---|---|---|---|---|---|---|")
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q = Any4Tensor.from_hp(w, group_size=GROUP)
+        copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
+        wb = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+        w64 = q.dequantize(torch.float64)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cfg = selector.choose(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP)
+            with Poison():
+                y = F.linear(x, q)
+            ref = x.double() @ w64.t()
+            err = float("nan") if torch.isnan(y).any() else ((y.double() - ref).norm() / ref.norm()).item()
+            op = graph_time_us([lambda c=c: F.linear(x, c) for c in copies])
+            dq = graph_time_us(
+                [lambda c=c: dequantize_then_mm(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c in copies]
+            )
+            bf = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb])
+            path = "lut_gemm" if isinstance(cfg, selector.GemmConfig) else "dequantize + mm"
+            rows.append(
+                dict(N=n, K=k, M=m, path=path, config=str(cfg), rel_err=err, us=op, dequant_mm_us=dq, bf16_us=bf)
+            )
+            print(f"| {n}x{k} | {m} | {path} | {err:.1e} | {op:.1f} | {dq:.1f} | {bf:.1f} |", flush=True)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "command": " ".join(sys.argv),
+        "timing": "median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = meta["device"].replace(" ", "-")
+    (out / f"gemm-path-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

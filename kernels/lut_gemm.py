@@ -1,0 +1,118 @@
+"""Fused LUT GEMM for prefill-sized M (above lut_mma's 64 rows): out = x @ W^T, with W looked up
+tile by tile in registers and fed straight to tl.dot, never written to HBM.
+
+Per K step a program loads a (BLOCK_N, BLOCK_K) tile of packed codes (BLOCK_K / 8 32-bit words per
+row), looks it up with the byte-permute tree of lut_permute (its rows' LUT planes are built once,
+before the loop), applies the group's scale and zero in float32 and rounds to x's dtype: the same
+values, rounded once, that the dequantize kernel would write. BLOCK_K divides the group, so one
+scale and zero per row serve a step.
+
+SWAP_AB computes the transposed product acc[n, m] = W_tile @ x_tile^T: the looked-up tile is then
+the left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
+memory, where the pipelined x loads go). SPLIT_K programs split K in whole steps and write float32
+partial sums to out[split]; the launcher adds them (deterministic, no atomics).
+
+Under TRITON_INTERPRET=1, tl.dot on bf16 operands returns garbage (triton's interpreter), so the
+operands are upcast to float32 there; on the GPU they go to the tensor cores as 16-bit values.
+"""
+
+import triton
+import triton.language as tl
+
+from any4ao.kernels.lut_permute import load_words, lookup_phases, lut_byte_planes
+
+
+@triton.jit
+def _lookup_tile(
+    words, P, s, z, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """(BLOCK_N, BLOCK_K // 8) code words -> (BLOCK_N, BLOCK_K) float32 lut * scale + zero, column order."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = lookup_phases(
+        words, P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], LUT_FP16, USE_ASM, True
+    )
+    s = s[:, None]
+    z = z[:, None]
+    v0, v1, v2, v3 = v0 * s + z, v1 * s + z, v2 * s + z, v3 * s + z
+    v4, v5, v6, v7 = v4 * s + z, v5 * s + z, v6 * s + z, v7 * s + z
+    # join on the slowest index first: (w, a, b, c) flattens to column 8w + 4a + 2b + c
+    c0 = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+    c1 = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+    return tl.reshape(tl.join(c0, c1), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def lut_gemm_kernel(
+    x_ptr,
+    qw_ptr,
+    lutw_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_qw,
+    stride_sn,
+    stride_os,
+    stride_om,
+    LUT_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    LUT_FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # programs of GROUP_M consecutive M tiles share each N tile: neighbours reuse W tiles in L2
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * tiles_n
+    band = pid // per_band
+    first_m = band * GROUP_M
+    band_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    mmask = offs_m < M
+    P = lut_byte_planes(lutw_ptr, offs_n, N, LUT_SIZE, USE_ASM)
+
+    steps = K // BLOCK_K  # the launcher checks K % BLOCK_K == 0
+    per_split = tl.cdiv(steps, SPLIT_K)
+    first = split * per_split
+    last = min(first + per_split, steps)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for step in range(first, last):
+        k0 = step * BLOCK_K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask[:, None], other=0.0)
+        words = load_words(qw_ptr, offs_n, k0, N, K, stride_qw, BLOCK_K)
+        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+        w = _lookup_tile(words, P, s, z, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K)
+        if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: round to x's dtype, multiply in fp32
+            w = w.to(x.dtype).to(tl.float32)
+            x = x.to(tl.float32)
+        else:
+            w = w.to(x.dtype)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+
+    if SWAP_AB:
+        acc = tl.trans(acc)
+    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])

@@ -1,0 +1,132 @@
+"""The fused tensor-core LUT GEMM (kernels/lut_gemm.py) under TRITON_INTERPRET=1, against float64,
+with NaN-poisoned outputs (test_kernels' autouse fixture, imported below)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_kernels import TOLERANCE, _args, _problem, _rel, poison_outputs  # noqa: F401  (autouse fixture)
+
+from any4ao.kernels import launch, ops, selector
+from any4ao.kernels.launch import lut_gemm
+from any4ao.kernels.selector import GemmConfig, choose, gemm_applies, gemm_config
+
+CPU = torch.device("cpu")
+
+
+@settings(max_examples=8, deadline=None)  # the byte-permute emulation and tl.dot in the interpreter: slow
+@given(
+    m=st.integers(1, 80),
+    n=st.integers(1, 70),
+    block_m=st.sampled_from([16, 32, 64]),
+    block_n=st.sampled_from([16, 32, 64]),
+    k_groups=st.integers(1, 3),
+    group_size=st.sampled_from([32, 48, 64, 128]),
+    block_k=st.sampled_from([16, 32, 64]),
+    nbits=st.sampled_from([3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    split_k=st.integers(1, 3),
+    swap_ab=st.booleans(),
+    group_m=st.sampled_from([1, 2, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_kernel_matches_float64(
+    m, n, block_m, block_n, k_groups, group_size, block_k, nbits, dtype, split_k, swap_ab, group_m, seed
+):
+    """Ragged M and N (masked tiles), 1-8 K steps per group, split K (also more splits than steps
+    divide evenly), both operand orders, grouped tile order with partial bands."""
+    while group_size % block_k:
+        block_k //= 2
+    k = k_groups * group_size
+    t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
+    assert gemm_applies(x, *_args(t), nbits, group_size)
+    cfg = GemmConfig(block_m, block_n, block_k, split_k, group_m, swap_ab)
+    out = lut_gemm(x, *_args(t), nbits, group_size, cfg)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref) < TOLERANCE[dtype], cfg
+
+
+def test_gemm_weights_match_the_dequantize_kernel():
+    """lut_gemm rounds each looked-up weight to x's dtype once, as the dequantize kernel does, so with
+    an exact one-hot x the product reads back the dequantized matrix bit for bit."""
+    n, k, group_size = 24, 64, 32
+    t, _, _ = _problem(1, n, k, group_size, 4, torch.float16, seed=4)
+    x = torch.eye(k, dtype=torch.float16)
+    out = lut_gemm(x, *_args(t), 4, group_size, GemmConfig(64, 32, 32, swap_ab=True))
+    w = launch.lut_dequantize(*_args(t), 4, group_size, k, torch.float16)
+    assert torch.equal(out, w.t().contiguous())
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GemmConfig(48, 64, 32),  # block_m not a power of two
+        GemmConfig(64, 512, 32),
+        GemmConfig(64, 64, 64),  # block_k does not divide the group (32)
+        GemmConfig(64, 64, 8),
+        GemmConfig(64, 64, 32, split_k=0),
+        GemmConfig(64, 64, 32, group_m=0),
+    ],
+)
+def test_gemm_rejects_configs_it_cannot_run(cfg):
+    t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="lut_gemm takes"):
+        lut_gemm(x, *_args(t), 4, 32, cfg)
+
+
+@pytest.mark.parametrize(
+    "m, nbits, group, dtype, path",
+    [
+        (65, 4, 32, torch.bfloat16, "gemm"),  # above FUSED_MAX_M
+        (130, 3, 48, torch.float16, "gemm"),  # groups of 48: 16-column K steps
+        (65, 2, 32, torch.bfloat16, "dequantize"),  # 2-bit codes: no register lookup
+        (70, 4, 32, torch.float32, "dequantize"),  # fp32 x: no 16-bit tensor-core operands
+    ],
+)
+def test_custom_op_sends_large_m_to_the_gemm(monkeypatch, m, nbits, group, dtype, path):
+    t, x, ref = _problem(m, 48, 96, group, nbits, dtype, seed=m)
+    calls = []
+    real_gemm, real_mm = launch.lut_gemm, launch.dequantize_then_mm
+    monkeypatch.setattr(ops, "lut_gemm", lambda *a: (calls.append("gemm"), real_gemm(*a))[1])
+    monkeypatch.setattr(ops, "dequantize_then_mm", lambda *a: (calls.append("dequantize"), real_mm(*a))[1])
+    out = torch.ops.any4ao.lut_linear(x, *_args(t), nbits, group)
+    assert calls == [path]
+    assert out.dtype == dtype and _rel(out, ref) < TOLERANCE[dtype]
+
+
+def test_gemm_does_not_apply_to_layouts_it_cannot_read():
+    """Strided x columns (a transposed view) and K not a multiple of the K step fall back."""
+    t, x, _ = _problem(80, 24, 64, 32, 4, torch.bfloat16, seed=2)
+    xt = x.t().contiguous().t()
+    assert not gemm_applies(xt, *_args(t), 4, 32)
+    t2, x2, _ = _problem(80, 24, 72, 32, 4, torch.bfloat16, seed=2)  # K = 72: a partial group
+    assert not gemm_applies(x2, *_args(t2), 4, 32)
+    assert choose(x2, *_args(t2), 4, 32) is None
+
+
+def test_gemm_config_fills_the_gpu_and_steps_within_groups():
+    for m, n, k, group in [(65, 4096, 4096, 128), (512, 28672, 4096, 128), (8192, 4096, 14336, 64), (100, 64, 96, 32)]:
+        cfg = gemm_config(m, n, k, group, CPU)
+        assert cfg is not None and group % cfg.block_k == 0 and k % cfg.block_k == 0
+        launch.check_gemm_config(cfg, k, group)
+    assert gemm_config(selector.FUSED_MAX_M, 4096, 4096, 128, CPU) is None
+
+
+def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
+    """The H200 rules (sweep-gemm-NVIDIA-H200*.md): lut_gemm at 64 < M <= 128 on weights of at
+    least 14336x4096 elements, 128-column steps except on the widest N; dequantize + mm elsewhere.
+    A GPU with no measured rules takes dequantize + mm."""
+    cuda = torch.device("cuda")  # only its type is read; _device_facts is replaced
+    monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H200", 132, (9, 0)))
+
+    def pick(m, n, k):
+        cfg = gemm_config(m, n, k, 128, cuda)
+        return cfg and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
+
+    assert pick(65, 14336, 4096) == (128, 128, 128, 1)
+    assert pick(128, 4096, 14336) == (128, 128, 128, 4)  # 32 tiles: split K over the SMs
+    assert pick(128, 28672, 4096) == (128, 128, 64, 1)
+    assert pick(128, 4096, 4096) is None
+    assert pick(256, 28672, 4096) is None
+    monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
+    assert pick(128, 28672, 4096) is None
