@@ -19,7 +19,7 @@ from torch.library import wrap_triton
 from any4ao.kernels.dequant import dequant_kernel
 from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_mma import lut_mma_kernel
-from any4ao.kernels.selector import GemmConfig, MmaConfig, permute_dequantize_applies
+from any4ao.kernels.selector import GemmConfig, MmaConfig, block_k_within_group, permute_dequantize_applies
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -157,13 +157,6 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
 
 
-def _block_k_for(group_size: int, block_k: int) -> int:
-    """Largest block_k / 2**i dividing the group size, so a K block never straddles two groups."""
-    while group_size % block_k:
-        block_k //= 2
-    return block_k
-
-
 def lut_dequantize(
     qdata,
     lut,
@@ -184,7 +177,7 @@ def lut_dequantize(
     the LUT is read by a gather load. traceable: launch through wrap_triton (inside the triton_op
     any4ao::dequantize); the opaque lut_linear passes False."""
     n = qdata.shape[0]
-    block_k = _block_k_for(group_size, block_k)
+    block_k = block_k_within_group(group_size, block_k)
     if permute is None:
         permute = permute_dequantize_applies(qdata, lut, nbits, in_features) and block_k >= 8
     # H100: BLOCK_N 32 suits the permute path (sweep v5); the LUT-load path is fastest at 16

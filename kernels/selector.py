@@ -229,12 +229,13 @@ def gemm_applies(
         x.dtype in (torch.float16, torch.bfloat16)
         and x.stride(1) == 1
         and group_size % 16 == 0
-        and k % _gemm_block_k(group_size) == 0
+        and k % block_k_within_group(group_size) == 0
         and permute_dequantize_applies(qdata, lut, nbits, k)
     )
 
 
-def _gemm_block_k(group_size: int, block_k: int = 64) -> int:
+def block_k_within_group(group_size: int, block_k: int = 64) -> int:
+    """Largest block_k / 2**i dividing the group size, so a K block never straddles two groups."""
     while group_size % block_k:
         block_k //= 2
     return block_k
@@ -278,9 +279,9 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
         rule = next((r for r in rules if m <= r.max_m and n >= r.min_n and n * k >= r.min_weights), None)
         if rule is None:
             return None
-        block_m, block_n, block_k = rule.block_m, rule.block_n, _gemm_block_k(group_size, rule.block_k)
+        block_m, block_n, block_k = rule.block_m, rule.block_n, block_k_within_group(group_size, rule.block_k)
     else:
-        block_m, block_n, block_k = 128, 128, _gemm_block_k(group_size)
+        block_m, block_n, block_k = 128, 128, block_k_within_group(group_size)
     tiles = -(-m // block_m) * -(-n // block_n)
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
