@@ -19,7 +19,7 @@ from any4ao.kernels import ops, selector  # noqa: F401  (ops registers torch.ops
 from any4ao.kernels.launch import dequantize_then_mm
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
-MS = [65, 128, 256]
+MS = [65, 128, 256, 512]
 
 
 def main():

@@ -1,7 +1,7 @@
 """lut_gemm (the fused tensor-core LUT GEMM) launch configs against bf16 cuBLAS, the dequantize + mm
 path and torchao int4, at prefill sizes; the data selector.gemm_config is fitted to.
 
-    python benchmarks/sweep_gemm.py [--out DIR] [--shapes 4096x4096,...] [--ms 128,512,...]
+    python benchmarks/sweep_gemm.py [--out DIR] [--shapes 4096x4096,...] [--ms 128,512,...] [--tiles winners] [--prefetch on]
 
 Every candidate config runs on each real shape against float64 before it is timed (outputs
 NaN-poisoned; a wrong config is dropped and reported); at the end the winners also run on ragged
@@ -41,14 +41,18 @@ TILES = [
     (128, 256, 64, 8, 3),
     (256, 128, 64, 8, 3),
     (256, 64, 64, 8, 3),
+    (128, 128, 32, 8, 4),  # 32-column steps: fewer registers per W tile, maybe two CTAs per SM
+    (256, 128, 32, 8, 4),
 ]
+# the tiles that won somewhere in the first H200 sweep (sweep-gemm-NVIDIA-H200*.md): --tiles winners
+WINNERS = [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
 
 
-def candidates(m, n, k, sms):
-    """Every tile shape x operand order, split K to fill the GPU where the tiles do not; plus the
-    selector's own pick first."""
+def candidates(m, n, k, sms, tiles=TILES, prefetch=(False,)):
+    """Every tile shape x operand order x prefetch (code words a step ahead or not), split K to fill the
+    GPU where the tiles do not; plus the selector's own pick first."""
     out = [selector.gemm_config(m, n, k, GROUP, torch.device("cuda"))]
-    for bm, bn, bk, warps, stages in TILES:
+    for bm, bn, bk, warps, stages in tiles:
         if bm > 2 * max(m, 64):
             continue
         tiles = -(-m // bm) * -(-n // bn)
@@ -56,7 +60,8 @@ def candidates(m, n, k, sms):
             for split in (1, 2, 4):
                 if split > 1 and (tiles * split > 2 * sms or k // (bk * split) < 4):
                     continue
-                out.append(GemmConfig(bm, bn, bk, split, 8, swap, warps, stages))
+                for pf in prefetch:
+                    out.append(GemmConfig(bm, bn, bk, split, 8, swap, warps, stages, pf))
     return list(dict.fromkeys(c for c in out if c is not None))
 
 
@@ -103,6 +108,10 @@ def main():
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--tag", default="")
+    p.add_argument("--tiles", choices=["all", "winners"], default="all")
+    p.add_argument(
+        "--prefetch", default="both", choices=["both", "on", "off"], help="configs with code words loaded a step ahead"
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -146,7 +155,9 @@ def main():
             if ao_us is not None:
                 record("torchao int4", ao_us)
             timed = []
-            for i, cfg in enumerate(candidates(m, n, k, sms)):
+            tiles = WINNERS if args.tiles == "winners" else TILES
+            prefetch = {"both": (False, True), "on": (True,), "off": (False,)}[args.prefetch]
+            for i, cfg in enumerate(candidates(m, n, k, sms, tiles, prefetch)):
                 try:
                     with Poison():
                         err = rel_err(lut_gemm(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP, cfg), ref)

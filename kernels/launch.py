@@ -114,6 +114,10 @@ def check_gemm_config(config: GemmConfig, k: int, group_size: int) -> None:
             f"lut_gemm takes block_m and block_n in 16..256, block_k in 16..128 dividing the group size "
             f"({group_size}) and K ({k}), split_k >= 1 and group_m >= 1; got {config}"
         )
+    if config.prefetch and config.swap_ab and config.block_n == 256:
+        # triton 3.6 on an H200 compiled this one wrong (values of 1e33 with split K, NaN without
+        # a visible cause; sweep-gemm-NOTE.md): refused rather than trusted anywhere
+        raise ValueError(f"lut_gemm refuses prefetch with swap_ab and block_n = 256 (miscompiled on GPU); got {config}")
 
 
 def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, config: GemmConfig) -> torch.Tensor:
@@ -150,6 +154,7 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
         SWAP_AB=config.swap_ab,
         LUT_FP16=lut.dtype == torch.float16,
         USE_ASM=not INTERPRET,
+        PREFETCH=config.prefetch,
         INTERPRET=INTERPRET,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

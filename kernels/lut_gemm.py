@@ -5,7 +5,9 @@ Per K step a program loads a (BLOCK_N, BLOCK_K) tile of packed codes (BLOCK_K / 
 row), looks it up with the byte-permute tree of lut_permute (its rows' LUT planes are built once,
 before the loop), applies the group's scale and zero in float32 and rounds to x's dtype: the same
 values, rounded once, that the dequantize kernel would write. BLOCK_K divides the group, so one
-scale and zero per row serve a step.
+scale and zero per row serve a step. PREFETCH loads a step's code words, scales and zeros in the
+step before (register double buffer): the ncu profile (benchmarks/results/inspect-gemm-NOTE.md)
+shows the kernel latency-bound, one CTA per SM issuing every 2.8 cycles, ALU pipe 26 % busy.
 
 SWAP_AB computes the transposed product acc[n, m] = W_tile @ x_tile^T: the looked-up tile is then
 the left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
@@ -19,7 +21,7 @@ operands are upcast to float32 there; on the GPU they go to the tensor cores as 
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_permute import load_words, lookup_phases, lut_byte_planes
+from any4ao.kernels.lut_permute import lookup_phases, lut_byte_planes
 
 
 @triton.jit
@@ -38,6 +40,17 @@ def _lookup_tile(
     c0 = tl.join(tl.join(v0, v4), tl.join(v2, v6))
     c1 = tl.join(tl.join(v1, v5), tl.join(v3, v7))
     return tl.reshape(tl.join(c0, c1), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _step_operands(qw_rows, s_rows, z_rows, nmask, k0, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The code words (BLOCK_N, BLOCK_K // 8) of the K step at column k0 < K and its group's float32
+    scale and zero per row; *_rows point at each row's start (masked rows read zeros)."""
+    cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(qw_rows[:, None] + cols[None, :], mask=nmask[:, None], other=0).to(tl.uint32, bitcast=True)
+    s = tl.load(s_rows + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+    z = tl.load(z_rows + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+    return words, s, z
 
 
 @triton.jit
@@ -66,6 +79,7 @@ def lut_gemm_kernel(
     SWAP_AB: tl.constexpr,
     LUT_FP16: tl.constexpr,
     USE_ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # programs of GROUP_M consecutive M tiles share each N tile: neighbours reuse W tiles in L2
@@ -95,18 +109,23 @@ def lut_gemm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
+    qw_rows, s_rows, z_rows = qw_ptr + offs_n * stride_qw, s_ptr + offs_n * stride_sn, z_ptr + offs_n * stride_sn
+    if PREFETCH:  # each step's words, scales and zeros load a step ahead of their lookup, in registers
+        words, s, z = _step_operands(qw_rows, s_rows, z_rows, nmask, min(first, steps - 1) * BLOCK_K, GROUP, BLOCK_K)
     for step in range(first, last):
         k0 = step * BLOCK_K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask[:, None], other=0.0)
-        words = load_words(qw_ptr, offs_n, k0, N, K, stride_qw, BLOCK_K)
-        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * stride_sn + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
-        w = _lookup_tile(words, P, s, z, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K)
-        if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: round to x's dtype, multiply in fp32
-            w = w.to(x.dtype).to(tl.float32)
-            x = x.to(tl.float32)
+        if PREFETCH:  # the last step re-reads itself (unused): no out-of-range step, no branch
+            cur_words, cur_s, cur_z = words, s, z
+            words, s, z = _step_operands(
+                qw_rows, s_rows, z_rows, nmask, min(step + 1, last - 1) * BLOCK_K, GROUP, BLOCK_K
+            )
         else:
-            w = w.to(x.dtype)
+            cur_words, cur_s, cur_z = _step_operands(qw_rows, s_rows, z_rows, nmask, k0, GROUP, BLOCK_K)
+        w = _lookup_tile(cur_words, P, cur_s, cur_z, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K).to(x.dtype)
+        if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: multiply the 16-bit values in fp32
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(x), acc)
         else:

@@ -72,7 +72,8 @@ class MmaConfig:
 class GemmConfig:
     """A lut_gemm launch: (block_m, block_n) output tiles, block_k columns per step (dividing the
     group), split_k programs along K, group_m M tiles per band (L2 reuse of W tiles), swap_ab:
-    the looked-up W tile as the left tl.dot operand."""
+    the looked-up W tile as the left tl.dot operand; prefetch: load each K step's code words and
+    scales one step ahead, in registers."""
 
     block_m: int
     block_n: int
@@ -82,6 +83,7 @@ class GemmConfig:
     swap_ab: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,8 @@ class GemmRule:
     """lut_gemm serves FUSED_MAX_M < M <= max_m where N >= min_n and the weight has at least
     min_weights elements (there the dequantized copy that dequantize + mm writes per call costs
     more than looking the weights up once per M tile); block_m x block_n tiles, block_k columns
-    per step (or the largest power of two dividing the group), the looked-up W as the left operand."""
+    per step (or the largest power of two dividing the group), the looked-up W as the left operand,
+    code words prefetched a step ahead or not."""
 
     max_m: int
     min_n: int
@@ -254,16 +257,18 @@ class GemmRule:
     block_k: int
     block_m: int = 128
     block_n: int = 128
+    prefetch: bool = False
 
 
-# From benchmarks/results/sweep-gemm-NVIDIA-H200*.md (CUDA graphs, weights rotated past L2): at
-# M = 65 and 128 lut_gemm beat dequantize + mm on 14336x4096, 4096x14336 and 28672x4096 (1.2-1.4x;
-# 128-column steps on the first two, 64 on the widest) and lost on 4096x4096; at M = 256 they
-# tied, above it dequantize + mm won. GPUs with no rules measured on them take dequantize + mm.
+# From benchmarks/results/sweep-gemm-NVIDIA-H200-prefetch-*.md (CUDA graphs, weights rotated past
+# L2; sweep-gemm-NOTE.md): at M = 65 and 128 lut_gemm beat dequantize + mm on all four Llama-3-8B
+# shapes (1.0-1.6x; 4096x4096 only just), at M = 256 on the three large ones (1.1-1.2x), and lost
+# everywhere at M = 512. GPUs with no rules measured on them take dequantize + mm.
 GEMM_RULES = {
     "H200": (
         GemmRule(max_m=128, min_n=20480, min_weights=14336 * 4096, block_k=64),
-        GemmRule(max_m=128, min_n=0, min_weights=14336 * 4096, block_k=128),
+        GemmRule(max_m=128, min_n=0, min_weights=4096 * 4096, block_k=128, prefetch=True),
+        GemmRule(max_m=256, min_n=0, min_weights=14336 * 4096, block_k=64, block_m=256, prefetch=True),
     )
 }
 
@@ -280,13 +285,14 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
         if rule is None:
             return None
         block_m, block_n, block_k = rule.block_m, rule.block_n, block_k_within_group(group_size, rule.block_k)
+        prefetch = rule.prefetch
     else:
-        block_m, block_n, block_k = 128, 128, block_k_within_group(group_size)
+        block_m, block_n, block_k, prefetch = 128, 128, block_k_within_group(group_size), True
     tiles = -(-m // block_m) * -(-n // block_n)
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=True, num_warps=8)
+    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=True, num_warps=8, prefetch=prefetch)
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:

@@ -28,22 +28,48 @@ CPU = torch.device("cpu")
     split_k=st.integers(1, 3),
     swap_ab=st.booleans(),
     group_m=st.sampled_from([1, 2, 8]),
+    prefetch=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_gemm_kernel_matches_float64(
-    m, n, block_m, block_n, k_groups, group_size, block_k, nbits, dtype, split_k, swap_ab, group_m, seed
+    m,
+    n,
+    block_m,
+    block_n,
+    k_groups,
+    group_size,
+    block_k,
+    nbits,
+    dtype,
+    split_k,
+    swap_ab,
+    group_m,
+    prefetch,
+    seed,
 ):
     """Ragged M and N (masked tiles), 1-8 K steps per group, split K (also more splits than steps
-    divide evenly), both operand orders, grouped tile order with partial bands."""
+    divide evenly, so some splits have no step), both operand orders, grouped tile order with
+    partial bands, code words prefetched a step ahead or not."""
     while group_size % block_k:
         block_k //= 2
     k = k_groups * group_size
     t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
     assert gemm_applies(x, *_args(t), nbits, group_size)
-    cfg = GemmConfig(block_m, block_n, block_k, split_k, group_m, swap_ab)
+    cfg = GemmConfig(block_m, block_n, block_k, split_k, group_m, swap_ab, prefetch=prefetch)
     out = lut_gemm(x, *_args(t), nbits, group_size, cfg)
     assert out.shape == (m, n) and out.dtype == dtype
     assert _rel(out, ref) < TOLERANCE[dtype], cfg
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gemm_prefetch_matches_float64(swap_ab, split_k):
+    """A ragged problem of 5 K steps: split 4 ways that is 2 + 2 + 1 + an empty split (whose first
+    prefetch must not read past K); the last step of each split re-reads itself."""
+    t, x, ref = _problem(37, 45, 160, 32, 4, torch.bfloat16, seed=split_k)
+    cfg = GemmConfig(32, 32, 32, split_k, 2, swap_ab, prefetch=True)
+    out = lut_gemm(x, *_args(t), 4, 32, cfg)
+    assert _rel(out, ref) < TOLERANCE[torch.bfloat16], cfg
 
 
 def test_gemm_weights_match_the_dequantize_kernel():
@@ -66,11 +92,12 @@ def test_gemm_weights_match_the_dequantize_kernel():
         GemmConfig(64, 64, 8),
         GemmConfig(64, 64, 32, split_k=0),
         GemmConfig(64, 64, 32, group_m=0),
+        GemmConfig(128, 256, 32, swap_ab=True, prefetch=True),  # miscompiled on the H200
     ],
 )
 def test_gemm_rejects_configs_it_cannot_run(cfg):
     t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
-    with pytest.raises(ValueError, match="lut_gemm takes"):
+    with pytest.raises(ValueError, match="lut_gemm (takes|refuses)"):
         lut_gemm(x, *_args(t), 4, 32, cfg)
 
 
@@ -113,20 +140,25 @@ def test_gemm_config_fills_the_gpu_and_steps_within_groups():
 
 
 def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
-    """The H200 rules (sweep-gemm-NVIDIA-H200*.md): lut_gemm at 64 < M <= 128 on weights of at
-    least 14336x4096 elements, 128-column steps except on the widest N; dequantize + mm elsewhere.
-    A GPU with no measured rules takes dequantize + mm."""
+    """The H200 rules (sweep-gemm-NVIDIA-H200-prefetch-*.md): lut_gemm at 64 < M <= 128 on weights
+    of at least 4096x4096 elements (128-column steps, prefetched, except on the widest N), at M <= 256
+    on weights of at least 14336x4096 elements (256-row tiles); dequantize + mm elsewhere. A GPU with
+    no measured rules takes dequantize + mm."""
     cuda = torch.device("cuda")  # only its type is read; _device_facts is replaced
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H200", 132, (9, 0)))
 
     def pick(m, n, k):
         cfg = gemm_config(m, n, k, 128, cuda)
-        return cfg and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k)
+        return cfg and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.prefetch)
 
-    assert pick(65, 14336, 4096) == (128, 128, 128, 1)
-    assert pick(128, 4096, 14336) == (128, 128, 128, 4)  # 32 tiles: split K over the SMs
-    assert pick(128, 28672, 4096) == (128, 128, 64, 1)
-    assert pick(128, 4096, 4096) is None
-    assert pick(256, 28672, 4096) is None
+    assert pick(65, 14336, 4096) == (128, 128, 128, 1, True)
+    assert pick(128, 4096, 14336) == (128, 128, 128, 4, True)  # 32 tiles: split K over the SMs
+    assert pick(128, 4096, 4096) == (128, 128, 128, 4, True)
+    assert pick(128, 28672, 4096) == (128, 128, 64, 1, False)
+    assert pick(256, 28672, 4096) == (256, 128, 64, 1, True)
+    assert pick(256, 4096, 14336) == (256, 128, 64, 4, True)
+    assert pick(256, 4096, 4096) is None
+    assert pick(512, 14336, 4096) is None
+    assert pick(128, 2048, 2048) is None  # below every measured weight size
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
     assert pick(128, 28672, 4096) is None

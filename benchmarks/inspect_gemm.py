@@ -1,0 +1,86 @@
+"""What Triton made of lut_gemm for a few configs: registers, spills, shared memory and the counts of
+the operations that say how the K loop runs (asynchronous copies, layout conversions through
+shared memory, wgmma), from the compiled kernel's TTGIR. Also the target of an ncu run (--launches).
+
+    python benchmarks/inspect_gemm.py [--out DIR] [--shape 14336x4096] [--m 128] [--launches 0]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from bench_kernels import GROUP
+
+from any4ao import Any4Tensor
+from any4ao.kernels import launch
+from any4ao.kernels.lut_gemm import lut_gemm_kernel
+from any4ao.kernels.selector import GemmConfig
+
+# (block_m, block_n, block_k, split_k, swap_ab, num_warps, num_stages), each without and with prefetch
+TILES = [(128, 128, 128, 1, True, 8, 3), (256, 64, 64, 1, False, 8, 3)]
+OPS = {
+    "async copies": "ttg.async_copy_global_to_local",
+    "layout conversions": "ttg.convert_layout",
+    "shared allocs": "ttg.local_alloc",
+    "wgmma": "ttng.warp_group_dot ",
+    "mma.sync": "tt.dot ",
+}
+
+
+def _compiled():
+    """Every compiled lut_gemm kernel (the first entry of each device cache is the kernel cache in
+    triton 3.x)."""
+    return {id(v): v for cache in lut_gemm_kernel.device_caches.values() for v in cache[0].values()}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--shape", default="14336x4096")
+    p.add_argument("--m", type=int, default=128)
+    p.add_argument("--launches", type=int, default=0, help="only launch the first config this many times (ncu)")
+    args = p.parse_args()
+    n, k = (int(v) for v in args.shape.split("x"))
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = Any4Tensor.from_hp(w, group_size=GROUP, kmeans_iterations=2)
+    x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
+    qargs = (q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP)
+    configs = [
+        GemmConfig(bm, bn, bk, split, 8, swap, warps, stages, pf)
+        for bm, bn, bk, split, swap, warps, stages in TILES
+        for pf in (False, True)
+    ]
+    if args.launches:
+        for cfg in configs:
+            for _ in range(args.launches):
+                launch.lut_gemm(x, *qargs, cfg)
+        torch.cuda.synchronize()
+        return
+    rows = []
+    for cfg in configs:
+        before = _compiled()
+        launch.lut_gemm(x, *qargs, cfg)
+        torch.cuda.synchronize()
+        (kernel,) = [v for key, v in _compiled().items() if key not in before]  # this config's compile
+        ttgir = kernel.asm["ttgir"]
+        row = {"config": str(cfg), "regs": kernel.n_regs, "spills": kernel.n_spills, "shared": kernel.metadata.shared}
+        row |= {name: ttgir.count(op) for name, op in OPS.items()}
+        rows.append(row)
+        print(row, flush=True)
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "command": " ".join(sys.argv),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = meta["device"].replace(" ", "-")
+    (out / f"inspect-gemm-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
