@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_kernels import result_meta
 
-import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 
 CONFIGS = {
@@ -212,19 +212,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"generate-{gpu.replace(' ', '-')}" + ("-compiled" if args.compile else "")
-    meta = {
-        "device": gpu,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "any4ao": any4ao.__version__,
-        "command": " ".join(sys.argv),
-        "config": args.config,
-        "layers": config.num_hidden_layers,
-        "weights": "random",
-        "prompt": PROMPT,
-        "new_tokens": NEW,
-        "decode_step": "torch.compile(fullgraph) in a CUDA graph" if args.compile else "eager kernels in a CUDA graph",
-    }
+    meta = result_meta(
+        config=args.config,
+        layers=config.num_hidden_layers,
+        weights="random",
+        prompt=PROMPT,
+        new_tokens=NEW,
+        decode_step="torch.compile(fullgraph) in a CUDA graph" if args.compile else "eager kernels in a CUDA graph",
+    )
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")
 

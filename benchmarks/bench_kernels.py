@@ -33,6 +33,18 @@ SWEEP_SHAPES = [(4096, 4096), (28672, 4096), (8192, 8192)]
 L2_BYTES = 50 * 2**20
 
 
+def result_meta(**extra) -> dict:
+    """What every GPU result file starts with: the device, the versions and the command; then extra."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "any4ao": any4ao.__version__,
+        "command": " ".join(sys.argv),
+        **extra,
+    }
+
+
 def graph_time_us(calls, replays=20):
     """Median time of one call, from CUDA-graph replays of all `calls` back to back."""
     side = torch.cuda.Stream()
@@ -291,16 +303,11 @@ def main():
     shapes, ms = (SHAPES[:1] + SHAPES[4:5], [1, 16, 2048]) if args.quick else (shapes, ms)
     include = set(args.baselines.split(","))
     gpu = torch.cuda.get_device_name()
-    meta = {
-        "device": gpu,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "any4ao": any4ao.__version__,
-        "command": " ".join(sys.argv),
-        "group_size": GROUP,
-        "dtype": str(dtype),
-        "timing": "median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
-    }
+    meta = result_meta(
+        group_size=GROUP,
+        dtype=str(dtype),
+        timing="median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
+    )
     rows, checks = [], []
     for n, k in [] if args.sweep_only else shapes:
         methods, q, quant_s = make_methods(n, k, dtype, include)

@@ -7,12 +7,11 @@ dequantize + mm path and bf16 cuBLAS, measured in one run (CUDA graphs, weights 
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, copies_for, graph_time_us
+from bench_kernels import GROUP, Poison, copies_for, graph_time_us, result_meta
 
 from any4ao import Any4Tensor
 from any4ao.kernels import ops, selector  # noqa: F401  (ops registers torch.ops.any4ao.*)
@@ -53,13 +52,9 @@ def main():
                 dict(N=n, K=k, M=m, path=path, config=str(cfg), rel_err=err, us=op, dequant_mm_us=dq, bf16_us=bf)
             )
             print(f"| {n}x{k} | {m} | {path} | {err:.1e} | {op:.1f} | {dq:.1f} | {bf:.1f} |", flush=True)
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "command": " ".join(sys.argv),
-        "timing": "median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
-    }
+    meta = result_meta(
+        timing="median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = meta["device"].replace(" ", "-")

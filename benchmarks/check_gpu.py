@@ -20,8 +20,8 @@ import traceback
 from pathlib import Path
 
 import torch
+from bench_kernels import result_meta
 
-import any4ao
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 
 
@@ -137,14 +137,7 @@ def main():
     p.add_argument("--modes", default="default,reduce-overhead,max-autotune", help='comma-separated, or "none"')
     args = p.parse_args()
     gpu = torch.cuda.get_device_name()
-    result = {
-        "device": gpu,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "any4ao": any4ao.__version__,
-        "command": " ".join(sys.argv),
-        "compile": [],
-    }
+    result = result_meta(compile=[])
     model = small_llama()
     modes = [] if args.modes == "none" else args.modes.split(",")
     for mode in modes:

@@ -7,11 +7,10 @@ shared memory, wgmma), from the compiled kernel's TTGIR. Also the target of an n
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-from bench_kernels import GROUP
+from bench_kernels import GROUP, result_meta
 
 from any4ao import Any4Tensor
 from any4ao.kernels import launch
@@ -70,12 +69,7 @@ def main():
         row |= {name: ttgir.count(op) for name, op in OPS.items()}
         rows.append(row)
         print(row, flush=True)
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "command": " ".join(sys.argv),
-    }
+    meta = result_meta()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = meta["device"].replace(" ", "-")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from bench_generate import build, measure  # noqa: E402  (same directory)
+from bench_kernels import result_meta
 
 from any4ao import Any4WeightOnlyConfig, quantize_model
 
@@ -115,15 +116,11 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"profile-generate-{gpu.replace(' ', '-')}-b{args.batch}"
-    meta = {
-        "device": gpu,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "command": " ".join(sys.argv),
-        "layers": args.layers,
-        "batch": args.batch,
-        "weights": "random",
-    }
+    meta = result_meta(
+        layers=args.layers,
+        batch=args.batch,
+        weights="random",
+    )
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, copies_for, graph_time_us
+from bench_kernels import GROUP, Poison, copies_for, graph_time_us, result_meta
 
-import any4ao
 from any4ao import Any4Tensor
 from any4ao.kernels import (
     ops,  # noqa: F401  (registers torch.ops.any4ao.*)
@@ -117,18 +116,12 @@ def main():
     dtype = torch.bfloat16
     shapes = [tuple(int(v) for v in nk.split("x")) for nk in args.shapes.split(",")]
     ms = [int(m) for m in args.ms.split(",")]
-    gpu = torch.cuda.get_device_name()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    meta = {
-        "device": gpu,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "any4ao": any4ao.__version__,
-        "command": " ".join(sys.argv),
-        "group_size": GROUP,
-        "dtype": str(dtype),
-        "timing": f"median of {args.replays} CUDA-graph replays; weights rotated over >3x L2 per replay",
-    }
+    meta = result_meta(
+        group_size=GROUP,
+        dtype=str(dtype),
+        timing=f"median of {args.replays} CUDA-graph replays; weights rotated over >3x L2 per replay",
+    )
     rows, best, top3 = [], [], []
     for n, k in shapes:
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02

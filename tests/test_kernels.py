@@ -141,19 +141,23 @@ def test_dequantize_kernel_matches_formula(n, k, group_size, nbits, dtype, permu
         (1, 4, 32, torch.bfloat16, "mma"),
         (40, 3, 32, torch.float16, "mma"),
         (64, 4, 32, torch.bfloat16, "mma"),
-        # above FUSED_MAX_M: lut_gemm, tested in test_lut_gemm.py
-        (3, 2, 32, torch.bfloat16, "dequantize"),  # 2-bit codes: no register lookup
+        (65, 4, 32, torch.bfloat16, "gemm"),  # above FUSED_MAX_M
+        (130, 3, 48, torch.float16, "gemm"),  # groups of 48: 16-column K steps
+        (65, 2, 32, torch.bfloat16, "dequantize"),  # 2-bit codes: no register lookup
+        (70, 4, 32, torch.float32, "dequantize"),  # fp32 x: no 16-bit tensor-core operands
+        (3, 2, 32, torch.bfloat16, "dequantize"),
         (3, 4, 16, torch.float16, "dequantize"),  # groups not a multiple of 32
         (2, 4, 48, torch.bfloat16, "dequantize"),
     ],
 )
 def test_custom_op_takes_the_selected_path(monkeypatch, m, nbits, group, dtype, path):
-    """torch.ops.any4ao.lut_linear on both paths, against float64, and the path is the selector's."""
+    """torch.ops.any4ao.lut_linear on each of its three paths, against float64, and the path is the
+    selector's (under the interpreter every M above FUSED_MAX_M that lut_gemm can read takes it)."""
     t, x, ref = _problem(m, 48, 96, group, nbits, dtype, seed=m)
     calls = []
-    real_mma, real_mm = launch.lut_mma, launch.dequantize_then_mm
-    monkeypatch.setattr(ops, "lut_mma", lambda *a: (calls.append("mma"), real_mma(*a))[1])
-    monkeypatch.setattr(ops, "dequantize_then_mm", lambda *a: (calls.append("dequantize"), real_mm(*a))[1])
+    for name, tag in (("lut_mma", "mma"), ("lut_gemm", "gemm"), ("dequantize_then_mm", "dequantize")):
+        real = getattr(launch, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real, tag=tag: (calls.append(tag), real(*a))[1])
     out = torch.ops.any4ao.lut_linear(x, *_args(t), nbits, group)
     assert calls == [path]
     assert out.dtype == dtype and _rel(out, ref) < TOLERANCE[dtype]

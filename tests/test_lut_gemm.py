@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_kernels import TOLERANCE, _args, _problem, _rel, poison_outputs  # noqa: F401  (autouse fixture)
 
-from any4ao.kernels import launch, ops, selector
+from any4ao.kernels import launch, selector
 from any4ao.kernels.launch import lut_gemm
 from any4ao.kernels.selector import GemmConfig, choose, gemm_applies, gemm_config
 
@@ -99,26 +99,6 @@ def test_gemm_rejects_configs_it_cannot_run(cfg):
     t, x, _ = _problem(4, 32, 64, 32, 4, torch.bfloat16, seed=1)
     with pytest.raises(ValueError, match="lut_gemm (takes|refuses)"):
         lut_gemm(x, *_args(t), 4, 32, cfg)
-
-
-@pytest.mark.parametrize(
-    "m, nbits, group, dtype, path",
-    [
-        (65, 4, 32, torch.bfloat16, "gemm"),  # above FUSED_MAX_M
-        (130, 3, 48, torch.float16, "gemm"),  # groups of 48: 16-column K steps
-        (65, 2, 32, torch.bfloat16, "dequantize"),  # 2-bit codes: no register lookup
-        (70, 4, 32, torch.float32, "dequantize"),  # fp32 x: no 16-bit tensor-core operands
-    ],
-)
-def test_custom_op_sends_large_m_to_the_gemm(monkeypatch, m, nbits, group, dtype, path):
-    t, x, ref = _problem(m, 48, 96, group, nbits, dtype, seed=m)
-    calls = []
-    real_gemm, real_mm = launch.lut_gemm, launch.dequantize_then_mm
-    monkeypatch.setattr(ops, "lut_gemm", lambda *a: (calls.append("gemm"), real_gemm(*a))[1])
-    monkeypatch.setattr(ops, "dequantize_then_mm", lambda *a: (calls.append("dequantize"), real_mm(*a))[1])
-    out = torch.ops.any4ao.lut_linear(x, *_args(t), nbits, group)
-    assert calls == [path]
-    assert out.dtype == dtype and _rel(out, ref) < TOLERANCE[dtype]
 
 
 def test_gemm_does_not_apply_to_layouts_it_cannot_read():
