@@ -26,6 +26,7 @@ import triton
 from any4ao import Any4Tensor, Any4WeightOnlyConfig
 from any4ao.codebooks.gptq import dequantize_codes
 from any4ao.codebooks.kmeans import lloyd_max
+from any4ao.codebooks.refine import real_domain_error
 
 SHAPES = {
     "q_proj": (4096, 4096),
@@ -80,6 +81,16 @@ def checks(device, rows=512, k=4096) -> dict:
     worst = torch.stack([errors["int4"], errors["nf4"], errors["fp4"]]).amin(0)
     out["any4_rows_worse_than_best_grid"] = int((errors["any4"] > worst * (1 + 1e-6)).sum())
     out["any4_mean_err_over_best_grid"] = float((errors["any4"] / worst).mean())
+    # the fused per-row error (CUDA) against the torch float64 version the CPU runs
+    codes = torch.randint(0, 16, x.shape, device=device, generator=g)
+    s = torch.rand(rows, k // 128, device=device, generator=g) + 0.1
+    z = torch.randn(rows, k // 128, device=device, generator=g)
+    fused = real_domain_error(x, cw[None], s, z, init, codes, 128)
+    w_hat = torch.gather(init.double(), 1, codes) * s.double().repeat_interleave(128, 1) + z.double().repeat_interleave(
+        128, 1
+    )
+    plain = (cw.double()[None] * (x.double() - w_hat).square()).sum(1)
+    out["row_error_fused_vs_torch_max_rel_diff"] = float(((fused - plain).abs() / plain).max())
     return out
 
 

@@ -31,7 +31,12 @@ def nearest_code(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_sse(x, weight, centroids, codes) -> torch.Tensor:
-    """Per-row sum of weight * (x - centroid[code])^2, accumulated in float64."""
+    """Per-row sum of weight * (x - centroid[code])^2, accumulated in float64 (on CUDA one fused
+    kernel, any4ao.kernels.row_error)."""
+    if fused_row_error_available(x, centroids):
+        from any4ao.kernels.row_error import row_error
+
+        return row_error(x, weight, centroids, codes)
     err = x - torch.gather(centroids, 1, codes)
     return (weight.double() * err.double().square()).sum(1)
 
@@ -58,6 +63,17 @@ def _fill_empty_clusters(x, weight, centroids, codes, cluster_weight):
     rank = (empty.cumsum(1) - 1).clamp(min=0, max=worst.shape[1] - 1)  # j-th empty -> j-th worst
     candidates = torch.gather(x, 1, torch.gather(worst, 1, rank))
     return torch.where(empty, candidates, centroids)
+
+
+def fused_row_error_available(x: torch.Tensor, lut: torch.Tensor) -> bool:
+    """The fused per-row error kernel serves float32 CUDA tensors (where triton imports)."""
+    if not (x.is_cuda and x.dtype == torch.float32 and lut.dtype == torch.float32):
+        return False
+    try:
+        import any4ao.kernels.row_error  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _fused_steps_available(x: torch.Tensor, num_centroids: int) -> bool:

@@ -53,7 +53,15 @@ def _sample_weight(scales: torch.Tensor, h: torch.Tensor, k: int, group_size: in
     """k-means sample weights h_k * scale_g(k)^2, normalised per row before squaring and again after
     (in float64): scale^2 of weights near 1e30 overflows float32 and of weights near 1e-30 (or fp32
     denormals) underflows to 0, which left k-means with Inf/NaN or all-zero weights. A per-row
-    constant does not change the row's k-means solution."""
+    constant does not change the row's k-means solution. On CUDA one fused kernel computes the same
+    (any4ao.kernels.sample_weight)."""
+    if scales.is_cuda:
+        try:
+            from any4ao.kernels.sample_weight import sample_weight
+        except ImportError:  # no triton: the torch version below
+            pass
+        else:
+            return sample_weight(scales, h, k, group_size, MIN_SAMPLE_WEIGHT)
     s = scales.double()
     smax = s.amax(1, keepdim=True)
     s = s / torch.where(smax > 0, smax, torch.ones_like(smax))
