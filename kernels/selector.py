@@ -17,6 +17,7 @@ SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize 
 """
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -284,10 +285,12 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
         rule = next((r for r in rules if m <= r.max_m and n >= r.min_n and n * k >= r.min_weights), None)
         if rule is None:
             return None
-        block_m, block_n, block_k = rule.block_m, rule.block_n, block_k_within_group(group_size, rule.block_k)
-        prefetch = rule.prefetch
+        block_m, block_n, block_k, prefetch = rule.block_m, rule.block_n, rule.block_k, rule.prefetch
     else:
-        block_m, block_n, block_k, prefetch = 128, 128, block_k_within_group(group_size), True
+        block_m, block_n, block_k, prefetch = 128, 128, 64, True
+    # a K step divides the group and K (a ragged last group: K is not a multiple of the group);
+    # gemm_applies holds, so this ends at 16 columns or more
+    block_k = block_k_within_group(math.gcd(group_size, k), block_k)
     tiles = -(-m // block_m) * -(-n // block_n)
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:

@@ -72,6 +72,16 @@ def test_gemm_prefetch_matches_float64(swap_ab, split_k):
     assert _rel(out, ref) < TOLERANCE[torch.bfloat16], cfg
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemm_reads_a_ragged_last_group(prefetch):
+    """K = 192 at group 128: the last group is 64 columns, its scale the row's second."""
+    t, x, ref = _problem(70, 40, 192, 128, 4, torch.bfloat16, seed=7)
+    cfg = gemm_config(70, 40, 192, 128, CPU)
+    assert cfg is not None and 192 % cfg.block_k == 0
+    out = lut_gemm(x, *_args(t), 4, 128, GemmConfig(32, 32, 64, prefetch=prefetch))
+    assert _rel(out, ref) < TOLERANCE[torch.bfloat16]
+
+
 def test_gemm_weights_match_the_dequantize_kernel():
     """lut_gemm rounds each looked-up weight to x's dtype once, as the dequantize kernel does, so with
     an exact one-hot x the product reads back the dequantized matrix bit for bit."""
@@ -140,5 +150,7 @@ def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
     assert pick(256, 4096, 4096) is None
     assert pick(512, 14336, 4096) is None
     assert pick(128, 2048, 2048) is None  # below every measured weight size
+    # a ragged last group (K = 4160 at group 128): the rule's 128-column steps would straddle K's end
+    assert pick(128, 14336, 4160) == (128, 128, 64, 1, True)
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
     assert pick(128, 28672, 4096) is None
