@@ -45,6 +45,15 @@ def result_meta(**extra) -> dict:
     }
 
 
+def write_rows(out_dir, name: str, meta: dict, rows: list) -> Path:
+    """out_dir/<name>-<device>.json holding {"meta": meta, "rows": rows}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{meta['device'].replace(' ', '-')}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return path
+
+
 def graph_time_us(calls, replays=20):
     """Median time of one call, from CUDA-graph replays of all `calls` back to back."""
     side = torch.cuda.Stream()

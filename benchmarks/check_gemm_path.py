@@ -6,12 +6,10 @@ dequantize + mm path and bf16 cuBLAS, measured in one run (CUDA graphs, weights 
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, copies_for, graph_time_us, result_meta
+from bench_kernels import GROUP, Poison, copies_for, graph_time_us, result_meta, write_rows
 
 from any4ao import Any4Tensor
 from any4ao.kernels import ops, selector  # noqa: F401  (ops registers torch.ops.any4ao.*)
@@ -55,10 +53,7 @@ def main():
     meta = result_meta(
         timing="median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = meta["device"].replace(" ", "-")
-    (out / f"gemm-path-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_rows(args.out, "gemm-path", meta, rows)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,9 @@ shared memory, wgmma), from the compiled kernel's TTGIR. Also the target of an n
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
-from bench_kernels import GROUP, result_meta
+from bench_kernels import GROUP, result_meta, write_rows
 
 from any4ao import Any4Tensor
 from any4ao.kernels import launch
@@ -70,10 +68,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
     meta = result_meta()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = meta["device"].replace(" ", "-")
-    (out / f"inspect-gemm-{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_rows(args.out, "inspect-gemm", meta, rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ row), looks it up with the byte-permute tree of lut_permute (its rows' LUT plane
 before the loop), applies the group's scale and zero in float32 and rounds to x's dtype: the same
 values, rounded once, that the dequantize kernel would write. BLOCK_K divides the group, so one
 scale and zero per row serve a step. PREFETCH loads a step's code words, scales and zeros in the
-step before (register double buffer): the ncu profile (benchmarks/results/inspect-gemm-NOTE.md)
+step before (register double buffer): the ncu profile (benchmarks/results/sweep-gemm-NOTE.md)
 shows the kernel latency-bound, one CTA per SM issuing every 2.8 cycles, ALU pipe 26 % busy.
 
 SWAP_AB computes the transposed product acc[n, m] = W_tile @ x_tile^T: the looked-up tile is then

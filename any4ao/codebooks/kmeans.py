@@ -4,6 +4,7 @@ Each row of `x` is an independent problem with its own centroids; all rows advan
 tensor ops (no per-row Python loop), on whatever device `x` lives on.
 """
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -33,7 +34,7 @@ def nearest_code(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 def weighted_sse(x, weight, centroids, codes) -> torch.Tensor:
     """Per-row sum of weight * (x - centroid[code])^2, accumulated in float64 (on CUDA one fused
     kernel, any4ao.kernels.row_error)."""
-    if fused_row_error_available(x, centroids):
+    if cuda_kernels_serve(x, centroids):
         from any4ao.kernels.row_error import row_error
 
         return row_error(x, weight, centroids, codes)
@@ -65,15 +66,19 @@ def _fill_empty_clusters(x, weight, centroids, codes, cluster_weight):
     return torch.where(empty, candidates, centroids)
 
 
-def fused_row_error_available(x: torch.Tensor, lut: torch.Tensor) -> bool:
-    """The fused per-row error kernel serves float32 CUDA tensors (where triton imports)."""
-    if not (x.is_cuda and x.dtype == torch.float32 and lut.dtype == torch.float32):
-        return False
+@functools.lru_cache(maxsize=1)
+def _triton_imports() -> bool:
     try:
-        import any4ao.kernels.row_error  # noqa: F401
+        import triton  # noqa: F401  (a Linux-only dependency)
     except ImportError:
         return False
     return True
+
+
+def cuda_kernels_serve(*tensors: torch.Tensor) -> bool:
+    """The quantizer's one-pass Triton kernels (row error, sample weights) serve these tensors: all
+    on CUDA and float32, and triton imports; elsewhere the torch versions run."""
+    return all(t.is_cuda and t.dtype == torch.float32 for t in tensors) and _triton_imports()
 
 
 def _fused_steps_available(x: torch.Tensor, num_centroids: int) -> bool:

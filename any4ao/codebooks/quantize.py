@@ -19,7 +19,7 @@ import torch
 
 from any4ao.codebooks.fixed import FP4_E2M1_MAGNITUDES, fixed_lut, int_grid
 from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_params, to_code_domain
-from any4ao.codebooks.kmeans import lloyd_max, nearest_code, weighted_sse
+from any4ao.codebooks.kmeans import cuda_kernels_serve, lloyd_max, nearest_code, weighted_sse
 from any4ao.codebooks.refine import fit_group_affine, real_domain_error
 from any4ao.config import Any4WeightOnlyConfig, Scaling
 from any4ao.validation import dequant_range_ok
@@ -55,13 +55,10 @@ def _sample_weight(scales: torch.Tensor, h: torch.Tensor, k: int, group_size: in
     denormals) underflows to 0, which left k-means with Inf/NaN or all-zero weights. A per-row
     constant does not change the row's k-means solution. On CUDA one fused kernel computes the same
     (any4ao.kernels.sample_weight)."""
-    if scales.is_cuda:
-        try:
-            from any4ao.kernels.sample_weight import sample_weight
-        except ImportError:  # no triton: the torch version below
-            pass
-        else:
-            return sample_weight(scales, h, k, group_size, MIN_SAMPLE_WEIGHT)
+    if cuda_kernels_serve(scales):
+        from any4ao.kernels.sample_weight import sample_weight
+
+        return sample_weight(scales, h, k, group_size, MIN_SAMPLE_WEIGHT)
     s = scales.double()
     smax = s.amax(1, keepdim=True)
     s = s / torch.where(smax > 0, smax, torch.ones_like(smax))

@@ -12,7 +12,7 @@ Refitting, then re-running k-means in the new code domain, can only lower the re
 import torch
 
 from any4ao.codebooks.group_scaling import expand_groups, num_groups
-from any4ao.codebooks.kmeans import fused_row_error_available
+from any4ao.codebooks.kmeans import cuda_kernels_serve
 
 
 def _grouped_zero_padded(t: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -47,7 +47,7 @@ def fit_group_affine(w, code_values, weight, scales, zeros, group_size: int, dty
 def real_domain_error(w, weight, scales, zeros, lut, codes, group_size: int) -> torch.Tensor:
     """Per-row sum_k weight_k * (w_k - (s * lut[code_k] + z))^2 in float64 (on CUDA one fused
     kernel, any4ao.kernels.row_error)."""
-    if fused_row_error_available(w, lut) and scales.dtype == zeros.dtype == torch.float32:
+    if cuda_kernels_serve(w, lut, scales, zeros):
         from any4ao.kernels.row_error import row_error
 
         return row_error(w, weight, lut, codes, scales, zeros, group_size)
