@@ -60,6 +60,8 @@ def test_row_error_rejects_what_it_cannot_read():
         row_error(w, weight, lut, codes[:, :32])
     with pytest.raises(ValueError, match="do not fit"):
         row_error(w, weight, lut, codes, scales[:, :1], zeros[:, :1], 32)
+    with pytest.raises(ValueError, match="sample_weight"):  # scales for group 32, asked for group 16
+        sample_weight(scales, weight, 64, 16, MIN_SAMPLE_WEIGHT)
 
 
 @settings(max_examples=12, deadline=None)
