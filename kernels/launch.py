@@ -153,6 +153,7 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
         SPLIT_K=split_k,
         SWAP_AB=config.swap_ab,
         LUT_FP16=lut.dtype == torch.float16,
+        PAIR_FMA=config.pair_fma and lut.dtype == x.dtype and scale.dtype == x.dtype == zero_point.dtype,
         USE_ASM=not INTERPRET,
         PREFETCH=config.prefetch,
         INTERPRET=INTERPRET,

@@ -3,8 +3,8 @@ tile by tile in registers and fed straight to tl.dot, never written to HBM.
 
 Per K step a program loads a (BLOCK_N, BLOCK_K) tile of packed codes (BLOCK_K / 8 32-bit words per
 row), looks it up with the byte-permute tree of lut_permute (its rows' LUT planes are built once,
-before the loop), applies the group's scale and zero in float32 and rounds to x's dtype: the same
-values, rounded once, that the dequantize kernel would write. BLOCK_K divides the group, so one
+before the loop) and applies the group's scale and zero: with one fma.rn.bf16x2 (f16x2) per pair of
+weights when LUT, scales and x share a dtype (PAIR_FMA), else in float32, rounded to x's dtype. BLOCK_K divides the group, so one
 scale and zero per row serve a step. PREFETCH loads a step's code words, scales and zeros in the
 step before (register double buffer): the ncu profile (benchmarks/results/sweep-gemm-NOTE.md)
 shows the kernel latency-bound, one CTA per SM issuing every 2.8 cycles, ALU pipe 26 % busy.
@@ -21,21 +21,52 @@ operands are upcast to float32 there; on the GPU they go to the tensor cores as 
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_permute import lookup_phases, lut_byte_planes
+from any4ao.kernels.lut_permute import halves, lookup8, lookup_phases, lut_byte_planes, scale_pairs
+
+
+@triton.jit
+def _both_halves(v):
+    """(BLOCK_N,) 16-bit floats -> uint32 holding their bits in both halves (fma.rn.*x2 operands)."""
+    return v.to(tl.uint16, bitcast=True).to(tl.uint32) * 65537
 
 
 @triton.jit
 def _lookup_tile(
-    words, P, s, z, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    words,
+    P,
+    s,
+    z,
+    PAIR_FMA: tl.constexpr,
+    LUT_FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """(BLOCK_N, BLOCK_K // 8) code words -> (BLOCK_N, BLOCK_K) float32 lut * scale + zero, column order."""
-    v0, v1, v2, v3, v4, v5, v6, v7 = lookup_phases(
-        words, P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], LUT_FP16, USE_ASM, True
-    )
-    s = s[:, None]
-    z = z[:, None]
-    v0, v1, v2, v3 = v0 * s + z, v1 * s + z, v2 * s + z, v3 * s + z
-    v4, v5, v6, v7 = v4 * s + z, v5 * s + z, v6 * s + z, v7 * s + z
+    """(BLOCK_N, BLOCK_K // 8) code words -> (BLOCK_N, BLOCK_K) lut * scale + zero, column order.
+    PAIR_FMA (LUT, scales and x of one 16-bit dtype): one fma.rn.bf16x2 (f16x2) per looked-up pair of
+    16-bit values gives W in x's dtype, rounded once, as lut_mma does; this halves the registers
+    a W tile holds and the instructions per weight against the float32 path (2 unpacks, 2 FMAs and
+    a convert per pair), which serves LUTs whose dtype differs from x's."""
+    if PAIR_FMA:
+        Pw = (P[0][:, None], P[1][:, None], P[2][:, None], P[3][:, None])
+        Pw = Pw + (P[4][:, None], P[5][:, None], P[6][:, None], P[7][:, None])
+        p01, p23, p45, p67 = lookup8(
+            words, Pw, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM
+        )
+        S = _both_halves(s)[:, None]
+        Z = _both_halves(z)[:, None]
+        v0, v1 = halves(scale_pairs(p01, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
+        v2, v3 = halves(scale_pairs(p23, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
+        v4, v5 = halves(scale_pairs(p45, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
+        v6, v7 = halves(scale_pairs(p67, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
+    else:
+        v0, v1, v2, v3, v4, v5, v6, v7 = lookup_phases(
+            words, P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], LUT_FP16, USE_ASM, True
+        )
+        s = s.to(tl.float32)[:, None]
+        z = z.to(tl.float32)[:, None]
+        v0, v1, v2, v3 = v0 * s + z, v1 * s + z, v2 * s + z, v3 * s + z
+        v4, v5, v6, v7 = v4 * s + z, v5 * s + z, v6 * s + z, v7 * s + z
     # join on the slowest index first: (w, a, b, c) flattens to column 8w + 4a + 2b + c
     c0 = tl.join(tl.join(v0, v4), tl.join(v2, v6))
     c1 = tl.join(tl.join(v1, v5), tl.join(v3, v7))
@@ -44,12 +75,12 @@ def _lookup_tile(
 
 @triton.jit
 def _step_operands(qw_rows, s_rows, z_rows, nmask, k0, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The code words (BLOCK_N, BLOCK_K // 8) of the K step at column k0 < K and its group's float32
-    scale and zero per row; *_rows point at each row's start (masked rows read zeros)."""
+    """The code words (BLOCK_N, BLOCK_K // 8) of the K step at column k0 < K and its group's scale
+    and zero per row, in their storage dtype; *_rows point at each row's start (masked rows read zeros)."""
     cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
     words = tl.load(qw_rows[:, None] + cols[None, :], mask=nmask[:, None], other=0).to(tl.uint32, bitcast=True)
-    s = tl.load(s_rows + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
-    z = tl.load(z_rows + k0 // GROUP, mask=nmask, other=0.0).to(tl.float32)
+    s = tl.load(s_rows + k0 // GROUP, mask=nmask, other=0.0)
+    z = tl.load(z_rows + k0 // GROUP, mask=nmask, other=0.0)
     return words, s, z
 
 
@@ -78,6 +109,7 @@ def lut_gemm_kernel(
     SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
     LUT_FP16: tl.constexpr,
+    PAIR_FMA: tl.constexpr,
     USE_ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -122,7 +154,7 @@ def lut_gemm_kernel(
             )
         else:
             cur_words, cur_s, cur_z = _step_operands(qw_rows, s_rows, z_rows, nmask, k0, GROUP, BLOCK_K)
-        w = _lookup_tile(cur_words, P, cur_s, cur_z, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K).to(x.dtype)
+        w = _lookup_tile(cur_words, P, cur_s, cur_z, PAIR_FMA, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K).to(x.dtype)
         if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: multiply the 16-bit values in fp32
             w = w.to(tl.float32)
             x = x.to(tl.float32)

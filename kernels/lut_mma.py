@@ -41,7 +41,7 @@ Under TRITON_INTERPRET=1 the mma is emulated by assembling the fragments into ma
 import triton
 import triton.language as tl
 
-from any4ao.kernels.lut_permute import halves, lookup8, lut_byte_planes
+from any4ao.kernels.lut_permute import halves, lookup8, lut_byte_planes, scale_pairs
 
 
 @triton.jit
@@ -100,32 +100,6 @@ def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, FP16: tl.constexpr):
     d0, d2 = tl.split(j0)
     d1, d3 = tl.split(j1)
     return c0 + d0, c1 + d1, c2 + d2, c3 + d3
-
-
-@triton.jit
-def _to_bits(v, FP16: tl.constexpr):
-    """float32 -> the uint32 holding its 16-bit (fp16 / bf16) rounding in the low half."""
-    if FP16:
-        return v.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    else:
-        return v.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
-
-
-@triton.jit
-def scale_pairs(pair, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
-    """pair * S + Z on both 16-bit halves (S, Z: a row's scale / zero in both halves), rounded once
-    (fma.rn.bf16x2 / fma.rn.f16x2; the interpreter computes it in float32, where lut * s is exact)."""
-    if USE_ASM:
-        if FP16:
-            asm: tl.constexpr = "fma.rn.f16x2 $0, $1, $2, $3;"
-        else:
-            asm: tl.constexpr = "fma.rn.bf16x2 $0, $1, $2, $3;"
-        return tl.inline_asm_elementwise(asm, "=r,r,r,r", [pair, S, Z], dtype=tl.uint32, is_pure=True, pack=1)
-    else:
-        lo, hi = halves(pair, FP16, True)
-        s, _ = halves(S, FP16, True)
-        z, _ = halves(Z, FP16, True)
-        return _to_bits(lo * s + z, FP16) | (_to_bits(hi * s + z, FP16) << 16)
 
 
 @triton.jit

@@ -123,6 +123,32 @@ def halves(pair, LUT_FP16: tl.constexpr, F32: tl.constexpr):
 
 
 @triton.jit
+def _to_bits(v, FP16: tl.constexpr):
+    """float32 -> the uint32 holding its 16-bit (fp16 / bf16) rounding in the low half."""
+    if FP16:
+        return v.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        return v.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)
+
+
+@triton.jit
+def scale_pairs(pair, S, Z, FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """pair * S + Z on both 16-bit halves (S, Z: a row's scale / zero in both halves), rounded once
+    (fma.rn.bf16x2 / fma.rn.f16x2; the interpreter computes it in float32, where lut * s is exact)."""
+    if USE_ASM:
+        if FP16:
+            asm: tl.constexpr = "fma.rn.f16x2 $0, $1, $2, $3;"
+        else:
+            asm: tl.constexpr = "fma.rn.bf16x2 $0, $1, $2, $3;"
+        return tl.inline_asm_elementwise(asm, "=r,r,r,r", [pair, S, Z], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        lo, hi = halves(pair, FP16, True)
+        s, _ = halves(S, FP16, True)
+        z, _ = halves(Z, FP16, True)
+        return _to_bits(lo * s + z, FP16) | (_to_bits(hi * s + z, FP16) << 16)
+
+
+@triton.jit
 def lookup_phases(
     words, L0, L1, L2, L3, H0, H1, H2, H3, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr, F32: tl.constexpr = False
 ):

@@ -74,7 +74,8 @@ class GemmConfig:
     """A lut_gemm launch: (block_m, block_n) output tiles, block_k columns per step (dividing the
     group), split_k programs along K, group_m M tiles per band (L2 reuse of W tiles), swap_ab:
     the looked-up W tile as the left tl.dot operand; prefetch: load each K step's code words and
-    scales one step ahead, in registers."""
+    scales one step ahead, in registers; pair_fma: scale and zero applied with one 16-bit pair FMA
+    per two weights where LUT, scales and x share a dtype (off: in float32, for A/B timing)."""
 
     block_m: int
     block_n: int
@@ -85,6 +86,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     prefetch: bool = False
+    pair_fma: bool = True
 
 
 @dataclass(frozen=True)
@@ -249,8 +251,8 @@ class GemmRule:
     """lut_gemm serves FUSED_MAX_M < M <= max_m where N >= min_n and the weight has at least
     min_weights elements (there the dequantized copy that dequantize + mm writes per call costs
     more than looking the weights up once per M tile); block_m x block_n tiles, block_k columns
-    per step (or the largest power of two dividing the group), the looked-up W as the left operand,
-    code words prefetched a step ahead or not."""
+    per step (or the largest power of two dividing the group), the looked-up W as the left operand
+    (swap_ab) or the right one, code words prefetched a step ahead or not."""
 
     max_m: int
     min_n: int
@@ -259,15 +261,19 @@ class GemmRule:
     block_m: int = 128
     block_n: int = 128
     prefetch: bool = False
+    swap_ab: bool = True
 
 
 # From benchmarks/results/sweep-gemm-NVIDIA-H200-prefetch-*.md (CUDA graphs, weights rotated past
 # L2; sweep-gemm-NOTE.md): at M = 65 and 128 lut_gemm beat dequantize + mm on all four Llama-3-8B
 # shapes (1.0-1.6x; 4096x4096 only just), at M = 256 on the three large ones (1.1-1.2x), and lost
-# everywhere at M = 512. GPUs with no rules measured on them take dequantize + mm.
+# everywhere at M = 512. GPUs with no rules measured on them take dequantize + mm. With the 16-bit
+# pair FMA (sweep-gemm-NVIDIA-H200-pairfma.md) W as the right operand wins at M = 128 where N >= 14336
+# (14336x4096: 51.4 us against 56.5 with swap_ab; 28672x4096: 96.0 against 100.6).
 GEMM_RULES = {
     "H200": (
-        GemmRule(max_m=128, min_n=20480, min_weights=14336 * 4096, block_k=64),
+        GemmRule(max_m=128, min_n=20480, min_weights=14336 * 4096, block_k=64, prefetch=True, swap_ab=False),
+        GemmRule(max_m=128, min_n=14336, min_weights=14336 * 4096, block_k=128, prefetch=True, swap_ab=False),
         GemmRule(max_m=128, min_n=0, min_weights=4096 * 4096, block_k=128, prefetch=True),
         GemmRule(max_m=256, min_n=0, min_weights=14336 * 4096, block_k=64, block_m=256, prefetch=True),
     )
@@ -285,9 +291,15 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
         rule = next((r for r in rules if m <= r.max_m and n >= r.min_n and n * k >= r.min_weights), None)
         if rule is None:
             return None
-        block_m, block_n, block_k, prefetch = rule.block_m, rule.block_n, rule.block_k, rule.prefetch
+        block_m, block_n, block_k, prefetch, swap_ab = (
+            rule.block_m,
+            rule.block_n,
+            rule.block_k,
+            rule.prefetch,
+            rule.swap_ab,
+        )
     else:
-        block_m, block_n, block_k, prefetch = 128, 128, 64, True
+        block_m, block_n, block_k, prefetch, swap_ab = 128, 128, 64, True, True
     # a K step divides the group and K (a ragged last group: K is not a multiple of the group);
     # gemm_applies holds, so this ends at 16 columns or more
     block_k = block_k_within_group(math.gcd(group_size, k), block_k)
@@ -295,7 +307,7 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=True, num_warps=8, prefetch=prefetch)
+    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=swap_ab, num_warps=8, prefetch=prefetch)
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:

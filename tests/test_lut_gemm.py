@@ -29,6 +29,7 @@ CPU = torch.device("cpu")
     swap_ab=st.booleans(),
     group_m=st.sampled_from([1, 2, 8]),
     prefetch=st.booleans(),
+    pair_fma=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_gemm_kernel_matches_float64(
@@ -45,17 +46,19 @@ def test_gemm_kernel_matches_float64(
     swap_ab,
     group_m,
     prefetch,
+    pair_fma,
     seed,
 ):
     """Ragged M and N (masked tiles), 1-8 K steps per group, split K (also more splits than steps
     divide evenly, so some splits have no step), both operand orders, grouped tile order with
-    partial bands, code words prefetched a step ahead or not."""
+    partial bands, code words prefetched a step ahead or not, scales applied by 16-bit pair FMAs or
+    in float32."""
     while group_size % block_k:
         block_k //= 2
     k = k_groups * group_size
     t, x, ref = _problem(m, n, k, group_size, nbits, dtype, seed)
     assert gemm_applies(x, *_args(t), nbits, group_size)
-    cfg = GemmConfig(block_m, block_n, block_k, split_k, group_m, swap_ab, prefetch=prefetch)
+    cfg = GemmConfig(block_m, block_n, block_k, split_k, group_m, swap_ab, prefetch=prefetch, pair_fma=pair_fma)
     out = lut_gemm(x, *_args(t), nbits, group_size, cfg)
     assert out.shape == (m, n) and out.dtype == dtype
     assert _rel(out, ref) < TOLERANCE[dtype], cfg
@@ -131,26 +134,27 @@ def test_gemm_config_fills_the_gpu_and_steps_within_groups():
 
 def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
     """The H200 rules (sweep-gemm-NVIDIA-H200-prefetch-*.md): lut_gemm at 64 < M <= 128 on weights
-    of at least 4096x4096 elements (128-column steps, prefetched, except on the widest N), at M <= 256
-    on weights of at least 14336x4096 elements (256-row tiles); dequantize + mm elsewhere. A GPU with
-    no measured rules takes dequantize + mm."""
+    of at least 4096x4096 elements (128-column steps except on the widest N, prefetched; W the right
+    operand where N >= 14336), at M <= 256 on weights of at least 14336x4096 elements (256-row tiles);
+    dequantize + mm elsewhere (sweep-gemm-NVIDIA-H200-pairfma.md). A GPU with no measured rules takes
+    dequantize + mm."""
     cuda = torch.device("cuda")  # only its type is read; _device_facts is replaced
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H200", 132, (9, 0)))
 
     def pick(m, n, k):
         cfg = gemm_config(m, n, k, 128, cuda)
-        return cfg and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.prefetch)
+        return cfg and (cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k, cfg.prefetch, cfg.swap_ab)
 
-    assert pick(65, 14336, 4096) == (128, 128, 128, 1, True)
-    assert pick(128, 4096, 14336) == (128, 128, 128, 4, True)  # 32 tiles: split K over the SMs
-    assert pick(128, 4096, 4096) == (128, 128, 128, 4, True)
-    assert pick(128, 28672, 4096) == (128, 128, 64, 1, False)
-    assert pick(256, 28672, 4096) == (256, 128, 64, 1, True)
-    assert pick(256, 4096, 14336) == (256, 128, 64, 4, True)
+    assert pick(65, 14336, 4096) == (128, 128, 128, 1, True, False)
+    assert pick(128, 4096, 14336) == (128, 128, 128, 4, True, True)  # 32 tiles: split K over the SMs
+    assert pick(128, 4096, 4096) == (128, 128, 128, 4, True, True)
+    assert pick(128, 28672, 4096) == (128, 128, 64, 1, True, False)
+    assert pick(256, 28672, 4096) == (256, 128, 64, 1, True, True)
+    assert pick(256, 4096, 14336) == (256, 128, 64, 4, True, True)
     assert pick(256, 4096, 4096) is None
     assert pick(512, 14336, 4096) is None
     assert pick(128, 2048, 2048) is None  # below every measured weight size
     # a ragged last group (K = 4160 at group 128): the rule's 128-column steps would straddle K's end
-    assert pick(128, 14336, 4160) == (128, 128, 64, 1, True)
+    assert pick(128, 14336, 4160) == (128, 128, 64, 1, True, False)
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
     assert pick(128, 28672, 4096) is None
