@@ -3,6 +3,9 @@ the operations that say how the K loop runs (asynchronous copies, layout convers
 shared memory, wgmma), from the compiled kernel's TTGIR. Also the target of an ncu run (--launches).
 
     python benchmarks/inspect_gemm.py [--out DIR] [--shape 14336x4096] [--m 128] [--launches 0]
+        [--tiles 128x128x128x1x1x8x3,...]   (block_m x block_n x block_k x split_k x swap_ab x num_warps x num_stages)
+
+The same resource figures without a GPU: benchmarks/inspect_compile.py.
 """
 
 import argparse
@@ -16,7 +19,7 @@ from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.selector import GemmConfig
 
 # (block_m, block_n, block_k, split_k, swap_ab, num_warps, num_stages), each without and with prefetch
-TILES = [(128, 128, 128, 1, True, 8, 3), (256, 64, 64, 1, False, 8, 3)]
+TILES = "128x128x128x1x1x8x3,256x64x64x1x0x8x3"
 OPS = {
     "async copies": "ttg.async_copy_global_to_local",
     "layout conversions": "ttg.convert_layout",
@@ -37,7 +40,8 @@ def main():
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--shape", default="14336x4096")
     p.add_argument("--m", type=int, default=128)
-    p.add_argument("--launches", type=int, default=0, help="only launch the first config this many times (ncu)")
+    p.add_argument("--launches", type=int, default=0, help="only launch each config this many times (ncu)")
+    p.add_argument("--tiles", default=TILES)
     args = p.parse_args()
     n, k = (int(v) for v in args.shape.split("x"))
     torch.manual_seed(0)
@@ -46,8 +50,8 @@ def main():
     x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
     qargs = (q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP)
     configs = [
-        GemmConfig(bm, bn, bk, split, 8, swap, warps, stages, pf)
-        for bm, bn, bk, split, swap, warps, stages in TILES
+        GemmConfig(bm, bn, bk, split, 8, bool(swap), warps, stages, pf)
+        for bm, bn, bk, split, swap, warps, stages in (map(int, t.split("x")) for t in args.tiles.split(","))
         for pf in (False, True)
     ]
     if args.launches:

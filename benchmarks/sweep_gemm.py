@@ -1,7 +1,8 @@
 """lut_gemm (the fused tensor-core LUT GEMM) launch configs against bf16 cuBLAS, the dequantize + mm
 path and torchao int4, at prefill sizes; the data selector.gemm_config is fitted to.
 
-    python benchmarks/sweep_gemm.py [--out DIR] [--shapes 4096x4096,...] [--ms 128,512,...] [--tiles winners] [--prefetch on]
+    python benchmarks/sweep_gemm.py [--out DIR] [--shapes 4096x4096,...] [--ms 128,512,...]
+        [--tiles winners|all|128x128x64x16x3,...] [--prefetch on]
 
 Every candidate config runs on each real shape against float64 before it is timed (outputs
 NaN-poisoned; a wrong config is dropped and reported); at the end the winners also run on ragged
@@ -45,6 +46,13 @@ TILES = [
 ]
 # the tiles that won somewhere in the first H200 sweep (sweep-gemm-NVIDIA-H200*.md): --tiles winners
 WINNERS = [(128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (256, 64, 64, 8, 3), (256, 128, 64, 8, 3)]
+
+
+def parse_tiles(spec):
+    """'all', 'winners' or a comma list of block_m x block_n x block_k x num_warps x num_stages."""
+    if spec in ("all", "winners"):
+        return TILES if spec == "all" else WINNERS
+    return [tuple(int(v) for v in t.split("x")) for t in spec.split(",")]
 
 
 def candidates(m, n, k, sms, tiles=TILES, prefetch=(False,)):
@@ -107,7 +115,7 @@ def main():
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--tag", default="")
-    p.add_argument("--tiles", choices=["all", "winners"], default="all")
+    p.add_argument("--tiles", default="all", help="all, winners, or e.g. 256x64x64x8x3,128x128x128x8x3")
     p.add_argument(
         "--prefetch", default="both", choices=["both", "on", "off"], help="configs with code words loaded a step ahead"
     )
@@ -148,7 +156,7 @@ def main():
             if ao_us is not None:
                 record("torchao int4", ao_us)
             timed = []
-            tiles = WINNERS if args.tiles == "winners" else TILES
+            tiles = parse_tiles(args.tiles)
             prefetch = {"both": (False, True), "on": (True,), "off": (False,)}[args.prefetch]
             for i, cfg in enumerate(candidates(m, n, k, sms, tiles, prefetch)):
                 try:

@@ -252,7 +252,7 @@ class GemmRule:
     min_weights elements (there the dequantized copy that dequantize + mm writes per call costs
     more than looking the weights up once per M tile); block_m x block_n tiles, block_k columns
     per step (or the largest power of two dividing the group), the looked-up W as the left operand
-    (swap_ab) or the right one, code words prefetched a step ahead or not."""
+    (swap_ab) or the right one, code words prefetched a step ahead or not, num_warps per program."""
 
     max_m: int
     min_n: int
@@ -262,6 +262,7 @@ class GemmRule:
     block_n: int = 128
     prefetch: bool = False
     swap_ab: bool = True
+    num_warps: int = 8
 
 
 # From benchmarks/results/sweep-gemm-NVIDIA-H200-prefetch-*.md (CUDA graphs, weights rotated past
@@ -291,15 +292,16 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
         rule = next((r for r in rules if m <= r.max_m and n >= r.min_n and n * k >= r.min_weights), None)
         if rule is None:
             return None
-        block_m, block_n, block_k, prefetch, swap_ab = (
+        block_m, block_n, block_k, prefetch, swap_ab, num_warps = (
             rule.block_m,
             rule.block_n,
             rule.block_k,
             rule.prefetch,
             rule.swap_ab,
+            rule.num_warps,
         )
     else:
-        block_m, block_n, block_k, prefetch, swap_ab = 128, 128, 64, True, True
+        block_m, block_n, block_k, prefetch, swap_ab, num_warps = 128, 128, 64, True, True, 8
     # a K step divides the group and K (a ragged last group: K is not a multiple of the group);
     # gemm_applies holds, so this ends at 16 columns or more
     block_k = block_k_within_group(math.gcd(group_size, k), block_k)
@@ -307,7 +309,7 @@ def gemm_config(m: int, n: int, k: int, group_size: int, device: torch.device) -
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=swap_ab, num_warps=8, prefetch=prefetch)
+    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=swap_ab, num_warps=num_warps, prefetch=prefetch)
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:

@@ -158,3 +158,34 @@ def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
     assert pick(128, 14336, 4160) == (128, 128, 64, 1, True, False)
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
     assert pick(128, 28672, 4096) is None
+
+
+def test_rule_configs_compile_for_hopper_without_spills(tmp_path):
+    """Every lut_gemm config a GEMM rule can pick, compiled for sm_90a by triton and ptxas on this
+    CPU (benchmarks/inspect_compile.py; no GPU, no TRITON_INTERPRET): no register spills (an empty
+    stack frame), at least one CTA per SM, wgmma in the loop. A kernel change that makes the GPU
+    path spill fails here. (lut_mma is not held to this: at the register limit its spills differ
+    between triton versions; the tool reports them.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    configs = {
+        (r.block_m, r.block_n, r.block_k, r.num_warps, r.swap_ab, r.prefetch)
+        for rules in selector.GEMM_RULES.values()
+        for r in rules
+    }
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    reports = []
+    for swap, prefetch in sorted({(c[4], c[5]) for c in configs}):
+        tiles = ",".join(f"{bm}x{bn}x{bk}x{w}x3" for bm, bn, bk, w, s, p in configs if (s, p) == (swap, prefetch))
+        cmd = [sys.executable, str(root / "benchmarks" / "inspect_compile.py"), "--tiles", tiles, "--mma", ""]
+        cmd += ["--swap", "on" if swap else "off", "--prefetch", "on" if prefetch else "off", "--out", str(tmp_path)]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+        reports += json.loads((tmp_path / "inspect-compile-sm90.json").read_text())["rows"]
+    assert len(reports) == len(configs)
+    for r in reports:
+        assert r["stack_bytes"] == 0 and r["ctas_per_sm"] >= 1 and r["wgmma"] >= 1, r
