@@ -156,6 +156,11 @@ def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
     assert pick(128, 2048, 2048) is None  # below every measured weight size
     # a ragged last group (K = 4160 at group 128): the rule's 128-column steps would straddle K's end
     assert pick(128, 14336, 4160) == (128, 128, 64, 1, True, False)
+    # the H100 takes the same rules (sweep-gemm-NVIDIA-H100-80GB-HBM3-w16.md)
+    monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H100 80GB HBM3", 132, (9, 0)))
+    assert pick(65, 14336, 4096) == (128, 128, 128, 1, True, False)
+    assert pick(256, 28672, 4096) == (256, 128, 64, 1, True, True)
+    assert pick(512, 14336, 4096) is None
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
     assert pick(128, 28672, 4096) is None
 
