@@ -269,3 +269,24 @@ def test_selector_uses_the_h200_table_on_an_h200(monkeypatch):
     assert mma_config(32, 4096, 14336, 128, CPU) == MmaConfig(32, 2, 8, 2, False)
     assert mma_config(32, 1024, 4096, 128, CPU) == MmaConfig(16, 1, 8, 2, False)
     assert mma_config(1, 28672, 4096, 128, CPU) == MmaConfig(8, 1, 4, 1, False)  # as on the H100
+
+
+def test_the_kernels_folder_does_not_shadow_the_pypi_package_of_that_name():
+    """With the checkout's root first on sys.path (`python -m ...` run from it), `import kernels`
+    reaches the PyPI package transformers imports (transformers >= 5.25 depends on it), or fails
+    naming the folder where none is installed; never any4ao's own kernels/ folder."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = "import kernels; print(kernels.__file__)"  # python -c puts the working directory first
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert run.returncode != 0 and "any4ao's source folder" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert Path(run.stdout.strip()).resolve().parent != root / "kernels"
