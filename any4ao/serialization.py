@@ -35,11 +35,12 @@ from any4ao.validation import (
     check_all_values,
     checksum_algorithm,
     checksums,
-    new_hasher,
+    tensor_hasher,
     verify_checksums,
 )
 
-# 3: checksums are xxh3_64 (named in the metadata); 2 (any4ao 0.2.0): crc32. Both are read.
+# 3: checksums are xxh3_64, over each tensor's dtype and shape too since "xxh3_64+layout" (the metadata
+# names the algorithm); 2 (any4ao 0.2.0): crc32. All are read.
 FORMAT_KEY, FORMAT_VERSION = "any4ao_format", "3"
 READABLE_FORMATS = ("2", "3")
 ALIASES_KEY = "any4ao_aliases"
@@ -207,7 +208,7 @@ def _read(path: Path, hash_tensors: bool = False):
         tensors, sums = {}, {}
         for start, end, key, dtype, shape in entries:
             t = torch.empty(shape, dtype=dtype)
-            hasher = new_hasher(algorithm) if hash_tensors else None
+            hasher = tensor_hasher(algorithm, dtype, shape) if hash_tensors else None
             if end > start:
                 f.seek(8 + n + start)
                 view = memoryview(t.reshape(-1).view(torch.uint8).numpy())

@@ -11,7 +11,8 @@ Three kinds of checks, by cost:
     every group's scale plus its zero point finite in the storage dtype. Vectorised; run by the load
     paths (load_quantized, from_pretrained, torch.load / unpickling), not per op.
 
-Plus content checksums (xxh3_64 of each stored tensor's bytes; crc32 in files of any4ao 0.2.0),
+Plus content checksums (xxh3_64 of each stored tensor's dtype, shape and bytes; bytes alone in older
+files, crc32 in files of any4ao 0.2.0),
 written by save_quantized and by transformers' save_pretrained, verified on load.
 
 A value is valid if quantization can produce it: scale 0 is valid (a constant group: it
@@ -168,6 +169,12 @@ def check_structure(qdata, lut, scale, zero_point, nbits, block_size, shape, tra
     devices = {t.device for t in (qdata, lut, scale, zero_point)}
     if len(devices) != 1:
         _fail(f"parts live on different devices {sorted(map(str, devices))}", name)
+    if n > 1 and scale.stride(0) != zero_point.stride(0):
+        _fail(
+            f"scale and zero_point have row strides {scale.stride(0)} and {zero_point.stride(0)}: the kernels "
+            "read both with one stride (pass them contiguous)",
+            name,
+        )
 
 
 # ----- values of an Any4Tensor (load paths) -----
@@ -335,9 +342,11 @@ def _any_bits(qdata: torch.Tensor, mask: int, chunk_rows: int = 4096):
 CHECKSUM_KEY = "any4ao_checksums"
 ALGORITHM_KEY = "any4ao_checksum_algorithm"
 # xxh3 (64-bit) rather than zlib's crc32: crc32 hashed at about the speed the file is read, so
-# verifying doubled the load time (benchmarks/bench_load.py). Files written by any4ao 0.2.0 (no
-# algorithm entry, or "crc32") are verified with crc32.
-CHECKSUM_ALGORITHM = "xxh3_64"
+# verifying doubled the load time (benchmarks/bench_load.py). "+layout": a tensor's hash starts with
+# its dtype and shape, so an edited header (BF16 -> F16 has the same bytes) fails too. Files written
+# by any4ao 0.2.0 (no algorithm entry, or "crc32") and before the layout (plain "xxh3_64") are
+# verified with what they name.
+CHECKSUM_ALGORITHM = "xxh3_64+layout"
 _CHUNK = 1 << 22  # large tensors are hashed in 4 MiB pieces, in order
 
 
@@ -353,14 +362,29 @@ class _Crc32:
 
 
 def new_hasher(algorithm: str = CHECKSUM_ALGORITHM):
-    """An object with update(bytes-like) and hexdigest() for a checksum algorithm of the format."""
-    if algorithm == "xxh3_64":
+    """An object with update(bytes-like) and hexdigest() for a checksum algorithm of the format
+    (what it hashes first for a tensor: tensor_hasher)."""
+    base, _, extra = algorithm.partition("+")
+    if extra not in ("", "layout"):
+        base = algorithm  # unknown
+    if base == "xxh3_64":
         import xxhash
 
         return xxhash.xxh3_64()
-    if algorithm == "crc32":
+    if base == "crc32":
         return _Crc32()
-    raise ChecksumError(f"unknown checksum algorithm {algorithm!r} (this any4ao knows xxh3_64 and crc32)")
+    raise ChecksumError(
+        f"unknown checksum algorithm {algorithm!r} (this any4ao knows xxh3_64+layout, xxh3_64 and crc32)"
+    )
+
+
+def tensor_hasher(algorithm: str, dtype: torch.dtype, shape):
+    """The hasher of one tensor's bytes: for "+layout" algorithms it has already taken the dtype
+    and shape, as they stand in the file's header."""
+    hasher = new_hasher(algorithm)
+    if algorithm.endswith("+layout"):
+        hasher.update(f"{str(dtype).removeprefix('torch.')}{[int(d) for d in shape]};".encode())
+    return hasher
 
 
 def checksum_algorithm(metadata: Mapping[str, str]) -> str:
@@ -379,9 +403,10 @@ def _bytes_of(t: torch.Tensor):
 
 
 def tensor_checksum(t: torch.Tensor, algorithm: str = CHECKSUM_ALGORITHM) -> str:
-    """Checksum of the tensor's raw (row-major, little-endian) bytes, as hex digits."""
+    """Checksum of the tensor's raw (row-major, little-endian) bytes (after its dtype and shape for
+    "+layout" algorithms), as hex digits."""
     data = _bytes_of(t)
-    hasher = new_hasher(algorithm)
+    hasher = tensor_hasher(algorithm, t.dtype, t.shape)
     for start in range(0, len(data), _CHUNK):
         hasher.update(data[start : start + _CHUNK])
     return hasher.hexdigest()

@@ -52,6 +52,7 @@ def _check(op: str, qdata, lut, scale, zero_point, nbits, group_size, in_feature
         and (qdata.is_contiguous() or qdata.stride(1) == 1)
         and (scale.is_contiguous() or scale.stride(1) == 1)
         and (zero_point.is_contiguous() or zero_point.stride(1) == 1)
+        and (n < 2 or zero_point.stride(0) == scale.stride(0))  # the kernels read both with one row stride
         and (x is None or (x.dim() == 2 and x.dtype in _FLOATS and x.get_device() == dev))
     ):
         return
@@ -92,6 +93,11 @@ def _explain(op: str, qdata, lut, scale, zero_point, nbits, group_size, in_featu
         raise ValueError(f"any4ao.{op}: scale and zero_point dtypes differ ({scale.dtype}, {zero_point.dtype})")
     if not lut.is_contiguous() or qdata.stride(1) != 1 or scale.stride(1) != 1 or zero_point.stride(1) != 1:
         raise ValueError(f"any4ao.{op}: lut must be contiguous and qdata, scale, zero_point rows unit-stride")
+    if n > 1 and zero_point.stride(0) != scale.stride(0):
+        raise ValueError(
+            f"any4ao.{op}: scale and zero_point have row strides {scale.stride(0)} and {zero_point.stride(0)}; "
+            "the kernels read both with one stride (pass them contiguous)"
+        )
     if x is not None:
         if x.dim() != 2 or x.dtype not in _FLOATS:
             raise ValueError(f"any4ao.{op}: x must be a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")

@@ -9,6 +9,7 @@ from_pretrained, torch.ops.any4ao.lut_linear / dequantize, F.linear, .to(dtype).
 
 import io
 import json
+import re
 import shutil
 import struct
 
@@ -149,6 +150,34 @@ def test_flipped_byte_in_a_plain_tensor_is_a_checksum_error(copy):
 def test_edited_metadata_that_still_fits_the_shapes_is_a_checksum_error(copy, edit):
     _edit_meta(copy, "model.layers.0.self_attn.q_proj.weight", edit)  # q_proj is 64 x 64
     with pytest.raises(ChecksumError, match=r"metadata of 'model\.layers\.0\.self_attn\.q_proj\.weight'"):
+        load_quantized(copy)
+
+
+def _edit_dtype(path, key, dtype):
+    header, body = _read_header(path)
+    header[key]["dtype"] = dtype
+    _write_header(path, header, body)
+
+
+@pytest.mark.parametrize("key", ["lm_head.weight", f"{LAYER}._weight_scale"])
+def test_header_dtype_edited_to_one_of_the_same_width_is_a_checksum_error(copy, key):
+    """F32 -> I32 keeps every byte and offset: only the checksum of dtype and shape sees it."""
+    _edit_dtype(copy, key, "I32")
+    fresh = tiny_llama(seed=1)
+    before = _snapshot(fresh)
+    with pytest.raises(ChecksumError, match=rf"q\.safetensors: tensor '{re.escape(key)}' is corrupt"):
+        load_quantized(copy, fresh)
+    _assert_unchanged(fresh, before)
+
+
+def test_files_with_checksums_of_the_bytes_alone_still_load_and_are_verified(copy, saved):
+    """Files written before the checksums covered dtype and shape name plain xxh3_64."""
+    _forge(copy, algorithm="xxh3_64")
+    fresh = tiny_llama(seed=1)
+    load_quantized(copy, fresh)
+    assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
+    _flip_byte(copy, f"{LAYER}._weight_qdata")
+    with pytest.raises(ChecksumError, match=rf"tensor '{LAYER}\._weight_qdata' is corrupt: its xxh3_64 "):
         load_quantized(copy)
 
 
@@ -472,6 +501,21 @@ def test_from_pretrained_of_damaged_checkpoints_names_weight_and_file(saved, tmp
         AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
 
 
+def test_from_pretrained_of_a_header_dtype_edit_is_a_checksum_error(tmp_path):
+    """BF16 -> F16 on an Any4Tensor's float parts keeps the bytes and the parts' agreement: only the
+    checksum over dtype and shape sees it (the helper's audit found it loading as wrong values)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(layers=1, dtype=torch.bfloat16)
+    quantize_model(model, CONFIG, progress=False)
+    model.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    for part in ("lut", "scale", "zero_point"):
+        _edit_dtype(path, f"{LAYER}._weight_{part}", "F16")
+    with pytest.raises(ChecksumError, match=rf"model\.safetensors: tensor '{LAYER}\._weight_lut' is corrupt"):
+        AutoModelForCausalLM.from_pretrained(path.parent)
+
+
 # ----- torch.save / torch.load(weights_only=True) -----
 def _pickled(mutate):
     t = Any4Tensor.from_hp(torch.randn(16, 64), codebook="any3", group_size=32, kmeans_iterations=1)
@@ -567,6 +611,10 @@ def test_from_codes_and_the_constructor_reject_bad_parts():
             lambda: Any4Tensor(good.qdata, lut.to("meta"), s, z, 4, [1, 32], torch.Size([4, 64])),
             "different devices",
         ),
+        "constructor zero_point row stride": (
+            lambda: Any4Tensor(good.qdata, lut, s, torch.zeros(4, 4).to(s.dtype)[:, :2].copy_(z), 4, [1, 32], (4, 64)),
+            "row strides",
+        ),
         "constructor transposed": (
             lambda: Any4Tensor(good.qdata, lut, s, z, 4, [1, 32], torch.Size([4, 64]), transposed="no"),
             "transposed",
@@ -585,6 +633,8 @@ def test_custom_ops_check_their_arguments():
     args = (t.qdata, t.lut, t.scale, t.zero_point)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     lut_linear, dequantize = torch.ops.any4ao.lut_linear, torch.ops.any4ao.dequantize
+    # the same zero points as a view of a wider buffer: right values, another row stride than scale's
+    zp_view = torch.zeros(32, 8, dtype=torch.bfloat16)[:, :2].copy_(t.zero_point)
     bad = {
         "x K=128": (lambda: lut_linear(torch.randn(4, 128, dtype=torch.bfloat16), *args, 4, 32), "in_features=128"),
         "nbits 2": (lambda: lut_linear(x, *args, 2, 32), "in_features=64 at nbits=2"),
@@ -599,6 +649,11 @@ def test_custom_ops_check_their_arguments():
         "strided lut": (
             lambda: lut_linear(x, t.qdata, t.lut.t().contiguous().t(), t.scale, t.zero_point, 4, 32),
             "contiguous",
+        ),
+        "zero_point row stride": (lambda: lut_linear(x, t.qdata, t.lut, t.scale, zp_view, 4, 32), "row strides"),
+        "dequantize zero_point row stride": (
+            lambda: dequantize(t.qdata, t.lut, t.scale, zp_view, 4, 32, 64, torch.bfloat16),
+            "row strides",
         ),
         "dequantize K": (lambda: dequantize(*args, 4, 32, 128, torch.bfloat16), "in_features=128"),
         "dequantize int dtype": (lambda: dequantize(*args, 4, 32, 64, torch.int32), "output dtype"),

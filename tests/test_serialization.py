@@ -46,7 +46,7 @@ def test_saved_metadata_names_format_and_config(tmp_path):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["any4ao_format"] == "3" and meta["any4ao_checksum_algorithm"] == "xxh3_64"
+    assert meta["any4ao_format"] == "3" and meta["any4ao_checksum_algorithm"] == "xxh3_64+layout"
     assert json.loads(meta["any4ao_config"])["_data"]["group_size"] == 32
     parts = {f"model.layers.0.mlp.up_proj._weight_{p}" for p in ("qdata", "lut", "scale", "zero_point")}
     assert parts <= keys and "lm_head.weight" in keys
