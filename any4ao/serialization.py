@@ -63,6 +63,16 @@ def _flatten(state: Dict[str, torch.Tensor], path):
     one view of one storage) under several names stored once, and other storage sharing cloned."""
     from torchao.prototype.safetensors.safetensors_utils import TensorSubclassAttributeJSONEncoder
 
+    reserved = {"__metadata__", "format", "tensor_names", "any4ao_config", FORMAT_KEY, ALIASES_KEY}
+    reserved |= {CHECKSUM_KEY, ALGORITHM_KEY}
+    part_keys = {_prefix(n) + p: n for n, v in state.items() if isinstance(v, Any4Tensor) for p in ANY4_PARTS}
+    for name in state:
+        if name in reserved:
+            raise CheckpointError(f"{path}: a tensor named {name!r} would overwrite the file's metadata entry")
+        if name in part_keys:
+            raise CheckpointError(
+                f"{path}: a tensor named {name!r} would overwrite a stored part of the quantized {part_keys[name]!r}"
+            )
     tensors, metadata, aliases, seen, storages = {}, {}, {}, {}, set()
     for name, value in state.items():
         if isinstance(value, Any4Tensor):

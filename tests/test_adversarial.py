@@ -403,6 +403,17 @@ def test_save_failures_leave_the_existing_file_intact(saved, copy, monkeypatch):
 
     with pytest.raises(CheckpointError, match="'w' is a Odd"):
         save_quantized({"w": torch.zeros(2).as_subclass(Odd)}, copy)
+    # names that collide with a quantized weight's stored parts or with the file's metadata entries
+    q = saved[0].state_dict()[f"{LAYER}.weight"]
+    for clash, message in [
+        ({"a.weight": q, "a._weight_scale": torch.ones(2)}, "part of the quantized 'a.weight'"),
+        ({"format": torch.ones(2)}, "metadata entry"),
+        ({"tensor_names": torch.ones(2), "w": q}, "metadata entry"),
+        ({"__metadata__": torch.ones(2)}, "metadata entry"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            save_quantized(clash, copy)
+    assert copy.read_bytes() == original
     import safetensors.torch
 
     def half_written(tensors, filename, metadata=None):
