@@ -433,6 +433,24 @@ def _tied_llama(seed=0):
     return tiny_llama(layers=1, seed=seed, tie=True)
 
 
+def test_quantize_of_a_tied_lm_head_round_trips_through_save_pretrained(tmp_path):
+    """torchao's quantize_ (default filter) quantizes a tied lm_head and leaves the embedding a
+    float tensor; transformers compares the two with torch.equal when it loads (it raised
+    NotImplementedError for Any4Tensor, so the checkpoint could not be loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    model = _tied_llama()
+    quantize_(model, CONFIG)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert isinstance(loaded.lm_head.weight, Any4Tensor)
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    w = model.lm_head.weight
+    assert torch.equal(w, w.clone()) and not torch.equal(w, w.dequantize()) and not torch.equal(w.dequantize(), w)
+    other = Any4Tensor.from_hp(w.dequantize(), group_size=64, kmeans_iterations=1)  # another layout
+    assert not torch.equal(w, other)
+
+
 def test_tied_embeddings_save_and_load_both_ways(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -674,6 +692,35 @@ def test_custom_ops_check_their_arguments():
             call()
     with pytest.raises(ValueError, match="in_features=64"):
         F.linear(torch.randn(3, 32, dtype=torch.bfloat16), t)
+
+
+def test_load_state_dict_into_quantized_weights_checks_layout_and_range():
+    """load_state_dict copies into a quantized parameter with copy_: from another layout (group
+    size, a float tensor) it names both; into a narrower dtype it refuses values that would become
+    Inf, as .to(dtype) does (it used to cast the zero points to Inf silently)."""
+    cfg = Any4WeightOnlyConfig(group_size=16, kmeans_iterations=1, refine_rounds=0)
+    big = tiny_llama(layers=1)
+    with torch.no_grad():
+        for p in big.parameters():
+            p.mul_(1e6)
+    quantize_(big, cfg)
+    half = tiny_llama(layers=1).half()
+    quantize_(half, cfg)
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    before = half.state_dict()[weight].zero_point.clone()
+    with pytest.raises(RuntimeError, match=rf"{weight}.*cannot be converted from torch.float32 to torch.float16"):
+        half.load_state_dict(big.state_dict())
+    assert torch.equal(half.state_dict()[weight].zero_point, before)
+    other = tiny_llama(layers=1)
+    quantize_(other, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=1, refine_rounds=0))
+    with pytest.raises(RuntimeError, match=r"group_size=32.*from an Any4Tensor.*group_size=16"):
+        other.load_state_dict(big.state_dict())
+    with pytest.raises(RuntimeError, match=r"copy_ into a Parameter"):
+        tiny_llama(layers=1).load_state_dict(big.state_dict())
+    same = tiny_llama(layers=1, seed=3)
+    quantize_(same, cfg)
+    same.load_state_dict(big.state_dict())
+    assert torch.equal(same(IDS).logits, big(IDS).logits)
 
 
 def test_narrowing_dtype_that_would_overflow_is_refused():

@@ -1,6 +1,6 @@
 """aten / torch-function implementations for Any4Tensor.
 
-Anything not registered here (or by TorchAOBaseTensor: detach, clone, alias, contiguous, copy_)
+Anything not registered here (or by TorchAOBaseTensor: detach, clone, alias, contiguous)
 raises NotImplementedError naming the operator, rather than silently dequantizing.
 """
 
@@ -157,6 +157,45 @@ def _(func, types, args, kwargs):
     if dtype != w.dtype and torch.finfo(dtype).max < torch.finfo(w.dtype).max:
         _check_narrowing(w, new, dtype)
     return return_and_correct_aliasing(func, args, kwargs, new)
+
+
+def _layout(w) -> str:
+    if not isinstance(w, Any4Tensor):
+        return f"a {type(w).__name__} of shape {tuple(w.shape)} and dtype {w.dtype}"
+    orientation = ", transposed" if w.transposed else ""
+    return (
+        f"an Any4Tensor of shape {tuple(w.shape)}{orientation}, nbits={w.nbits}, group_size={w.block_size[1]}, "
+        f"kernel_preference={w.kernel_preference!r}"
+    )
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    """`load_state_dict` into a quantized parameter: the parts are copied (and cast to the
+    destination's dtype) only from an Any4Tensor of the same quantized layout, and never into Inf
+    (the check `.to(dtype)` makes), all checks before the first part changes."""
+    dst, src = args[0], args[1]
+    if not (isinstance(dst, Any4Tensor) and isinstance(src, Any4Tensor)) or _layout(dst) != _layout(src):
+        raise ValueError(
+            f"copy_ into {_layout(dst)} from {_layout(src)}: a quantized weight copies only from one of the same "
+            "quantized layout (quantize the float weights with the same config, or dequantize())"
+        )
+    if src.dtype != dst.dtype and torch.finfo(dst.dtype).max < torch.finfo(src.dtype).max:
+        parts = {name: getattr(src, name).to(dst.dtype) for name in ("lut", "scale", "zero_point")}
+        _check_narrowing(src, _with(src, **parts), dst.dtype)
+    for name in Any4Tensor.tensor_data_names:
+        getattr(dst, name).copy_(getattr(src, name))
+    return dst
+
+
+@implements(aten.equal.default)
+def _(func, types, args, kwargs):
+    """torch.equal: the same quantized layout and equal parts (transformers compares tied weights
+    with it when it loads a checkpoint); a quantized and a float tensor are never equal."""
+    a, b = args[0], args[1]
+    if not (isinstance(a, Any4Tensor) and isinstance(b, Any4Tensor)) or _layout(a) != _layout(b):
+        return False
+    return all(torch.equal(getattr(a, name), getattr(b, name)) for name in Any4Tensor.tensor_data_names)
 
 
 def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> None:
