@@ -369,6 +369,14 @@ def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> No
         raise CheckpointError(
             f"{path} does not match this {type(model).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    shared = {}  # the model's tied parameters: one tensor under several names
+    for name, target in current.items():
+        first = shared.setdefault(id(target), name)
+        if first != name and state[first] is not state[name] and not torch.equal(state[first], state[name]):
+            raise CheckpointError(
+                f"{path}: {first!r} and {name!r} are one tied parameter in this {type(model).__name__}, "
+                "but the file holds different values for them (saved from an untied model?)"
+            )
     replace, copy = [], {}
     for name, value in state.items():
         target = current[name]

@@ -433,6 +433,16 @@ def _tied_llama(seed=0):
     return tiny_llama(layers=1, seed=seed, tie=True)
 
 
+def test_untied_file_into_a_tied_model_is_refused(tmp_path):
+    """Two different tensors for one tied parameter: whichever came last used to win silently."""
+    save_quantized(tiny_llama(layers=1, tie=False, seed=1), tmp_path / "untied.safetensors")
+    tied = _tied_llama(seed=2)
+    before = _snapshot(tied)
+    with pytest.raises(CheckpointError, match="one tied parameter.*different values"):
+        load_quantized(tmp_path / "untied.safetensors", tied)
+    _assert_unchanged(tied, before)
+
+
 def test_quantize_of_a_tied_lm_head_round_trips_through_save_pretrained(tmp_path):
     """torchao's quantize_ (default filter) quantizes a tied lm_head and leaves the embedding a
     float tensor; transformers compares the two with torch.equal when it loads (it raised
