@@ -7,6 +7,7 @@ from any4ao.calibration.activation_stats import (
     record_channel_importance,
 )
 from any4ao.config import (
+    Any4KernelPreference,
     Any4WeightOnlyConfig,
     Codebook,
     ErrorFeedback,
@@ -23,6 +24,7 @@ from any4ao.validation import CheckpointError, ChecksumError, InvalidAny4TensorE
 register_with_torchao()
 
 __all__ = [
+    "Any4KernelPreference",
     "Any4Tensor",
     "Any4WeightOnlyConfig",
     "Codebook",

@@ -60,11 +60,17 @@ class ErrorFeedback(str, enum.Enum):
     GPTQ = "gptq"  # column by column, each column's error fed back through the inverse Hessian
 
 
-class KernelPreference(str, enum.Enum):
-    """Which matmul path an Any4Tensor takes on CUDA (torchao's name for the same choice)."""
+class Any4KernelPreference(str, enum.Enum):
+    """Which matmul path an Any4Tensor takes on CUDA (torchao's name for the same choice). The class
+    has a name of its own: torchao's config_from_dict looks an enum up by its class name in a set of
+    modules, and torchao's own KernelPreference (no DEQUANTIZE) was found first in some processes, so
+    checkpoints saved with "dequantize" failed to load at random."""
 
     AUTO = "auto"  # the fused LUT kernels where they apply (any4ao.kernels.selector), else DEQUANTIZE
     DEQUANTIZE = "dequantize"  # dequantize to the activation dtype, then cuBLAS / F.linear
+
+
+KernelPreference = Any4KernelPreference  # the name this module exported first
 
 
 def _enum(cls, value, field_name: str):

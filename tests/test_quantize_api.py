@@ -183,3 +183,16 @@ def test_calibration_from_another_model_is_rejected():
     stats = any4ao.calibrate(other, input_ids=torch.randint(0, 128, (1, 8)))
     with pytest.raises(ValueError, match="no calibration statistics"):
         quantize_model(model, any4_weight_only(group_size=32, calibration=stats), progress=False)
+
+
+def test_config_with_dequantize_preference_round_trips_whatever_torchao_searches_first(monkeypatch):
+    """torchao's config_from_dict finds classes by name in ALLOWED_AO_MODULES, a set whose order
+    changes between processes; torchao.quantization has an enum called KernelPreference (no
+    DEQUANTIZE). Searched first, it made 'dequantize' checkpoints fail to load at random."""
+    import torchao.core.config as ao_config
+    from torchao.core.config import config_from_dict, config_to_dict
+
+    modules = sorted(ao_config.ALLOWED_AO_MODULES, key=lambda m: m == "any4ao")  # torchao's own first
+    monkeypatch.setattr(ao_config, "ALLOWED_AO_MODULES", modules)
+    config = Any4WeightOnlyConfig(group_size=32, kernel_preference="dequantize")
+    assert config_from_dict(config_to_dict(config)).kernel_preference == "dequantize"
