@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
+from any4ao.config import Any4WeightOnlyConfig
 from any4ao.tensor.any4_tensor import Any4Tensor
 from any4ao.validation import (
     ALGORITHM_KEY,
@@ -116,6 +117,10 @@ def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]
     from torchao.core.config import config_to_dict
 
     path = Path(path)
+    if config is not None and not isinstance(config, Any4WeightOnlyConfig):
+        raise TypeError(f"save_quantized: config must be an Any4WeightOnlyConfig, got {type(config).__name__}")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the directory {path.parent} does not exist")
     if isinstance(model_or_state_dict, nn.Module):
         state = model_or_state_dict.state_dict(keep_vars=True)
     else:
@@ -234,15 +239,24 @@ def _read(path: Path, hash_tensors: bool = False):
     return tensors, metadata, (sums if hash_tensors else None)
 
 
-def _json(metadata, key, path, default=None):
+def _json(metadata, key, path, default=None, shape=None):
+    """A metadata entry's JSON; shape "names" (a list of strings) or "map" (strings to strings)
+    is checked, so a damaged entry is a CheckpointError naming it, not a TypeError later."""
     if key not in metadata:
         if default is not None:
             return default
         raise CheckpointError(f"{path}: metadata entry {key!r} is missing (damaged file?)")
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: metadata entry {key!r} is not valid JSON ({e})") from None
+    if shape == "names" and not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+        raise CheckpointError(f"{path}: metadata entry {key!r} is not a list of names")
+    if shape == "map" and not (
+        isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    ):
+        raise CheckpointError(f"{path}: metadata entry {key!r} is not a map of names to strings")
+    return value
 
 
 def _any4_from_parts(name: str, desc: dict, parts: Dict[str, torch.Tensor], path) -> Any4Tensor:
@@ -265,9 +279,7 @@ def _any4_from_parts(name: str, desc: dict, parts: Dict[str, torch.Tensor], path
 
 
 def _unflatten(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path) -> Dict[str, torch.Tensor]:
-    names = _json(metadata, "tensor_names", path)
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{path}: metadata 'tensor_names' is not a list of names")
+    names = _json(metadata, "tensor_names", path, shape="names")
     left = dict(tensors)
     state = {}
     for name in names:
@@ -290,7 +302,7 @@ def _unflatten(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path)
         raise CheckpointError(f"{path}: tensors not described by the metadata: {sorted(left)[:5]}")
     # the value checks, batched over the file's Any4Tensors (InvalidAny4TensorError names the tensor)
     check_all_values({n: v for n, v in state.items() if isinstance(v, Any4Tensor)}, str(path))
-    aliases = _json(metadata, ALIASES_KEY, path, default={})
+    aliases = _json(metadata, ALIASES_KEY, path, default={}, shape="map")
     for alias, target in aliases.items():
         if target not in state or alias in state:
             raise CheckpointError(f"{path}: alias {alias!r} -> {target!r} does not name one stored tensor")
@@ -331,7 +343,7 @@ def load_quantized(
     if verify_checksums:
         if CHECKSUM_KEY not in metadata:
             raise ChecksumError(f"{path}: no checksums in the metadata (edited file?); verify_checksums=False loads it")
-        expected = _json(metadata, CHECKSUM_KEY, path)
+        expected = _json(metadata, CHECKSUM_KEY, path, shape="map")
         verify_checksums_of(tensors, metadata, path, expected, sums)
     state = _unflatten(tensors, metadata, path)
     if model is not None:
@@ -343,7 +355,7 @@ def load_quantized(
 
 def verify_checksums_of(tensors, metadata, path, expected, computed=None) -> None:
     meta = [k[len("meta:") :] for k in expected if k.startswith("meta:")]
-    stored = _json(metadata, "tensor_names", path)
+    stored = _json(metadata, "tensor_names", path, shape="names")
     any4 = [n for n in stored if n in metadata and '"Any4Tensor"' in metadata[n]]
     unchecked = [n for n in any4 if n not in meta]
     if unchecked:

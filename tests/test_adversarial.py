@@ -181,6 +181,29 @@ def test_files_with_checksums_of_the_bytes_alone_still_load_and_are_verified(cop
         load_quantized(copy)
 
 
+@pytest.mark.parametrize(
+    "key, raw, verify",
+    [
+        (CHECKSUM_KEY, "1", True),
+        (CHECKSUM_KEY, "null", True),
+        (CHECKSUM_KEY, "[1]", True),
+        ("tensor_names", "5", True),
+        ("tensor_names", "null", False),
+        ("any4ao_aliases", "[1]", False),
+        ("any4ao_aliases", "null", False),
+        ("any4ao_aliases", '{"x": ["y"]}', False),
+    ],
+)
+def test_damaged_name_and_checksum_entries_are_checkpoint_errors(copy, key, raw, verify):
+    """One header edit of a JSON entry the loader walks: a CheckpointError naming file and entry,
+    not a TypeError or AttributeError from inside the loader."""
+    header, body = _read_header(copy)
+    header["__metadata__"][key] = raw
+    _write_header(copy, header, body)
+    with pytest.raises(CheckpointError, match=rf"q\.safetensors: metadata entry '{key}' is not a"):
+        load_quantized(copy, verify_checksums=verify)
+
+
 def test_removed_checksums_fail_unless_opted_out(copy, saved):
     _forge(copy, edit_meta=lambda m: m.pop(CHECKSUM_KEY))
     with pytest.raises(ChecksumError, match="no checksums"):
@@ -427,6 +450,11 @@ def test_save_failures_leave_the_existing_file_intact(saved, copy, monkeypatch):
     assert sorted(p.name for p in copy.parent.iterdir()) == ["q.safetensors"]  # no temporary left behind
     with pytest.raises(CheckpointError, match="is a directory"):
         save_quantized({"w": torch.zeros(2)}, copy.parent)
+    with pytest.raises(CheckpointError, match=r"nope[/\\]q\.safetensors: the directory .*nope does not exist"):
+        save_quantized({"w": torch.zeros(2)}, copy.parent / "nope" / "q.safetensors")
+    with pytest.raises(TypeError, match="config must be an Any4WeightOnlyConfig, got dict"):
+        save_quantized(saved[0], copy, config={"group_size": 32})
+    assert copy.read_bytes() == original
 
 
 def _tied_llama(seed=0):
