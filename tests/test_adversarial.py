@@ -732,6 +732,19 @@ def test_custom_ops_check_their_arguments():
         F.linear(torch.randn(3, 32, dtype=torch.bfloat16), t)
 
 
+def test_zero_rows_bias_semantics_and_channel_weights_of_the_wrong_length():
+    """Audit findings: an empty row slice dequantized / multiplied with a reshape error; addmm with
+    beta=0 added a NaN bias that torch.addmm ignores; from_hp took calibration statistics of the
+    wrong length to a reshape error."""
+    t = Any4Tensor.from_hp(torch.randn(16, 64), group_size=32, kmeans_iterations=1)
+    empty = t[5:5]
+    assert empty.dequantize().shape == (0, 64) and F.linear(torch.randn(3, 64), empty).shape == (3, 0)
+    x, nan_bias = torch.randn(3, 64), torch.full((16,), float("nan"))
+    torch.testing.assert_close(torch.addmm(nan_bias, x, t.t(), beta=0), x @ t.dequantize().t())
+    with pytest.raises(ValueError, match=r"calibration statistics have shape \(63,\), expected \(64,\)"):
+        Any4Tensor.from_hp(torch.randn(16, 64), group_size=32, channel_weight=torch.ones(63))
+
+
 def test_load_state_dict_into_quantized_weights_checks_layout_and_range():
     """load_state_dict copies into a quantized parameter with copy_: from another layout (group
     size, a float tensor) it names both; into a narrower dtype it refuses values that would become

@@ -19,7 +19,13 @@ from any4ao.codebooks.quantize import quantize_weight
 from any4ao.config import Any4WeightOnlyConfig, KernelPreference
 from any4ao.tensor import fsdp
 from any4ao.tensor.packing import pack_codes, packed_width, unpack_codes
-from any4ao.validation import InvalidAny4TensorError, check_structure, check_values, check_weight
+from any4ao.validation import (
+    InvalidAny4TensorError,
+    check_channel_weight,
+    check_structure,
+    check_values,
+    check_weight,
+)
 
 __all__ = ["Any4Tensor"]
 
@@ -159,6 +165,8 @@ class Any4Tensor(TorchAOBaseTensor):
         E[x x^T], used when config.error_feedback is "gptq"."""
         config = dataclasses.replace(config or Any4WeightOnlyConfig(), **overrides)
         check_weight(name, weight, config.lut_dtype)
+        if channel_weight is not None:
+            check_channel_weight(name, channel_weight, weight)
         if config.error_feedback.value == "gptq" and hessian is None:
             raise ValueError(f"{name}: error_feedback='gptq' needs the layer's Hessian (hessian=...)")
         q = quantize_weight(weight, config, channel_weight, hessian if config.error_feedback.value == "gptq" else None)

@@ -76,6 +76,8 @@ def _(func, types, args, kwargs):
     out = _mm(a, b)
     if alpha != 1:
         out = out * alpha
+    if beta == 0:  # as torch.addmm: the bias is not read (NaN or Inf in it does not propagate)
+        return out
     return out + (bias if beta == 1 else beta * bias)
 
 

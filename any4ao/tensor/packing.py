@@ -47,4 +47,4 @@ def unpack_codes(packed: torch.Tensor, nbits: int, in_features: int) -> torch.Te
     mask = (1 << bits) - 1
     shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
     codes = (packed[..., None] >> shifts) & mask
-    return codes.reshape(packed.shape[0], -1)[:, :in_features]
+    return codes.reshape(packed.shape[0], packed.shape[1] * per)[:, :in_features]  # (no -1: N may be 0)
