@@ -49,6 +49,8 @@ def run_main(argv, capsys):
         (["eval", "--stride", "1000"], "--stride 1000 is larger than --window 512"),
         (["eval", "--text", "missing.txt"], "--text: 'missing.txt' is neither a built-in text"),
         (["eval", "--device", "nonsense"], "is not a torch device"),
+        (["eval", "--device", "meta"], "runs on cpu or cuda devices"),
+        (["eval", "--out", "/proc/any4ao-out"], "/proc is not writable"),
         (["eval", "--bogus-option"], "unrecognized arguments: --bogus-option"),
         (["eval", "--group-size", "x"], "invalid int value: 'x'"),
         (["demo", "--group-size", "0"], "--group-size must be a multiple of 16"),

@@ -87,8 +87,14 @@ def test_calibrated_quantization_runs_and_hooks_are_removed():
 
 def test_calibration_hooks_removed_when_forward_raises():
     model = tiny_llama()
-    with pytest.raises(IndexError):
-        any4ao.calibrate(model, input_ids=torch.tensor([[100000]]))
+
+    def fail(module, args):
+        raise RuntimeError("forward failed")
+
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="forward failed"):
+        any4ao.calibrate(model, input_ids=torch.tensor([[1, 2, 3]]))
+    handle.remove()
     assert all(len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
@@ -196,3 +202,22 @@ def test_config_with_dequantize_preference_round_trips_whatever_torchao_searches
     monkeypatch.setattr(ao_config, "ALLOWED_AO_MODULES", modules)
     config = Any4WeightOnlyConfig(group_size=32, kernel_preference="dequantize")
     assert config_from_dict(config_to_dict(config)).kernel_preference == "dequantize"
+
+
+@pytest.mark.parametrize(
+    "ids, max_tokens, message",
+    [
+        (torch.zeros(1, 0, dtype=torch.long), 64, "holds no token"),
+        (torch.arange(8), 64, "2-D integer tensor"),
+        (torch.rand(1, 8), 64, "2-D integer tensor"),
+        (torch.tensor([[1, 2, 10**6]]), 64, r"lie in \[0, "),
+        (torch.tensor([[1, -1]]), 64, r"lie in \[0, "),
+        (torch.tensor([[1, 2, 3]]), 0, "max_tokens=0"),
+        (torch.tensor([[1, 2, 3]]), -1, "max_tokens=-1"),
+    ],
+)
+def test_calibrate_checks_its_sample(ids, max_tokens, message):
+    """Bad calibration input is named before the forward (it surfaced as reshape or index errors
+    inside the model, and max_tokens=-1 silently dropped the last token)."""
+    with pytest.raises(ValueError, match=message):
+        any4ao.calibrate(tiny_llama(layers=1), input_ids=ids, max_tokens=max_tokens)

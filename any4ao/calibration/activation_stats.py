@@ -160,6 +160,26 @@ def calibrate(
         if tokenizer is None:
             raise ValueError("calibrate needs either input_ids or a tokenizer")
         input_ids = tokenizer(text or default_calibration_text(), return_tensors="pt").input_ids
+    if type(max_tokens) is not int or max_tokens < 1:
+        raise ValueError(f"calibrate: max_tokens={max_tokens!r}, expected a positive int")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError(
+            "calibrate: input_ids must be a 2-D integer tensor (batch, tokens), got "
+            + (
+                f"{input_ids.dtype} {tuple(input_ids.shape)}"
+                if isinstance(input_ids, torch.Tensor)
+                else repr(input_ids)
+            )
+        )
+    if input_ids.numel() == 0:
+        raise ValueError(f"calibrate: input_ids {tuple(input_ids.shape)} holds no token")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"calibrate: token ids must lie in [0, {vocab}) (the model's vocab_size)")
     input_ids = input_ids[:, :max_tokens].to(next(model.parameters()).device)
     with record_channel_importance(model, statistic, filter_fn, hessian) as stats:
         model(input_ids)

@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
 from typing import Callable, Iterable, List, Optional, Sequence
 
 from any4ao.evaluation.methods import METHODS, MethodSettings, check_methods, validate_settings
@@ -129,6 +130,8 @@ def check_device(device: str):
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise UsageError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: the evaluation runs on cpu or cuda devices")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available here")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -145,5 +148,8 @@ def check_output_dir(path: str, option: str = "--out") -> None:
     parent = p
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{option} {path!r}: {parent} is not writable")
+    try:  # a real write: os.access says yes to root everywhere, /proc included
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path!r}: {parent} is not writable ({e.strerror or e})") from None
