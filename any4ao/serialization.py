@@ -203,7 +203,9 @@ def _read(path: Path, hash_tensors: bool = False):
         for key, info in header.items():
             try:
                 dtype = _DTYPES[info["dtype"]]
-                shape = [int(d) for d in info["shape"]]
+                if not all(type(d) is int for d in info["shape"]):  # json: 32.9 or true are no sizes
+                    raise TypeError
+                shape = list(info["shape"])
                 start, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise bad(f"tensor {key!r}: entry {info!r} is not a dtype, shape and data_offsets") from None

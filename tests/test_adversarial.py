@@ -153,10 +153,14 @@ def test_edited_metadata_that_still_fits_the_shapes_is_a_checksum_error(copy, ed
         load_quantized(copy)
 
 
-def _edit_dtype(path, key, dtype):
+def _edit_header(path, key, edit):
     header, body = _read_header(path)
-    header[key]["dtype"] = dtype
+    edit(header[key])
     _write_header(path, header, body)
+
+
+def _edit_dtype(path, key, dtype):
+    _edit_header(path, key, lambda entry: entry.update(dtype=dtype))
 
 
 @pytest.mark.parametrize("key", ["lm_head.weight", f"{LAYER}._weight_scale"])
@@ -327,6 +331,8 @@ def test_file_level_damage_is_a_checkpoint_error(copy, tmp_path):
         "alias-to-nothing": lambda p: _forge(p, edit_meta=lambda m: m.update(any4ao_aliases='{"a.weight": "nope"}')),
         "old-format": lambda p: _forge(p, edit_meta=lambda m: m.update(any4ao_format="1")),
         "damaged-json": lambda p: _forge(p, edit_meta=lambda m: m.update(tensor_names="[oops")),
+        "fractional-shape": lambda p: _edit_header(p, "model.norm.weight", lambda e: e.update(shape=[64.9])),
+        "boolean-shape": lambda p: _edit_header(p, "model.norm.weight", lambda e: e.update(shape=[True, 64])),
         "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
         "empty": lambda p: p.write_bytes(b""),
         "random-bytes": lambda p: p.write_bytes(bytes(range(256)) * 8),
