@@ -54,6 +54,17 @@ def write_rows(out_dir, name: str, meta: dict, rows: list) -> Path:
     return path
 
 
+def wall_us_per_call(fn, calls):
+    """Wall time of `calls` back-to-back calls, synchronised at both ends, per call (host-bound
+    when each call's kernels are shorter than its Python)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def graph_time_us(calls, replays=20):
     """Median time of one call, from CUDA-graph replays of all `calls` back to back."""
     side = torch.cuda.Stream()

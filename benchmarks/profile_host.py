@@ -24,22 +24,17 @@ import cProfile
 import json
 import pstats
 import sys
-import time
 
 import torch
 from bench_generate import build, time_cuda  # noqa: E402  (same directory)
+from bench_kernels import wall_us_per_call  # noqa: E402
 from torchao.utils import TorchAOBaseTensor
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
 
 
 def per_call_ms(fn, calls=30):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / calls * 1e3
+    return wall_us_per_call(fn, calls) / 1e3
 
 
 def flatten_ms(fn, calls=10, top=0):
