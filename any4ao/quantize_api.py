@@ -107,10 +107,14 @@ def _any4_weight_only_transform(
     module: nn.Module, config: Any4WeightOnlyConfig, *, parameter_name: str = "weight"
 ) -> nn.Module:
     """Replace `module.<parameter_name>` in place by an Any4Tensor parameter (no module swap)."""
-    from any4ao.integrations.transformers_loading import register_with_transformers_if_loaded
+    from any4ao.integrations.transformers_loading import record_error, register_with_transformers_if_loaded
 
     register_with_transformers_if_loaded()  # save_pretrained of the quantized model needs it
-    new_weight = quantize_module_weight(module, config, parameter_name)
+    try:
+        new_weight = quantize_module_weight(module, config, parameter_name)
+    except LayerError as e:
+        record_error(e)  # inside from_pretrained's weight conversion: re-raised instead of its RuntimeError
+        raise
     setattr(module, parameter_name, nn.Parameter(new_weight, requires_grad=False))
     CONFIG_OF[module] = config
     return module

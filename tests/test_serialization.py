@@ -9,7 +9,7 @@ from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 import any4ao
-from any4ao import Any4Tensor, Any4WeightOnlyConfig, load_quantized, quantize_model, save_quantized
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, LayerError, load_quantized, quantize_model, save_quantized
 from any4ao.validation import ChecksumError, InvalidAny4TensorError
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -183,3 +183,15 @@ def test_import_defers_transformers_and_registers_when_it_loads(tmp_path):
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_quantize_on_load_errors_name_the_layer(tmp_path):
+    """A float checkpoint quantized by from_pretrained: our LayerError comes out, not transformers'
+    generic RuntimeError with the cause only in its logged load report."""
+    model = tiny_llama(layers=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "float")
+    config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=1))
+    with pytest.raises(LayerError, match="NaN"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config, dtype=torch.float32)

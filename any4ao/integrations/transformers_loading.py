@@ -80,7 +80,8 @@ VERIFY_CHECKSUMS = True
 _errors = threading.local()
 
 
-def _record(error: Exception) -> None:
+def record_error(error: Exception) -> None:
+    """Keep one of our errors for from_pretrained to re-raise (a no-op outside from_pretrained)."""
     pending = getattr(_errors, "pending", None)
     if pending is not None:
         pending.append(error)
@@ -183,12 +184,12 @@ def _patch_deserialize() -> None:
                 raise
             error = e if isinstance(e, ValueError) and where in str(e) else None
             error = error or InvalidAny4TensorError(f"{where}: weight {full!r} cannot be rebuilt: {e}")
-            _record(error)
+            record_error(error)
             raise error from e
         try:
             _validate(out, input_dict, metadata, where)
         except ValueError as e:
-            _record(e)
+            record_error(e)
             raise
         return out
 
