@@ -751,6 +751,13 @@ def test_zero_rows_bias_semantics_and_channel_weights_of_the_wrong_length():
         Any4Tensor.from_hp(torch.randn(16, 64), group_size=32, channel_weight=torch.ones(63))
 
 
+def test_fp32_weights_at_the_edge_of_range_get_a_hint_that_can_be_followed():
+    w = torch.rand(8, 64, generator=torch.Generator().manual_seed(0)) * 3.3e38
+    w[:, ::2] *= -1
+    with pytest.raises(ValueError, match=r"scale the weights down first \(no wider lut_dtype\)"):
+        Any4Tensor.from_hp(w, codebook="int4", group_size=32)
+
+
 def test_load_state_dict_into_quantized_weights_checks_layout_and_range():
     """load_state_dict copies into a quantized parameter with copy_: from another layout (group
     size, a float tensor) it names both; into a narrower dtype it refuses values that would become

@@ -247,7 +247,8 @@ def quantize_weight(
         row = int(bad.nonzero()[0])
         raise ValueError(
             f"row {row}: weights up to {float(w[row].abs().max()):.4g} are too close to {dtype}'s largest "
-            f"value ({torch.finfo(dtype).max:.4g}) to quantize without overflow; use a wider lut_dtype"
+            f"value ({torch.finfo(dtype).max:.4g}) to quantize without overflow; "
+            + ("use a wider lut_dtype" if dtype.itemsize < 4 else "scale the weights down first (no wider lut_dtype)")
         )
     if hessian is not None:
         from any4ao.codebooks.gptq import gptq_codes
