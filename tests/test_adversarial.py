@@ -794,6 +794,16 @@ def test_narrowing_dtype_that_would_overflow_is_refused():
     assert t.to(torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_narrowing_dtype_that_would_underflow_the_scales_is_refused():
+    """Weights ~1e-8 in fp32 -> fp16: the group scales go subnormal (139 % relative error)."""
+    t = Any4Tensor.from_hp(torch.randn(8, 64) * 1e-8, group_size=32, kmeans_iterations=1)
+    with pytest.raises(ValueError, match="fall below torch.float16's normal range"):
+        t.to(torch.float16)
+    assert t.to(torch.bfloat16).dtype == torch.bfloat16  # bf16 keeps fp32's exponent range
+    ok = Any4Tensor.from_hp(torch.randn(8, 64) * 1e-2, group_size=32, kmeans_iterations=1)
+    assert ok.to(torch.float16).dtype == torch.float16
+
+
 # ----- numerics: extreme magnitudes stay finite and no worse than int4 -----
 def _rel(t, w):
     d = t.dequantize(torch.float64)

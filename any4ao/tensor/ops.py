@@ -201,7 +201,8 @@ def _(func, types, args, kwargs):
 
 
 def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> None:
-    """`.to(float16)` of weights beyond fp16's range would give Inf weights: refuse (vectorised,
+    """`.to(float16)` of weights beyond fp16's range would give Inf weights, and of group scales
+    below its normal range (weights ~1e-8) would keep a few bits or none: refuse both (vectorised,
     O(rows x groups); skipped on fake tensors while tracing)."""
     from any4ao.validation import _is_data_less, dequant_range_ok
 
@@ -212,6 +213,13 @@ def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> No
         raise ValueError(
             f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: its values "
             f"exceed {dtype}'s range (largest finite {torch.finfo(dtype).max:.4g}) and would become Inf"
+        )
+    scale = old.scale.abs()
+    if bool(((scale != 0) & (scale < torch.finfo(dtype).tiny)).any()):
+        raise ValueError(
+            f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: group scales "
+            f"down to {float(scale[scale != 0].min()):.3g} fall below {dtype}'s normal range (smallest normal "
+            f"{torch.finfo(dtype).tiny:.3g}) and would lose their precision"
         )
 
 
