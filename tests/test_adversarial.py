@@ -736,6 +736,9 @@ def test_custom_ops_check_their_arguments():
             call()
     with pytest.raises(ValueError, match="in_features=64"):
         F.linear(torch.randn(3, 32, dtype=torch.bfloat16), t)
+    # the transposed weight takes the same dtype check (it dequantized to x's dtype silently)
+    with pytest.raises(ValueError, match="input dtype torch.float32 does not match the Any4Tensor dtype"):
+        F.linear(torch.randn(3, 32), t.t())
 
 
 def test_zero_rows_bias_semantics_and_channel_weights_of_the_wrong_length():

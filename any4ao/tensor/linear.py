@@ -7,17 +7,22 @@ import torch
 import torch.nn.functional as F
 
 
+def check_dtype(x: torch.Tensor, weight) -> None:
+    """Activations and weight of one dtype, whichever orientation the weight is used in."""
+    if x.dtype != weight.dtype:
+        raise ValueError(
+            f"any4 linear: input dtype {x.dtype} does not match the Any4Tensor dtype {weight.dtype}; "
+            f"cast one of them (e.g. model.to({x.dtype}))"
+        )
+
+
 def _check_operands(x: torch.Tensor, weight) -> None:
     if x.shape[-1] != weight.in_features:
         raise ValueError(
             f"any4 linear: input has {x.shape[-1]} features in its last dimension but the weight "
             f"expects in_features={weight.in_features} (weight shape {tuple(weight.shape)})"
         )
-    if x.dtype != weight.dtype:
-        raise ValueError(
-            f"any4 linear: input dtype {x.dtype} does not match the Any4Tensor dtype {weight.dtype}; "
-            f"cast one of them (e.g. model.to({x.dtype}))"
-        )
+    check_dtype(x, weight)
     if x.device != weight.device:
         raise ValueError(f"any4 linear: input is on {x.device} but the weight is on {weight.device}")
 

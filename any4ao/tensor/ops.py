@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import fill_defaults
 
 from any4ao.tensor.any4_tensor import Any4Tensor
-from any4ao.tensor.linear import any4_linear
+from any4ao.tensor.linear import any4_linear, check_dtype
 from any4ao.tensor.packing import codes_per_byte
 
 aten = torch.ops.aten
@@ -51,6 +51,7 @@ def _linear(func, types, args, kwargs):
         return func(_dense(x), _dense(w), bias)
     if w.transposed:
         # F.linear(x, W^T) = x @ W: the stored matrix is used without transpose.
+        check_dtype(x, w)
         return F.linear(x, w.dequantize(x.dtype), bias)
     return any4_linear(x, w, bias)
 
