@@ -405,6 +405,11 @@ def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> No
                     f"{path}: {name!r} is a buffer of the model; quantized tensors replace parameters"
                 )
             device = target.qdata.device if isinstance(target, Any4Tensor) else target.device
+            if target.dtype != value.dtype and value.is_floating_point():  # the model's dtype, as load_state_dict
+                try:
+                    value = value.to(target.dtype)
+                except ValueError as e:
+                    raise CheckpointError(f"{path}: {name!r}: {e}") from None
             replace.append((module, attr, value, device, target.requires_grad and not isinstance(value, Any4Tensor)))
         else:
             if value.is_floating_point() != target.is_floating_point():

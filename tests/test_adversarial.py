@@ -406,6 +406,17 @@ def test_loading_into_a_model_that_is_already_quantized_differently_replaces_eve
     assert torch.equal(other(IDS).logits, model(IDS).logits)
 
 
+def test_loading_into_a_model_of_another_dtype_takes_the_models_dtype(saved):
+    """As load_state_dict casts into the model's parameters: an fp32 file into a bf16 model gives
+    bf16 Any4Tensor weights (they stayed fp32, and every forward then raised a dtype mismatch)."""
+    model, root = saved
+    half = tiny_llama(seed=1).to(torch.bfloat16)
+    load_quantized(root / "q.safetensors", half)
+    weight = half.model.layers[0].mlp.up_proj.weight
+    assert isinstance(weight, Any4Tensor) and weight.dtype == torch.bfloat16
+    torch.testing.assert_close(half(IDS).logits.float(), model(IDS).logits, atol=0.05, rtol=0.05)
+
+
 def test_failure_while_installing_rolls_back(saved, monkeypatch):
     fresh = tiny_llama(seed=1)
     before = _snapshot(fresh)
