@@ -317,7 +317,7 @@ def load_quantized(
 ) -> Dict[str, torch.Tensor]:
     """Rebuild the state dict written by `save_quantized` (on `device`). With `model`, also install
     it, all or nothing: each quantized weight replaces the module's parameter in place (no module
-    swap, on that parameter's device), the rest is copied by `load_state_dict`. Returns the state dict.
+    swap, on that parameter's device and in its dtype), the rest is copied by `load_state_dict`. Returns the state dict.
 
     verify_checksums: compare every tensor's checksum with the file's (about 20 ms per 55 MB on a
     2-core CPU, see benchmarks/bench_load.py); False skips only that, the structural and value
