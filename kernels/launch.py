@@ -5,7 +5,7 @@ The matmul kernel runs inside the opaque custom op any4ao::lut_linear, which tor
 traces into, so it is launched directly. The dequantize kernel is also the body of a triton_op
 that inductor traces, so there it launches through `wrap_triton` (lut_dequantize(traceable=True)).
 Outside tracing wrap_triton still routes every launch through a higher-order op, which cost about
-0.2 ms of host time per launch on the H100 machine (benchmarks/bench_op_overhead.py), so eager
+0.2 ms of host time per launch on the H100 machine (measured with a script since removed), so eager
 calls launch directly. The same code runs with TRITON_INTERPRET=1 on CPU tensors.
 """
 
