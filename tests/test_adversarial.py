@@ -174,17 +174,6 @@ def test_header_dtype_edited_to_one_of_the_same_width_is_a_checksum_error(copy, 
     _assert_unchanged(fresh, before)
 
 
-def test_files_with_checksums_of_the_bytes_alone_still_load_and_are_verified(copy, saved):
-    """Files written before the checksums covered dtype and shape name plain xxh3_64."""
-    _forge(copy, algorithm="xxh3_64")
-    fresh = tiny_llama(seed=1)
-    load_quantized(copy, fresh)
-    assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
-    _flip_byte(copy, f"{LAYER}._weight_qdata")
-    with pytest.raises(ChecksumError, match=rf"tensor '{LAYER}\._weight_qdata' is corrupt: its xxh3_64 "):
-        load_quantized(copy)
-
-
 @pytest.mark.parametrize(
     "key, raw, verify",
     [
@@ -217,16 +206,21 @@ def test_removed_checksums_fail_unless_opted_out(copy, saved):
     assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
 
 
-def test_crc32_files_of_any4ao_0_2_load_and_are_verified(copy, saved):
-    """Files from any4ao 0.2.0 carry crc32 checksums: they still load, and a flipped byte in one
-    still fails; an algorithm this version does not know is an error, not a skipped check."""
-    _forge(copy, edit_meta=lambda m: m.update(any4ao_format="2"), algorithm="crc32")
+@pytest.mark.parametrize("algorithm, version", [("crc32", "2"), ("xxh3_64", "3")])
+def test_files_with_older_checksums_load_and_are_verified(copy, saved, algorithm, version):
+    """Files from any4ao 0.2.0 carry crc32 checksums, later ones xxh3_64 of the bytes alone (before
+    the checksums covered dtype and shape): they still load, and a flipped byte in one still fails."""
+    _forge(copy, edit_meta=lambda m: m.update(any4ao_format=version), algorithm=algorithm)
     fresh = tiny_llama(seed=1)
     load_quantized(copy, fresh)
     assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
     _flip_byte(copy, f"{LAYER}._weight_lut")
-    with pytest.raises(ChecksumError, match=rf"tensor '{LAYER}\._weight_lut' is corrupt: its crc32"):
+    with pytest.raises(ChecksumError, match=rf"tensor '{LAYER}\._weight_lut' is corrupt: its {algorithm} "):
         load_quantized(copy)
+
+
+def test_unknown_checksum_algorithm_is_an_error(copy):
+    """An algorithm this version does not know is an error, not a skipped check."""
     _forge(copy, edit_meta=lambda m: m.update(any4ao_checksum_algorithm="md5"))
     with pytest.raises(ChecksumError, match="unknown checksum algorithm 'md5'"):
         load_quantized(copy)
