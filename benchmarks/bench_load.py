@@ -10,8 +10,10 @@ Timed, each the median (and the minimum) of --repeats runs:
   values     + the value checks (verify_checksums=False)
   checksums  + the checksum (xxh3_64) of every tensor and metadata entry (the default; each 4 MiB
              piece is hashed right after it is read, while it is in the CPU's cache)
-for the state dict alone and installed into a model, with the file in the page cache ("warm") and
-evicted from it by posix_fadvise(DONTNEED) before each run ("cold": read from disk).
+For the state dict alone and installed into a model, with the file in the page cache ("warm") and
+evicted from it by posix_fadvise(DONTNEED) before each run ("cold": read from disk). The levels
+take turns (one run of each, --repeats times), so drift in the allocator's and the page cache's
+state falls on all of them alike.
 Writes benchmarks/results/load-validation-cpu.json.
 
     python benchmarks/bench_load.py [--repeats 15] [--nbits 4]
@@ -99,20 +101,24 @@ def main(argv=None):
     results = {}
     for cache in ("warm", "cold"):
         for target in ("state_dict", "model"):
-            row = {}
-            for level, (values, sums) in {
-                "none": (False, False),
-                "values": (True, False),
-                "checksums": (True, True),
-            }.items():
-                fn = load(values, sums, target == "model")
+            levels = {"none": (False, False), "values": (True, False), "checksums": (True, True)}
+            fns = {level: load(values, sums, target == "model") for level, (values, sums) in levels.items()}
+            for fn in fns.values():
                 fn()  # warm-up (and page cache for "warm")
-                median, times = timed(fn, args.repeats, path if cache == "cold" else None)
-                row[level] = {
-                    "median_s": round(median, 5),
-                    "min_s": round(min(times), 5),
-                    "runs_s": [round(t, 5) for t in times],
+            # the levels take turns, run after run: the allocator's and page cache's state drifts
+            # over a run of loads (blocks of one level measured 8 to 29 ms for the same load)
+            times = {level: [] for level in fns}
+            for _ in range(args.repeats):
+                for level, fn in fns.items():
+                    times[level].append(timed(fn, 1, path if cache == "cold" else None)[0])
+            row = {
+                level: {
+                    "median_s": round(statistics.median(ts), 5),
+                    "min_s": round(min(ts), 5),
+                    "runs_s": [round(t, 5) for t in ts],
                 }
+                for level, ts in times.items()
+            }
             base = row["none"]["median_s"]
             row["values_overhead"] = round(row["values"]["median_s"] / base - 1, 4)
             row["values_and_checksums_overhead"] = round(row["checksums"]["median_s"] / base - 1, 4)

@@ -290,3 +290,44 @@ def test_the_kernels_folder_does_not_shadow_the_pypi_package_of_that_name():
     else:
         assert run.returncode == 0, run.stderr
         assert Path(run.stdout.strip()).resolve().parent != root / "kernels"
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_linear_calls_the_op_body_directly_only_where_nothing_can_tell(monkeypatch):
+    """F.linear on an Any4Tensor skips the dispatcher (host time) only in plain eager inference;
+    with a gradient to record, a dispatch mode or the profiler it goes through
+    torch.ops.any4ao.lut_linear. Same result either way."""
+    import torch.nn.functional as F
+
+    t, x, ref = _problem(5, 24, 64, 32, 4, torch.bfloat16, seed=3)
+    monkeypatch.setattr(selector, "fused_linear_applies", lambda x, w: True)  # CPU: the interpreter kernels
+    direct = []
+    real = ops.lut_linear
+    monkeypatch.setattr(ops, "lut_linear", lambda *a: (direct.append(1), real(*a))[1])
+    with torch.no_grad():
+        fast = F.linear(x, t)
+    assert direct == [1] and _rel(fast, ref) < TOLERANCE[torch.bfloat16]
+    with _OpLog() as log:
+        seen = F.linear(x, t)
+    assert direct == [1] and "any4ao.lut_linear.default" in log.ops
+    assert torch.equal(seen, fast)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        F.linear(x, t)
+    assert direct == [1] and any(e.name == "any4ao::lut_linear" for e in prof.events())
+    xg = x.clone().requires_grad_(True)
+    out = F.linear(xg, t)
+    assert direct == [1] and out.grad_fn is not None and torch.equal(out.detach(), fast)
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    with torch.no_grad():  # the check on the fast path still names the problem
+        with pytest.raises(ValueError, match="in_features=64"):
+            F.linear(torch.randn(5, 32, dtype=torch.bfloat16), t)

@@ -195,3 +195,32 @@ def test_quantize_on_load_errors_name_the_layer(tmp_path):
     config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=1))
     with pytest.raises(LayerError, match="NaN"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config, dtype=torch.float32)
+
+
+def test_from_pretrained_with_a_dtype_casts_the_quantized_weights_too(tmp_path):
+    """An fp32 any4 checkpoint loaded with dtype=bfloat16: transformers casts the plain weights,
+    and the Any4Tensors follow (they kept fp32 before, and the first forward failed); the logits
+    stay those of the fp32 model within bf16 rounding. A cast that cannot be made (scales below
+    fp16's range) names the weight."""
+    tiny_llama().save_pretrained(tmp_path / "fp32")
+    config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=5))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "any4")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "any4", dtype=torch.bfloat16)
+    weights = [m.weight for m in reloaded.modules() if isinstance(getattr(m, "weight", None), Any4Tensor)]
+    assert weights and all(w.dtype == torch.bfloat16 and w.scale.dtype == torch.bfloat16 for w in weights)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = model(ids).logits, reloaded(ids).logits.float()
+    assert ((got - ref).norm() / ref.norm()).item() < 3e-2
+
+    tiny = tiny_llama()
+    with torch.no_grad():
+        tiny.model.layers[0].mlp.up_proj.weight.mul_(1e-9)  # scales ~1e-10: no fp16 value holds them
+    tiny.save_pretrained(tmp_path / "tiny-fp32")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "tiny-fp32", quantization_config=config, dtype=torch.float32
+    )
+    model.save_pretrained(tmp_path / "tiny-any4")
+    with pytest.raises(ValueError, match=r"up_proj.weight.*cannot be cast to torch.float16"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-any4", dtype=torch.float16)

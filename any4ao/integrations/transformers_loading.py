@@ -231,7 +231,14 @@ def _patch_from_pretrained() -> None:
         if outer:
             _errors.pending = []
         try:
-            return original(cls, *args, **kwargs)
+            result = original(cls, *args, **kwargs)
+            import torch
+
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
+            if isinstance(dtype, torch.dtype) and isinstance(model, torch.nn.Module):
+                _cast_any4_weights(model, dtype, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+            return result
         except RuntimeError as e:
             pending = _errors.pending
             if outer and pending:
@@ -244,6 +251,32 @@ def _patch_from_pretrained() -> None:
     from_pretrained._any4ao = True
     from_pretrained.__doc__ = original.__doc__
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _cast_any4_weights(model, dtype, where) -> None:
+    """from_pretrained(..., dtype=d) loads every plain weight in d, but the Any4Tensors keep the
+    dtype they were saved in (transformers rebuilds them as stored): cast them too, as
+    load_state_dict would, or the first forward fails on mismatched dtypes. All or nothing: every
+    cast is made before any parameter is replaced; a cast that would overflow (fp32 scales beyond
+    fp16) names the weight."""
+    import torch
+
+    from any4ao.tensor.any4_tensor import Any4Tensor
+
+    casts, done = [], {}
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if not isinstance(param, Any4Tensor) or param.dtype == dtype:
+                continue
+            if id(param) not in done:  # tied weights: one cast, one parameter
+                try:
+                    done[id(param)] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
+                except ValueError as e:
+                    name = f"{module_name}.{attr}" if module_name else attr
+                    raise ValueError(f"{where}: weight {name!r} cannot be cast to {dtype}: {e}") from None
+            casts.append((module, attr, done[id(param)]))
+    for module, attr, new in casts:
+        module._parameters[attr] = new
 
 
 def _any4_config_for_save(model):

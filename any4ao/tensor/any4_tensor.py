@@ -131,9 +131,16 @@ class Any4Tensor(TorchAOBaseTensor):
 
     @property
     def in_features(self) -> int:
-        if self.ndim == 1:  # flat alias
-            return self.shape[0] // max(1, self.qdata.shape[0])
-        return self.shape[0] if self.transposed else self.shape[1]
+        # Cached: .ndim / .shape of a tensor subclass go through __torch_function__, and every
+        # linear asks (host time per call). The logical shape never changes after construction.
+        k = self.__dict__.get("_in_features")
+        if k is None:
+            if self.ndim == 1:  # flat alias
+                k = self.shape[0] // max(1, self.qdata.shape[0])
+            else:
+                k = self.shape[0] if self.transposed else self.shape[1]
+            self.__dict__["_in_features"] = k
+        return k
 
     # ----- FSDP2: all-gather the packed parts (any4ao/tensor/fsdp.py) -----
     def fsdp_pre_all_gather(self, mesh):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 def check_dtype(x: torch.Tensor, weight) -> None:
     """Activations and weight of one dtype, whichever orientation the weight is used in."""
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.scale.dtype:  # the weight's dtype (scale's, see Any4Tensor.__new__)
         raise ValueError(
             f"any4 linear: input dtype {x.dtype} does not match the Any4Tensor dtype {weight.dtype}; "
             f"cast one of them (e.g. model.to({x.dtype}))"
@@ -17,13 +17,15 @@ def check_dtype(x: torch.Tensor, weight) -> None:
 
 
 def _check_operands(x: torch.Tensor, weight) -> None:
+    # The weight's parts and cached attributes, not the wrapper's .dtype / .device / .shape: on a
+    # tensor subclass those go through __torch_function__, a microsecond of host time each.
     if x.shape[-1] != weight.in_features:
         raise ValueError(
             f"any4 linear: input has {x.shape[-1]} features in its last dimension but the weight "
             f"expects in_features={weight.in_features} (weight shape {tuple(weight.shape)})"
         )
     check_dtype(x, weight)
-    if x.device != weight.device:
+    if x.device != weight.qdata.device:
         raise ValueError(f"any4 linear: input is on {x.device} but the weight is on {weight.device}")
 
 
@@ -33,14 +35,12 @@ def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) ->
     from any4ao.kernels.selector import fused_linear_applies
 
     if fused_linear_applies(x, weight):
-        out = torch.ops.any4ao.lut_linear(
-            x.reshape(-1, x.shape[-1]),
-            weight.qdata,
-            weight.lut,
-            weight.scale,
-            weight.zero_point,
-            weight.nbits,
-            weight.group_size,
-        ).reshape(*x.shape[:-1], weight.out_features)
+        from any4ao.kernels import ops
+
+        x2 = x.reshape(-1, x.shape[-1])
+        # eager inference: the op's body as a plain function, without the dispatcher (host time)
+        op = ops.lut_linear if ops.direct_call_applies(x2) else torch.ops.any4ao.lut_linear
+        out = op(x2, weight.qdata, weight.lut, weight.scale, weight.zero_point, weight.nbits, weight.group_size)
+        out = out.reshape(*x.shape[:-1], weight.out_features)
         return out if bias is None else out + bias
     return F.linear(x, weight.dequantize(x.dtype), bias)
