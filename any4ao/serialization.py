@@ -323,6 +323,9 @@ def load_quantized(
     2-core CPU, see benchmarks/bench_load.py); False skips only that, the structural and value
     checks always run."""
     path = Path(path)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"load_quantized: device must be a str or torch.device, got {device!r}")
+    device = torch.device(device)  # ValueError/RuntimeError for a name that is no device, before reading
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"load_quantized: model must be an nn.Module, got {type(model).__name__}")

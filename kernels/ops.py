@@ -139,12 +139,17 @@ def direct_call_applies(x: torch.Tensor) -> bool:
     """Whether an eager caller may run `lut_linear` (the op's body) as a plain function: same
     result, without the dispatcher and the Python autograd wrapper that register_autograd puts in
     front of every call (about 10 us of host time on this 2-core CPU against 17 for the whole
-    F.linear path). Only when nothing could see the difference: a plain tensor, no gradient to
-    record, not tracing or compiling, no dispatch or function mode (FakeTensorMode, FlopCounter,
-    ...) and no profiler (which shows the op by name)."""
+    F.linear path). Only when nothing could see the difference: a plain tensor (no lazy negation
+    or conjugation, which the dispatcher resolves; functorch-wrapped x never gets here, see
+    any4ao/tensor/linear.py), no gradient to record, not tracing (torch.jit, torch.compile), no
+    dispatch or function mode (FakeTensorMode, FlopCounter, ...) and no profiler (which shows the
+    op by name)."""
     return (
         type(x) is torch.Tensor
         and not (x.requires_grad and torch.is_grad_enabled())
+        and not x.is_neg()
+        and not x.is_conj()
+        and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch._C._len_torch_dispatch_stack()
         and not torch._C._len_torch_function_stack()

@@ -179,7 +179,8 @@ def _cuda_facts(index: int) -> Tuple[str, int, Tuple[int, int]]:
 
 def _cached(config_fn):
     """The config functions run on every matmul: memoised on (M, N, K, group, device facts), as
-    plain ints; symbolic sizes (tracing) are computed each time."""
+    plain ints; other size types (tracing, numpy) are computed each time. RULES / GEMM_RULES are
+    read once per memoised shape: after changing a table at run time, call `.cache_clear()`."""
     cached = functools.lru_cache(maxsize=4096)(config_fn)
 
     def lookup(m, n, k, group_size, device):
@@ -188,7 +189,9 @@ def _cached(config_fn):
             return cached(*args)
         return config_fn(*args)
 
-    return functools.wraps(config_fn)(lookup)
+    lookup = functools.wraps(config_fn)(lookup)
+    lookup.cache_clear = cached.cache_clear
+    return lookup
 
 
 @_cached

@@ -331,3 +331,39 @@ def test_eager_linear_calls_the_op_body_directly_only_where_nothing_can_tell(mon
     with torch.no_grad():  # the check on the fast path still names the problem
         with pytest.raises(ValueError, match="in_features=64"):
             F.linear(torch.randn(5, 32, dtype=torch.bfloat16), t)
+
+
+def test_fused_linear_under_transforms_tracing_and_autocast(monkeypatch):
+    """Where the custom op cannot serve F.linear correctly, the dequantized weight does: forward-mode
+    AD (the op has no jvp: the tangent was dropped), functorch transforms, autocast (its dtype).
+    torch.jit.trace and lazily negated x go through the dispatcher (the direct call read the
+    traced sizes as pointers, and a neg-bit view un-negated). A bias of another dtype is refused
+    as F.linear refuses it (it promoted the output to float32)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    t, x, _ = _problem(5, 24, 64, 32, 4, torch.bfloat16, seed=11)
+    dense = t.dequantize(torch.bfloat16)
+    monkeypatch.setattr(selector, "fused_linear_applies", lambda x, w: True)
+    with torch.no_grad():  # references, on the fused path
+        shifted, negated = F.linear(x + 1, t), F.linear(-x, t)
+    direct = []
+    real = ops.lut_linear
+    monkeypatch.setattr(ops, "lut_linear", lambda *a: (direct.append(1), real(*a))[1])
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(F.linear(fwAD.make_dual(x, tangent), t)).tangent
+    torch.testing.assert_close(got, F.linear(tangent, dense))
+    _, jvp = torch.func.jvp(lambda r: F.linear(r, t), (x,), (tangent,))
+    torch.testing.assert_close(jvp, F.linear(tangent, dense))
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda r: F.linear(r, t))(x[None].expand(3, -1, -1))
+        torch.testing.assert_close(batched[1], F.linear(x, dense))
+        traced = torch.jit.trace(lambda r: F.linear(r, t), (x,), check_trace=False)
+        torch.testing.assert_close(traced(x + 1), shifted)
+        torch.testing.assert_close(F.linear(x._neg_view(), t), negated)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert F.linear(x.float(), t).dtype == torch.float16
+        with pytest.raises(ValueError, match="bias dtype torch.float32"):
+            F.linear(x, t, torch.zeros(24))
+    assert direct == []  # none of these took the direct call

@@ -206,13 +206,14 @@ def test_from_pretrained_with_a_dtype_casts_the_quantized_weights_too(tmp_path):
     config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=5))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config, dtype=torch.float32)
     model.save_pretrained(tmp_path / "any4")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "any4", dtype=torch.bfloat16)
-    weights = [m.weight for m in reloaded.modules() if isinstance(getattr(m, "weight", None), Any4Tensor)]
-    assert weights and all(w.dtype == torch.bfloat16 and w.scale.dtype == torch.bfloat16 for w in weights)
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref, got = model(ids).logits, reloaded(ids).logits.float()
-    assert ((got - ref).norm() / ref.norm()).item() < 3e-2
+    for dtype in (torch.bfloat16, "bfloat16", {"": torch.bfloat16}):
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "any4", dtype=dtype)
+        weights = [m.weight for m in reloaded.modules() if isinstance(getattr(m, "weight", None), Any4Tensor)]
+        assert weights and all(w.dtype == torch.bfloat16 and w.scale.dtype == torch.bfloat16 for w in weights)
+        with torch.no_grad():
+            ref, got = model(ids).logits, reloaded(ids).logits.float()
+        assert ((got - ref).norm() / ref.norm()).item() < 3e-2
 
     tiny = tiny_llama()
     with torch.no_grad():
@@ -224,3 +225,10 @@ def test_from_pretrained_with_a_dtype_casts_the_quantized_weights_too(tmp_path):
     model.save_pretrained(tmp_path / "tiny-any4")
     with pytest.raises(ValueError, match=r"up_proj.weight.*cannot be cast to torch.float16"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-any4", dtype=torch.float16)
+
+
+def test_load_quantized_refuses_a_device_that_is_no_device(tmp_path):
+    path = tmp_path / "q.safetensors"
+    save_quantized(_quantized(), path)
+    with pytest.raises(TypeError, match="device must be a str or torch.device"):
+        load_quantized(path, device=torch.float16)

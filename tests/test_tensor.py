@@ -163,3 +163,16 @@ def test_value_checks_accept_everything_quantization_and_the_ops_produce():
     for x in tensors:
         assert x.validate_values() is x
         assert torch.isfinite(x.dequantize()).all()
+
+
+def test_unpickling_recomputes_cached_attributes():
+    """in_features is cached on the instance; a pickled (damaged or crafted) cache must not
+    override the shape: torch.load recomputes it."""
+    w = Any4Tensor.from_hp(torch.randn(40, 96, generator=torch.Generator().manual_seed(0)), group_size=32)
+    assert w.in_features == 96
+    w.__dict__["_in_features"] = 64
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded.in_features == 96 and tuple(loaded.dequantize().shape) == (40, 96)

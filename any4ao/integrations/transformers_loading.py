@@ -234,9 +234,9 @@ def _patch_from_pretrained() -> None:
             result = original(cls, *args, **kwargs)
             import torch
 
-            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            dtype = _requested_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))
             model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
-            if isinstance(dtype, torch.dtype) and isinstance(model, torch.nn.Module):
+            if dtype is not None and isinstance(model, torch.nn.Module):
                 _cast_any4_weights(model, dtype, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
             return result
         except RuntimeError as e:
@@ -251,6 +251,20 @@ def _patch_from_pretrained() -> None:
     from_pretrained._any4ao = True
     from_pretrained.__doc__ = original.__doc__
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _requested_dtype(dtype):
+    """The one torch.dtype a from_pretrained dtype argument asks for: a torch.dtype, its name
+    ("bfloat16", "torch.float16"), or a dict whose values all name the same dtype; None for
+    "auto", None, or a dict of several dtypes (then the Any4Tensors keep the stored dtype)."""
+    import torch
+
+    if isinstance(dtype, dict):
+        found = {_requested_dtype(v) for v in dtype.values()}
+        return found.pop() if len(found) == 1 else None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _cast_any4_weights(model, dtype, where) -> None:

@@ -297,6 +297,7 @@ def _checked_setstate(self, state):
     """Unpickling (torch.load, also weights_only=True): torchao's __setstate__ fills the parts in
     without __init__, so the structural and value checks run here."""
     _torchao_base_tensor__setstate__(self, state)
+    self.__dict__.pop("_in_features", None)  # a cache (in_features), recomputed from the shape, never trusted
     what = f"unpickled by torch.load (shape {tuple(self.shape)}, nbits={getattr(self, 'nbits', '?')})"
     missing = [p for p in self.tensor_data_names + ["nbits", "block_size"] if getattr(self, p, None) is None]
     if missing:

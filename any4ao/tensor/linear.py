@@ -4,6 +4,7 @@ kernel), dequantize + F.linear elsewhere (CPU, fp32 activations, kernel_preferen
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 
@@ -16,7 +17,7 @@ def check_dtype(x: torch.Tensor, weight) -> None:
         )
 
 
-def _check_operands(x: torch.Tensor, weight) -> None:
+def _check_operands(x: torch.Tensor, weight, dtype: bool = True) -> None:
     # The weight's parts and cached attributes, not the wrapper's .dtype / .device / .shape: on a
     # tensor subclass those go through __torch_function__, a microsecond of host time each.
     if x.shape[-1] != weight.in_features:
@@ -24,19 +25,34 @@ def _check_operands(x: torch.Tensor, weight) -> None:
             f"any4 linear: input has {x.shape[-1]} features in its last dimension but the weight "
             f"expects in_features={weight.in_features} (weight shape {tuple(weight.shape)})"
         )
-    check_dtype(x, weight)
+    if dtype:
+        check_dtype(x, weight)
     if x.device != weight.qdata.device:
         raise ValueError(f"any4 linear: input is on {x.device} but the weight is on {weight.device}")
 
 
+def _plain_linear_needed(x: torch.Tensor) -> bool:
+    """Where the custom op would be wrong, F.linear on the dequantized weight serves: autocast
+    (F.linear applies the autocast dtype), forward-mode AD (the op has no jvp: the tangent would be
+    dropped) and functorch transforms (vmap, jvp, grad wrap x)."""
+    if torch.is_autocast_enabled(x.device.type) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return True
+    return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None
+
+
 def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
+    if torch.is_autocast_enabled(x.device.type):  # x may be of another dtype: F.linear casts both
+        _check_operands(x, weight, dtype=False)
+        return F.linear(x, weight.dequantize(torch.get_autocast_dtype(x.device.type)), bias)
     _check_operands(x, weight)
     from any4ao.kernels.selector import fused_linear_applies
 
-    if fused_linear_applies(x, weight):
+    if fused_linear_applies(x, weight) and not _plain_linear_needed(x):
         from any4ao.kernels import ops
 
+        if bias is not None and bias.dtype != x.dtype:  # as F.linear: no silent promotion
+            raise ValueError(f"any4 linear: bias dtype {bias.dtype} does not match the input dtype {x.dtype}")
         x2 = x.reshape(-1, x.shape[-1])
         # eager inference: the op's body as a plain function, without the dispatcher (host time)
         op = ops.lut_linear if ops.direct_call_applies(x2) else torch.ops.any4ao.lut_linear
