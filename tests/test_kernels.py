@@ -367,3 +367,6 @@ def test_fused_linear_under_transforms_tracing_and_autocast(monkeypatch):
         with pytest.raises(ValueError, match="bias dtype torch.float32"):
             F.linear(x, t, torch.zeros(24))
     assert direct == []  # none of these took the direct call
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # already autocast's dtype: fused
+        assert F.linear(x, t).dtype == torch.bfloat16 and direct == [1]
+        assert F.linear(x, t, torch.zeros(24)).dtype == torch.bfloat16  # autocast casts the bias

@@ -32,19 +32,22 @@ def _check_operands(x: torch.Tensor, weight, dtype: bool = True) -> None:
 
 
 def _plain_linear_needed(x: torch.Tensor) -> bool:
-    """Where the custom op would be wrong, F.linear on the dequantized weight serves: autocast
-    (F.linear applies the autocast dtype), forward-mode AD (the op has no jvp: the tangent would be
-    dropped) and functorch transforms (vmap, jvp, grad wrap x)."""
-    if torch.is_autocast_enabled(x.device.type) or torch._C._functorch.is_functorch_wrapped_tensor(x):
+    """Where the custom op would be wrong, F.linear on the dequantized weight serves: forward-mode
+    AD (the op has no jvp: the tangent would be dropped) and functorch transforms (vmap, jvp, grad
+    wrap x)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
         return True
     return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None
 
 
 def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
-    if torch.is_autocast_enabled(x.device.type):  # x may be of another dtype: F.linear casts both
-        _check_operands(x, weight, dtype=False)
-        return F.linear(x, weight.dequantize(torch.get_autocast_dtype(x.device.type)), bias)
+    if torch.is_autocast_enabled(x.device.type):
+        cast = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != cast or weight.scale.dtype != cast:  # F.linear casts both, as for nn.Linear
+            _check_operands(x, weight, dtype=False)
+            return F.linear(x, weight.dequantize(cast), bias)
+        bias = None if bias is None else bias.to(cast)  # as autocast does for F.linear
     _check_operands(x, weight)
     from any4ao.kernels.selector import fused_linear_applies
 
