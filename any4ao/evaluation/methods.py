@@ -15,6 +15,7 @@ METHODS = {
     "any4": ("any4", False, "none"),
     "any4+cal": ("any4", True, "none"),
     "any4+gptq": ("any4", True, "gptq"),
+    "any4+gptq-act": ("any4", True, "gptq-act"),  # columns in decreasing Hessian-diagonal order
     "any3+cal": ("any3", True, "none"),
     "any2+cal": ("any2", True, "none"),
 }
@@ -54,7 +55,7 @@ def needs_calibration(name: str) -> bool:
 
 
 def needs_hessian(name: str) -> bool:
-    return METHODS[name][2] == "gptq"
+    return METHODS[name][2].startswith("gptq")
 
 
 def config_for(name: str, settings: MethodSettings, calibration=None) -> Optional[Any4WeightOnlyConfig]:
@@ -67,7 +68,8 @@ def config_for(name: str, settings: MethodSettings, calibration=None) -> Optiona
         codebook=codebook,
         group_size=settings.group_size,
         calibration=calibration if calibrated else None,
-        error_feedback=feedback,
+        error_feedback="gptq" if feedback.startswith("gptq") else feedback,
+        gptq_act_order=feedback == "gptq-act",
         kmeans_iterations=settings.kmeans_iterations,
         refine_rounds=settings.refine_rounds,
         lut_dtype=settings.lut_dtype,
