@@ -109,9 +109,6 @@ class Any4WeightOnlyConfig(AOBaseConfig):
             back through the inverse of the layer-input Hessian (needs calibration recorded with
             `calibrate(..., hessian=True)`). Learned codebooks only.
         gptq_damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to it.
-        gptq_act_order: GPTQ quantizes the columns in order of decreasing Hessian diagonal
-            ("desc_act"; the scales and LUTs are fixed first, so groups stay whole). On CUDA it
-            runs the torch column loop instead of the fused kernel.
         lut_dtype: dtype of LUT, scales and zero points (default: the weight's).
         kernel_preference: "auto" (fused LUT kernels where they apply) or "dequantize".
         version: format version of the tensors this config makes (torchao's convention).
@@ -125,7 +122,6 @@ class Any4WeightOnlyConfig(AOBaseConfig):
     scaling: Scaling = Scaling.AUTO
     error_feedback: ErrorFeedback = ErrorFeedback.NONE
     gptq_damp: float = 0.01
-    gptq_act_order: bool = False
     lut_dtype: Optional[torch.dtype] = None
     kernel_preference: KernelPreference = KernelPreference.AUTO
     version: int = 1
@@ -140,8 +136,6 @@ class Any4WeightOnlyConfig(AOBaseConfig):
             or not (0 < self.gptq_damp <= 1)
         ):
             raise ValueError(f"gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
-        if not isinstance(self.gptq_act_order, bool):
-            raise ValueError(f"gptq_act_order must be True or False, got {self.gptq_act_order!r}")
         self.kernel_preference = _enum(KernelPreference, self.kernel_preference, "kernel_preference")
         if (
             not isinstance(self.group_size, int)

@@ -198,32 +198,3 @@ def test_shrinkage_fades_with_many_tokens_and_grows_with_few():
     noise = ChannelImportance(hessian=True)
     noise._record(layer, torch.randn(40, 8, generator=g))  # independent inputs: off-diagonals are noise
     assert noise.shrinkage_for(layer) > 0.5
-
-
-def test_act_order_is_gptq_on_the_columns_sorted_by_hessian_diagonal():
-    """act_order=True quantizes the columns in order of decreasing H_kk: with one group per row
-    (scales independent of column order) it gives exactly plain GPTQ's codes on the problem with
-    its columns sorted that way, put back in place; and not plain GPTQ's codes. Through
-    quantize_weight it keeps the by-construction bound (never worse than rounding on any row)."""
-    k = 64
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(12, k, generator=g)
-    hessian = _correlated_inputs(k, 512, 4)
-    spread = torch.rand(k, generator=g, dtype=hessian.dtype) * 3 + 0.5  # channels of unequal energy
-    hessian = hessian * spread[:, None] * spread[None, :]
-    q = quantize_weight(w, Any4WeightOnlyConfig(group_size=k), torch.diagonal(hessian).clone())
-    lut, s, z = q.lut.float(), q.scale.float(), q.zero_point.float()
-    order = torch.argsort(torch.diagonal(hessian), descending=True)
-    act = gptq_codes(w, hessian, lut, s, z, k, 0.01, fused=False, act_order=True)
-    sorted_plain = gptq_codes(w[:, order], hessian[order][:, order], lut, s, z, k, 0.01, fused=False)
-    plain = gptq_codes(w, hessian, lut, s, z, k, 0.01, fused=False)
-    assert torch.equal(act, sorted_plain[:, torch.argsort(order)]) and not torch.equal(act, plain)
-    config = Any4WeightOnlyConfig(group_size=32, error_feedback="gptq", gptq_act_order=True)
-    diag = torch.diagonal(hessian).clone()
-    fed_back = quantize_weight(w, config, diag, hessian)
-    rounded = quantize_weight(w, Any4WeightOnlyConfig(group_size=32), diag)
-    assert bool((_output_error(w, fed_back, hessian, 32) <= _output_error(w, rounded, hessian, 32) * (1 + 1e-9)).all())
-    with pytest.raises(ValueError, match="gptq_act_order must be True or False"):
-        Any4WeightOnlyConfig(gptq_act_order=1)
-    with pytest.raises(ValueError, match="torch loop only"):
-        gptq_codes(w, hessian, lut, s, z, k, 0.01, fused=True, act_order=True)

@@ -77,16 +77,11 @@ def _fused_available(w: torch.Tensor, num_entries: int) -> bool:
     return True
 
 
-def gptq_codes(
-    w, hessian, lut, scales, zeros, group_size: int, damp: float, nearest=None, fused=None, act_order: bool = False
-) -> torch.Tensor:
+def gptq_codes(w, hessian, lut, scales, zeros, group_size: int, damp: float, nearest=None, fused=None) -> torch.Tensor:
     """(N, K) uint8 codes for float32 `w` (N, K) with fixed float32 `lut` (N, C) sorted per row,
     `scales`/`zeros` (N, ceil(K/G)); `hessian` (K, K). `nearest`: the nearest-entry codes (the
     per-row fallback; computed here if not given). fused: each block of columns in one Triton
-    kernel (any4ao.kernels.gptq; default on CUDA), else the torch loop. act_order: quantize the
-    columns in order of decreasing Hessian diagonal (GPTQ's "desc_act": the inputs with the most
-    energy first, while the most columns are left to absorb their error); the groups' scales and
-    LUTs were fixed beforehand, so no group is split. The torch loop only."""
+    kernel (any4ao.kernels.gptq; default on CUDA), else the torch loop."""
     n, k = w.shape
     if hessian.shape != (k, k):
         raise ValueError(
@@ -95,20 +90,12 @@ def gptq_codes(
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("the layer-input Hessian has NaN or Inf entries")
     if fused is None:
-        fused = _fused_available(w, lut.shape[1]) and not act_order
-    if fused and act_order:
-        raise ValueError("gptq act_order runs the torch loop only (the fused kernel reads scales by column group)")
-    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order else None
+        fused = _fused_available(w, lut.shape[1])
     # float64 on the CPU (cheap there); float32 on GPUs and in the fused kernel, as GPTQ itself
     compute = torch.float32 if fused or w.device.type != "cpu" else torch.float64
     hessian = hessian.to(device=w.device, dtype=compute)
-    if order is not None:
-        order = order.to(w.device)
-        upper = _inverse_cholesky(hessian[order][:, order], damp).contiguous()
-        work = w.to(compute)[:, order].contiguous()
-    else:
-        upper = _inverse_cholesky(hessian, damp).contiguous()
-        work = w.to(compute).clone()
+    upper = _inverse_cholesky(hessian, damp).contiguous()
+    work = w.to(compute).clone()
     lut_c = lut.to(compute).contiguous()
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     errors = torch.empty(n, BLOCK_COLUMNS, dtype=compute, device=w.device)
@@ -119,8 +106,6 @@ def gptq_codes(
     else:
         s_full = expand_groups(scales, k, group_size).to(compute)
         z_full = expand_groups(zeros, k, group_size).to(compute)
-        if order is not None:
-            s_full, z_full = s_full[:, order].contiguous(), z_full[:, order].contiguous()
         boundaries = (lut_c[:, 1:] + lut_c[:, :-1]) * 0.5
     for i1 in range(0, k, BLOCK_COLUMNS):
         i2 = min(i1 + BLOCK_COLUMNS, k)
@@ -129,8 +114,6 @@ def gptq_codes(
         else:
             _block_torch(work, upper, lut_c, boundaries, s_full, z_full, codes, errors, i1, i2)
         work[:, i2:] -= errors[:, : i2 - i1] @ upper[i1:i2, i2:]
-    if order is not None:
-        codes = codes[:, torch.argsort(order)]
     if nearest is None:
         nearest = nearest_code(to_code_domain(w, scales, zeros, group_size), lut)
     fed_back = _row_output_error(w, dequantize_codes(codes, lut, scales, zeros, group_size), hessian)

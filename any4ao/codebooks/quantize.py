@@ -254,15 +254,5 @@ def quantize_weight(
         from any4ao.codebooks.gptq import gptq_codes
 
         lut_stored = lut.to(dtype).float()
-        codes = gptq_codes(
-            w,
-            hessian,
-            lut_stored,
-            scales,
-            zeros,
-            config.group_size,
-            config.gptq_damp,
-            nearest=codes,
-            act_order=config.gptq_act_order,
-        )
+        codes = gptq_codes(w, hessian, lut_stored, scales, zeros, config.group_size, config.gptq_damp, nearest=codes)
     return QuantizedWeight(codes=codes, lut=lut.to(dtype), scale=scales.to(dtype), zero_point=zeros.to(dtype))

@@ -15,7 +15,6 @@ METHODS = {
     "any4": ("any4", False, "none"),
     "any4+cal": ("any4", True, "none"),
     "any4+gptq": ("any4", True, "gptq"),
-    "any4+gptq-act": ("any4", True, "gptq-act"),  # columns in decreasing Hessian-diagonal order
     "any3+cal": ("any3", True, "none"),
     "any2+cal": ("any2", True, "none"),
 }
@@ -55,7 +54,7 @@ def needs_calibration(name: str) -> bool:
 
 
 def needs_hessian(name: str) -> bool:
-    return METHODS[name][2].startswith("gptq")
+    return METHODS[name][2] == "gptq"
 
 
 def config_for(name: str, settings: MethodSettings, calibration=None) -> Optional[Any4WeightOnlyConfig]:
@@ -68,8 +67,7 @@ def config_for(name: str, settings: MethodSettings, calibration=None) -> Optiona
         codebook=codebook,
         group_size=settings.group_size,
         calibration=calibration if calibrated else None,
-        error_feedback="gptq" if feedback.startswith("gptq") else feedback,
-        gptq_act_order=feedback == "gptq-act",
+        error_feedback=feedback,
         kmeans_iterations=settings.kmeans_iterations,
         refine_rounds=settings.refine_rounds,
         lut_dtype=settings.lut_dtype,
