@@ -13,7 +13,9 @@ import weakref
 from typing import Callable, Optional
 
 import torch
+import torch.nn.utils.parametrize
 from torch import nn
+from torch.nn.utils.weight_norm import WeightNorm
 from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
@@ -54,6 +56,18 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
     weight = getattr(module, parameter_name, None)
     if weight is None:
         raise LayerError(f"layer {name!r} has no parameter {parameter_name!r}")
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2-style layer
+        raise LayerError(
+            f"layer {name!r} is a transformers Conv1D, whose weight is stored (in_features, out_features): "
+            "any4ao quantizes weights laid out as nn.Linear's (out_features, in_features)"
+        )
+    if torch.nn.utils.parametrize.is_parametrized(module, parameter_name) or any(
+        isinstance(hook, WeightNorm) and hook.name == parameter_name for hook in module._forward_pre_hooks.values()
+    ):
+        raise LayerError(
+            f"layer {name!r}: {parameter_name} is computed by a parametrization or weight norm each call; "
+            "remove it first (torch.nn.utils.parametrize.remove_parametrizations / remove_weight_norm)"
+        )
     if isinstance(weight, Any4Tensor):
         raise LayerError(f"layer {name!r}: weight is already an Any4Tensor (quantized twice?)")
     check_weight(name, weight, config.lut_dtype)
@@ -163,11 +177,18 @@ def quantize_model(
     with error_feedback="gptq" the Hessians are recorded too. Without a tokenizer or calibration,
     a learned codebook minimises the plain weight error."""
     config = config or Any4WeightOnlyConfig()
+    targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+    if not targets and not any(isinstance(p, Any4Tensor) for p in model.parameters()):
+        conv1d = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
+        raise LayerError(
+            f"quantize_model: no layer of the {type(model).__name__} matched the filter (default: nn.Linear "
+            "layers other than the LM head), so nothing would be quantized"
+            + (f"; its {len(conv1d)} transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else "")
+        )
     if tokenizer is not None and config.codebook.learned and config.calibration is None:
         gptq = config.error_feedback == ErrorFeedback.GPTQ
         stats = calibrate(model, tokenizer, text=calibration_text, hessian=gptq, filter_fn=filter_fn)
         config = dataclasses.replace(config, calibration=stats)
-    targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
     for fqn, module in targets:  # validate everything before changing anything
         try:
             _checked_inputs(module, config, "weight", fqn)
@@ -200,4 +221,9 @@ def quantize_model(
         bar.close()
         for _, module in targets:
             _NAMES.pop(module, None)
+    first = {}  # layers that shared one weight share its quantized copy (equal values, one storage)
+    for _, module in targets:
+        keeper = first.setdefault(id(originals[module]), module)
+        if keeper is not module:
+            module.weight = keeper.weight
     return model

@@ -842,3 +842,81 @@ def test_fp16_weights_near_65504_and_fp32_denormals_dequantize_finite(seed, code
         if codebook in ("any4", "any3"):
             grid = Any4Tensor.from_hp(w, codebook=f"int{codebook[-1]}", group_size=32)
             assert _rel(t, w) <= _rel(grid, w) * (1 + 1e-4)
+
+
+# ----- second audit of the session of 2026-12-07 (older surfaces) -----
+CFG = Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2)
+
+
+def test_gpt2_conv1d_layers_are_refused_by_name_and_nothing_quantized_is_an_error():
+    """transformers' Conv1D stores (in, out): quantized as a Linear it grouped output channels and
+    weighted them with input-channel statistics, silently. Selected, it is a LayerError naming the
+    layer; a model where the filter selects nothing (GPT-2 under the default filter) is an error,
+    not a silent float model."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100, n_positions=32)).eval()
+    before = _snapshot(model)
+    with pytest.raises(LayerError, match="nothing would be quantized.*Conv1D"):
+        quantize_model(model, CFG, progress=False)
+    conv = lambda m, fqn: type(m).__name__ == "Conv1D"  # noqa: E731
+    with pytest.raises(LayerError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D.*\(in_features, out_features\)"):
+        quantize_model(model, CFG, filter_fn=conv, progress=False)
+    _assert_unchanged(model, before)
+    quantize_model(tiny := tiny_llama(), CFG, progress=False)
+    quantize_model(tiny, CFG, progress=False)  # a quantized model: nothing left to do, no error
+
+
+def test_parametrized_and_weight_normed_layers_are_refused_before_anything_changes():
+    from torch.nn.utils import parametrizations, weight_norm
+
+    for wrap in (parametrizations.weight_norm, weight_norm):
+        model = nn.Sequential(nn.Linear(96, 96), wrap(nn.Linear(96, 96)))
+        before = _snapshot(model)
+        with pytest.raises(LayerError, match="layer '1'.*parametrization or weight norm"):
+            quantize_model(model, CFG, progress=False)
+        _assert_unchanged(model, before)
+        assert not any(isinstance(p, Any4Tensor) for p in model.parameters())
+
+
+def test_layers_sharing_a_weight_share_its_quantized_copy():
+    a, b = nn.Linear(96, 48), nn.Linear(96, 48)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), nn.Linear(48, 96), b)
+    quantize_model(model, CFG, progress=False)
+    assert a.weight is b.weight and isinstance(a.weight, Any4Tensor)
+    assert len(list(model.parameters())) == 5
+
+
+def test_tensor_idioms_compute_or_refuse():
+    """w.T works (x @ w.T was a NotImplementedError); `.data = t` is refused (it left the packed
+    weight unchanged, silently); addmm checks the bias as torch.addmm does (it broadcast a 3-D bias
+    and promoted to float64); dequantize takes floating dtypes only (int32 truncated silently)."""
+    w = Any4Tensor.from_hp(torch.randn(48, 96, generator=torch.Generator().manual_seed(0)), CFG)
+    x = torch.randn(3, 96)
+    dense = w.dequantize()
+    torch.testing.assert_close(x @ w.T, x @ dense.T)
+    assert torch.equal(w.T.dequantize(), dense.T) and torch.equal(w.permute(0, 1).dequantize(), dense)
+    param = nn.Parameter(w, requires_grad=False)
+    with pytest.raises(NotImplementedError, match="assigning .data of an Any4Tensor"):
+        param.data = torch.zeros(48, 96)
+    torch.testing.assert_close(torch.addmm(torch.ones(48), x, w.t()), x @ dense.t() + 1)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        torch.addmm(torch.zeros(2, 3, 48), x, w.t())
+    with pytest.raises(ValueError, match="bias dtype torch.float64"):
+        torch.addmm(torch.zeros(48, dtype=torch.float64), x, w.t())
+    for dtype in ("float16", torch.int32):
+        with pytest.raises(ValueError, match="floating torch.dtype"):
+            w.dequantize(dtype)
+
+
+def test_empty_calibration_text_is_an_error_not_the_default_prompt():
+    from any4ao import calibrate
+
+    class Tokenizer:
+        def __call__(self, text, return_tensors):
+            raise AssertionError("not reached")
+
+    for text in ("", "   "):
+        with pytest.raises(ValueError, match="text must be non-empty"):
+            calibrate(tiny_llama(), Tokenizer(), text=text)

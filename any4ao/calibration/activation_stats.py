@@ -159,7 +159,9 @@ def calibrate(
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("calibrate needs either input_ids or a tokenizer")
-        input_ids = tokenizer(text or default_calibration_text(), return_tensors="pt").input_ids
+        if text is not None and (not isinstance(text, str) or not text.strip()):
+            raise ValueError(f"calibrate: text must be non-empty text (None: the shipped prompt), got {text!r}")
+        input_ids = tokenizer(default_calibration_text() if text is None else text, return_tensors="pt").input_ids
     if type(max_tokens) is not int or max_tokens < 1:
         raise ValueError(f"calibrate: max_tokens={max_tokens!r}, expected a positive int")
     if (

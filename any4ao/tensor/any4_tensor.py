@@ -236,6 +236,10 @@ class Any4Tensor(TorchAOBaseTensor):
         if self.ndim != 2:
             raise NotImplementedError("the flat view(-1) alias of an Any4Tensor (FSDP2 bookkeeping) has no dense form")
         output_dtype = output_dtype or self.dtype
+        if not isinstance(output_dtype, torch.dtype) or not output_dtype.is_floating_point:
+            raise ValueError(
+                f"Any4Tensor.dequantize: output_dtype must be a floating torch.dtype, got {output_dtype!r}"
+            )
         if self.qdata.is_cuda and output_dtype != torch.float64 and _gpu_kernels():
             k = self.in_features
             w = torch.ops.any4ao.dequantize(

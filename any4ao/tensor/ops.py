@@ -75,6 +75,11 @@ def _(func, types, args, kwargs):
     beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
     alpha = kwargs.get("alpha", args[4] if len(args) > 4 else 1)
     out = _mm(a, b)
+    # as torch.addmm: the bias broadcasts to the product's shape (never grows it) and shares its dtype
+    if torch.broadcast_shapes(bias.shape, out.shape) != out.shape:
+        raise ValueError(f"addmm: bias of shape {tuple(bias.shape)} does not broadcast to {tuple(out.shape)}")
+    if bias.dtype != out.dtype:
+        raise ValueError(f"addmm: bias dtype {bias.dtype} does not match the product's dtype {out.dtype}")
     if alpha != 1:
         out = out * alpha
     if beta == 0:  # as torch.addmm: the bias is not read (NaN or Inf in it does not propagate)
@@ -85,6 +90,25 @@ def _(func, types, args, kwargs):
 @implements(aten.t.default)
 def _(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, _untransposed(args[0]))
+
+
+@implements(aten.permute.default)
+def _(func, types, args, kwargs):
+    """w.T (permute(1, 0)) and permute(0, 1) of the 2-D weight."""
+    w, dims = args[0], [d % 2 for d in args[1]]
+    if len(dims) != 2 or sorted(dims) != [0, 1]:
+        raise NotImplementedError(f"Any4Tensor permute takes the two dims of the 2-D weight, got {args[1]}")
+    return return_and_correct_aliasing(func, args, kwargs, _with(w) if dims == [0, 1] else _untransposed(w))
+
+
+@implements_torch_function(torch.Tensor.data.__set__)
+def _(func, types, args, kwargs):
+    """`param.data = t` would replace only the wrapper's empty storage and leave the packed parts:
+    the weight would not change, silently."""
+    raise NotImplementedError(
+        "assigning .data of an Any4Tensor would not change the quantized weight; assign a new parameter "
+        "(module.weight = nn.Parameter(...)) or load a state dict instead"
+    )
 
 
 @implements(aten.transpose.int)
