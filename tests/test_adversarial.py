@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import struct
+import warnings
 
 import pytest
 import torch
@@ -920,3 +921,18 @@ def test_empty_calibration_text_is_an_error_not_the_default_prompt():
     for text in ("", "   "):
         with pytest.raises(ValueError, match="text must be non-empty"):
             calibrate(tiny_llama(), Tokenizer(), text=text)
+
+
+def test_asking_a_quantized_weight_for_gradients_warns():
+    """requires_grad=True on an Any4Tensor was accepted in silence and no gradient ever came (full
+    fine-tuning trained nothing): it warns, through requires_grad_ and the attribute alike."""
+    lin = nn.Linear(96, 48)
+    quantize_model(nn.Sequential(lin), CFG, progress=False)
+    with pytest.warns(UserWarning, match="Any4Tensor weights are frozen"):
+        lin.requires_grad_(True)
+    with pytest.warns(UserWarning, match="Any4Tensor weights are frozen"):
+        lin.weight.requires_grad = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lin.requires_grad_(False)
+        lin.weight.requires_grad = False
