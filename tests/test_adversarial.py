@@ -923,16 +923,17 @@ def test_empty_calibration_text_is_an_error_not_the_default_prompt():
             calibrate(tiny_llama(), Tokenizer(), text=text)
 
 
-def test_asking_a_quantized_weight_for_gradients_warns():
+def test_a_quantized_weight_that_asks_for_gradients_warns_when_used_with_grad():
     """requires_grad=True on an Any4Tensor was accepted in silence and no gradient ever came (full
-    fine-tuning trained nothing): it warns, through requires_grad_ and the attribute alike."""
+    fine-tuning trained nothing): a forward with gradients enabled warns; inference does not."""
     lin = nn.Linear(96, 48)
     quantize_model(nn.Sequential(lin), CFG, progress=False)
-    with pytest.warns(UserWarning, match="Any4Tensor weights are frozen"):
-        lin.requires_grad_(True)
-    with pytest.warns(UserWarning, match="Any4Tensor weights are frozen"):
-        lin.weight.requires_grad = True
+    x = torch.randn(2, 96)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lin.requires_grad_(False)
-        lin.weight.requires_grad = False
+        lin(x)  # requires_grad False: no warning
+        lin.requires_grad_(True)
+        with torch.no_grad():
+            lin(x)
+    with pytest.warns(UserWarning, match="requires_grad=True but gets no gradient"):
+        lin(x)

@@ -130,6 +130,7 @@ def test_transformers_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "any4")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "any4", dtype=torch.float32)
     assert isinstance(reloaded.model.layers[1].mlp.gate_proj.weight, Any4Tensor)
+    assert not any(p.requires_grad for p in reloaded.parameters() if isinstance(p, Any4Tensor))  # frozen
     assert torch.equal(_logits(reloaded), _logits(model))
     saved = json.loads((tmp_path / "any4" / "config.json").read_text())["quantization_config"]
     assert saved["quant_type"]["default"]["_type"] == "Any4WeightOnlyConfig"

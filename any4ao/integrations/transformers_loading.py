@@ -236,8 +236,10 @@ def _patch_from_pretrained() -> None:
 
             dtype = _requested_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))
             model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
-            if dtype is not None and isinstance(model, torch.nn.Module):
-                _cast_any4_weights(model, dtype, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+            if isinstance(model, torch.nn.Module):
+                if dtype is not None:
+                    _cast_any4_weights(model, dtype, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+                _freeze_any4_weights(model)
             return result
         except RuntimeError as e:
             pending = _errors.pending
@@ -265,6 +267,16 @@ def _requested_dtype(dtype):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _freeze_any4_weights(model) -> None:
+    """transformers rebuilds loaded Any4Tensor parameters with requires_grad=True; they get no
+    gradient (the packed codes are frozen), so say so in their flag, as quantize_ does."""
+    from any4ao.tensor.any4_tensor import Any4Tensor
+
+    for param in model.parameters():
+        if isinstance(param, Any4Tensor) and param.requires_grad:
+            param.requires_grad_(False)
 
 
 def _cast_any4_weights(model, dtype, where) -> None:

@@ -1,6 +1,7 @@
 """Matmul with an Any4Tensor weight: the Triton op on CUDA (any4ao.kernels.selector picks the
 kernel), dequantize + F.linear elsewhere (CPU, fp32 activations, kernel_preference="dequantize")."""
 
+import warnings
 from typing import Optional
 
 import torch
@@ -42,6 +43,13 @@ def _plain_linear_needed(x: torch.Tensor) -> bool:
 
 def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        # warned here, where it matters, not on requires_grad_ (transformers' loading sets it)
+        warnings.warn(
+            "an Any4Tensor weight has requires_grad=True but gets no gradient (the packed codes are not "
+            "trainable): train adapters (e.g. LoRA) on top, or dequantize to fine-tune",
+            stacklevel=2,
+        )
     if torch.is_autocast_enabled(x.device.type):
         cast = torch.get_autocast_dtype(x.device.type)
         if x.dtype != cast or weight.scale.dtype != cast:  # F.linear casts both, as for nn.Linear

@@ -4,8 +4,6 @@ Anything not registered here (or by TorchAOBaseTensor: detach, clone, alias, con
 raises NotImplementedError naming the operator, rather than silently dequantizing.
 """
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import return_and_correct_aliasing
@@ -111,28 +109,6 @@ def _(func, types, args, kwargs):
         "assigning .data of an Any4Tensor would not change the quantized weight; assign a new parameter "
         "(module.weight = nn.Parameter(...)) or load a state dict instead"
     )
-
-
-_FROZEN = (
-    "Any4Tensor weights are frozen: with requires_grad=True they still get no gradient (the packed "
-    "codes are not trainable); train adapters (e.g. LoRA) on top, or dequantize to fine-tune"
-)
-
-
-@implements_torch_function(torch.Tensor.requires_grad_)
-def _(func, types, args, kwargs):
-    if (args[1] if len(args) > 1 else (kwargs or {}).get("requires_grad", True)) is True:
-        warnings.warn(_FROZEN, stacklevel=3)
-    with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **(kwargs or {}))
-
-
-@implements_torch_function(torch.Tensor.requires_grad.__set__)
-def _(func, types, args, kwargs):
-    if args[1] is True:
-        warnings.warn(_FROZEN, stacklevel=3)
-    with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **(kwargs or {}))
 
 
 @implements(aten.transpose.int)
