@@ -868,6 +868,18 @@ def test_gpt2_conv1d_layers_are_refused_by_name_and_nothing_quantized_is_an_erro
     quantize_model(tiny, CFG, progress=False)  # a quantized model: nothing left to do, no error
 
 
+def test_quantize_on_load_that_quantizes_nothing_is_an_error(tmp_path):
+    """from_pretrained(..., quantization_config=TorchAoConfig(Any4WeightOnlyConfig())) of GPT-2
+    returned the float model (torchao's filter selects nn.Linear, GPT-2 has Conv1D): an error."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TorchAoConfig
+
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(LayerError, match="no layer of the GPT2LMHeadModel was quantized.*Conv1D"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", quantization_config=TorchAoConfig(quant_type=CFG))
+
+
 def test_parametrized_and_weight_normed_layers_are_refused_before_anything_changes():
     from torch.nn.utils import parametrizations, weight_norm
 

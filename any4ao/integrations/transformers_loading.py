@@ -237,8 +237,10 @@ def _patch_from_pretrained() -> None:
             dtype = _requested_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))
             model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
             if isinstance(model, torch.nn.Module):
+                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+                _check_something_quantized(model, kwargs.get("quantization_config"), where)
                 if dtype is not None:
-                    _cast_any4_weights(model, dtype, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+                    _cast_any4_weights(model, dtype, where)
                 _freeze_any4_weights(model)
             return result
         except RuntimeError as e:
@@ -267,6 +269,24 @@ def _requested_dtype(dtype):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _check_something_quantized(model, quantization_config, where) -> None:
+    """Quantize-on-load with an Any4WeightOnlyConfig that selected no layer (GPT-2: its Conv1D
+    layers are no nn.Linear) left a float model, silently: an error, as quantize_model's."""
+    from any4ao.config import Any4WeightOnlyConfig
+    from any4ao.quantize_api import LayerError
+    from any4ao.tensor.any4_tensor import Any4Tensor
+
+    if not isinstance(getattr(quantization_config, "quant_type", None), Any4WeightOnlyConfig):
+        return
+    if not any(isinstance(p, Any4Tensor) for p in model.parameters()):
+        conv1d = sum(type(m).__name__ == "Conv1D" for m in model.modules())
+        raise LayerError(
+            f"{where}: quantization_config asks for any4 but no layer of the {type(model).__name__} was "
+            "quantized (torchao quantizes nn.Linear layers)"
+            + (f"; its {conv1d} transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else "")
+        )
 
 
 def _freeze_any4_weights(model) -> None:
