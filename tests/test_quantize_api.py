@@ -221,3 +221,24 @@ def test_calibrate_checks_its_sample(ids, max_tokens, message):
     inside the model, and max_tokens=-1 silently dropped the last token)."""
     with pytest.raises(ValueError, match=message):
         any4ao.calibrate(tiny_llama(layers=1), input_ids=ids, max_tokens=max_tokens)
+
+
+def test_configs_saved_with_the_old_enum_name_load_in_every_process():
+    """Checkpoints written before the kernel-preference enum was renamed say "KernelPreference";
+    torchao looks that name up in a set of modules, so whether it found its own enum (no DEQUANTIZE:
+    the load failed) depended on the hash seed. Read in fresh interpreters with several seeds."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import any4ao, torchao.core.config as c\n"
+        "any4ao.register_with_torchao()\n"
+        "d = c.config_to_dict(any4ao.Any4WeightOnlyConfig(group_size=32, kernel_preference='dequantize'))\n"
+        "d['_data']['kernel_preference']['_type'] = 'KernelPreference'\n"
+        "print(c.config_from_dict(d).kernel_preference.value)\n"
+    )
+    for seed in range(6):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip().endswith("dequantize"), (seed, out.stderr[-800:])
