@@ -50,13 +50,27 @@ def _describe(module: nn.Module, config: Any4WeightOnlyConfig) -> str:
     )
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2-style Conv1D: a Linear whose weight is stored (in_features, out_features)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def nothing_quantized_error(model: nn.Module, message: str) -> LayerError:
+    """The error for an any4 request that selects no layer of `model`: `message`, and the Conv1D
+    layers that explain it where the model has them (GPT-2)."""
+    conv1d = sum(_is_conv1d(m) for m in model.modules())
+    return LayerError(
+        message + (f"; its {conv1d} transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else "")
+    )
+
+
 def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_name: str, name: str):
     """(weight, channel weight or None, Hessian or None) of a layer that can be quantized;
     LayerError otherwise."""
     weight = getattr(module, parameter_name, None)
     if weight is None:
         raise LayerError(f"layer {name!r} has no parameter {parameter_name!r}")
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2-style layer
+    if _is_conv1d(module):
         raise LayerError(
             f"layer {name!r} is a transformers Conv1D, whose weight is stored (in_features, out_features): "
             "any4ao quantizes weights laid out as nn.Linear's (out_features, in_features)"
@@ -179,11 +193,10 @@ def quantize_model(
     config = config or Any4WeightOnlyConfig()
     targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
     if not targets and not any(isinstance(p, Any4Tensor) for p in model.parameters()):
-        conv1d = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
-        raise LayerError(
+        raise nothing_quantized_error(
+            model,
             f"quantize_model: no layer of the {type(model).__name__} matched the filter (default: nn.Linear "
-            "layers other than the LM head), so nothing would be quantized"
-            + (f"; its {len(conv1d)} transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else "")
+            "layers other than the LM head), so nothing would be quantized",
         )
     if tokenizer is not None and config.codebook.learned and config.calibration is None:
         gptq = config.error_feedback == ErrorFeedback.GPTQ

@@ -9,8 +9,7 @@ lengths). Opaque, one graph serves every length. dequantize has no such branch a
 lut_linear is defined with torch.library.define + impl rather than @custom_op: custom_op wraps
 every call in Python checks that cost about 70 us of host time per call on the H100 machine
 (167 against 95 us per M=1 4096x4096 call, with a script since removed; benchmarks/profile_eager.py
-measures host time per call now), several times the
-decode kernel's GPU time. The op is still opaque to torch.compile, with the same fake and autograd
+measures host time per call now), several times the decode kernel's GPU time. The op is still opaque to torch.compile, with the same fake and autograd
 registrations.
 """
 

@@ -275,17 +275,16 @@ def _check_something_quantized(model, quantization_config, where) -> None:
     """Quantize-on-load with an Any4WeightOnlyConfig that selected no layer (GPT-2: its Conv1D
     layers are no nn.Linear) left a float model, silently: an error, as quantize_model's."""
     from any4ao.config import Any4WeightOnlyConfig
-    from any4ao.quantize_api import LayerError
+    from any4ao.quantize_api import nothing_quantized_error
     from any4ao.tensor.any4_tensor import Any4Tensor
 
     if not isinstance(getattr(quantization_config, "quant_type", None), Any4WeightOnlyConfig):
         return
     if not any(isinstance(p, Any4Tensor) for p in model.parameters()):
-        conv1d = sum(type(m).__name__ == "Conv1D" for m in model.modules())
-        raise LayerError(
+        raise nothing_quantized_error(
+            model,
             f"{where}: quantization_config asks for any4 but no layer of the {type(model).__name__} was "
-            "quantized (torchao quantizes nn.Linear layers)"
-            + (f"; its {conv1d} transformers Conv1D layers (GPT-2 style) are not supported" if conv1d else "")
+            "quantized (torchao quantizes nn.Linear layers)",
         )
 
 
