@@ -15,6 +15,7 @@ the report records which one compiled it.
 import argparse
 import collections
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -145,6 +146,7 @@ def summary(compiled, num_warps, weights_per_thread):
     """Resources, occupancy, the TTGIR operations and the K loop's SASS per looked-up weight."""
     regs, stack = resources(compiled)
     ttgir = compiled.asm["ttgir"]
+    k_loop = ttgir[ttgir.find("scf.for") : ttgir.find("scf.yield")]  # the first loop: the K loop
     ops = loop_sass(compiled)
     alu = sum(n for op, n in ops.items() if op.split(".")[0] in ALU_OPS)
     return {
@@ -153,6 +155,9 @@ def summary(compiled, num_warps, weights_per_thread):
         "shared_bytes": compiled.metadata.shared,
         "ctas_per_sm": ctas_per_sm(regs, compiled.metadata.shared, num_warps),
         **{name: ttgir.count(op) for name, op in TTGIR_OPS.items()},
+        # a layout conversion in the K loop goes through shared memory behind a bar.sync
+        "loop_conversions": k_loop.count("ttg.convert_layout"),
+        "loop_bar_syncs": sum(n for op, n in ops.items() if op.startswith("BAR.SYNC")),
         "last_wgmma_wait": (re.findall(r"pendings = (\d+)", ttgir) or ["-"])[-1],
         "loop_instructions": sum(ops.values()),
         "loop_instructions_per_weight": round(sum(ops.values()) / weights_per_thread, 2),
@@ -162,7 +167,7 @@ def summary(compiled, num_warps, weights_per_thread):
     }
 
 
-def report_gemm(block_m, block_n, block_k, num_warps, num_stages, swap_ab, prefetch, group=128):
+def report_gemm(block_m, block_n, block_k, num_warps, num_stages, swap_ab, prefetch, pair_dot=False, group=128):
     constexprs = dict(
         LUT_SIZE=16,
         GROUP=group,
@@ -177,10 +182,11 @@ def report_gemm(block_m, block_n, block_k, num_warps, num_stages, swap_ab, prefe
         USE_ASM=True,
         PREFETCH=prefetch,
         INTERPRET=False,
+        PAIR_DOT=pair_dot,
     )
     compiled = compile_sm90(lut_gemm_kernel, GEMM_SIGNATURE, constexprs, num_warps, num_stages)
     config = {"kernel": "lut_gemm", "tile": f"{block_m}x{block_n}x{block_k}", "num_warps": num_warps}
-    config |= {"num_stages": num_stages, "swap_ab": swap_ab, "prefetch": prefetch}
+    config |= {"num_stages": num_stages, "swap_ab": swap_ab, "prefetch": prefetch, "pair_dot": pair_dot}
     # one thread looks up block_n x block_k / threads weights per K step
     return config | summary(compiled, num_warps, block_n * block_k / (32 * num_warps))
 
@@ -215,6 +221,9 @@ def main():
     p.add_argument("--swap", default="both", choices=["both", "on", "off"])
     p.add_argument("--prefetch", default="both", choices=["both", "on", "off"])
     p.add_argument(
+        "--pair-dot", default="both", choices=["both", "on", "off"], help="pair_dot (swap_ab, block_k >= 64)"
+    )
+    p.add_argument(
         "--mma", default="8x1x4x1,16x2x4x1,32x2x4x2", help="lut_mma: block_m x row_tiles x k_warps x prefetch"
     )
     p.add_argument("--out", default="", help="also write inspect-compile-sm90.json there")
@@ -222,20 +231,25 @@ def main():
     choice = {"both": (False, True), "on": (True,), "off": (False,)}
     rows = []
     print(f"triton {triton.__version__}, sm_90a")
-    print("lut_gemm tile  warps  swap    pf regs stack smem_KB CTAs/SM async allocs loads wait instr/w  alu/w prmt/w")
+    print(
+        "lut_gemm tile  warps  swap    pf  pair regs stack smem_KB CTAs/SM async allocs loads convs bars wait instr/w"
+        "  alu/w prmt/w"
+    )
     for tile in filter(None, args.tiles.split(",")):
         bm, bn, bk, warps, stages = (int(v) for v in tile.split("x"))
-        for swap in choice[args.swap]:
-            for pf in choice[args.prefetch]:
-                r = report_gemm(bm, bn, bk, warps, stages, swap, pf)
-                rows.append(r)
-                print(
-                    f"{r['tile']:<14} {warps:>5} {str(swap):>5} {str(pf):>5} {r['registers']:>4} {r['stack_bytes']:>5} "
-                    f"{r['shared_bytes'] // 1024:>7} {r['ctas_per_sm']:>7} {r['async_copies']:>5} {r['shared_allocs']:>6} "
-                    f"{r['shared_loads']:>5} {r['last_wgmma_wait']:>4} {r['loop_instructions_per_weight']:>7} "
-                    f"{r['loop_alu_per_weight']:>6} {r['loop_prmt_per_weight']:>6}",
-                    flush=True,
-                )
+        for swap, pf, pair in itertools.product(choice[args.swap], choice[args.prefetch], choice[args.pair_dot]):
+            if pair and (not swap or bk < 64):
+                continue
+            r = report_gemm(bm, bn, bk, warps, stages, swap, pf, pair)
+            rows.append(r)
+            print(
+                f"{r['tile']:<14} {warps:>5} {str(swap):>5} {str(pf):>5} {str(pair):>5} {r['registers']:>4} "
+                f"{r['stack_bytes']:>5} {r['shared_bytes'] // 1024:>7} {r['ctas_per_sm']:>7} {r['async_copies']:>5} "
+                f"{r['shared_allocs']:>6} {r['shared_loads']:>5} {r['loop_conversions']:>5} {r['loop_bar_syncs']:>4} "
+                f"{r['last_wgmma_wait']:>4} {r['loop_instructions_per_weight']:>7} "
+                f"{r['loop_alu_per_weight']:>6} {r['loop_prmt_per_weight']:>6}",
+                flush=True,
+            )
     print("lut_mma block_m row_tiles k_warps prefetch regs stack CTAs/SM instr/w  alu/w prmt/w")
     for spec in filter(None, args.mma.split(",")):
         bm, rt, kw, pf = (int(v) for v in spec.split("x"))

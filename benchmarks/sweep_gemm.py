@@ -2,7 +2,7 @@
 path and torchao int4, at prefill sizes; the data selector.gemm_config is fitted to.
 
     python benchmarks/sweep_gemm.py [--out DIR] [--shapes 4096x4096,...] [--ms 128,512,...]
-        [--tiles winners|all|128x128x64x16x3,...] [--prefetch on]
+        [--tiles winners|all|128x128x64x16x3,...] [--prefetch on] [--pair-dot on]
 
 Every candidate config runs on each real shape against float64 before it is timed (outputs
 NaN-poisoned; a wrong config is dropped and reported); at the end the winners also run on ragged
@@ -55,9 +55,10 @@ def parse_tiles(spec):
     return [tuple(int(v) for v in t.split("x")) for t in spec.split(",")]
 
 
-def candidates(m, n, k, sms, tiles=TILES, prefetch=(False,)):
-    """Every tile shape x operand order x prefetch (code words a step ahead or not), split K to fill the
-    GPU where the tiles do not; plus the selector's own pick first."""
+def candidates(m, n, k, sms, tiles=TILES, prefetch=(False,), pair_dot=(False,)):
+    """Every tile shape x operand order x prefetch (code words a step ahead or not) x pair_dot (where
+    it applies: swap_ab, block_k >= 64; "on" alone keeps only such configs), split K to fill the GPU
+    where the tiles do not; plus the selector's own pick first."""
     out = [selector.gemm_config(m, n, k, GROUP, torch.device("cuda"))]
     for bm, bn, bk, warps, stages in tiles:
         if bm > 2 * max(m, 64):
@@ -68,7 +69,8 @@ def candidates(m, n, k, sms, tiles=TILES, prefetch=(False,)):
                 if split > 1 and (tiles * split > 2 * sms or k // (bk * split) < 4):
                     continue
                 for pf in prefetch:
-                    out.append(GemmConfig(bm, bn, bk, split, 8, swap, warps, stages, pf))
+                    for pair in [p for p in pair_dot if not p or (swap and bk >= 64)]:
+                        out.append(GemmConfig(bm, bn, bk, split, 8, swap, warps, stages, pf, pair_dot=pair))
     return list(dict.fromkeys(c for c in out if c is not None))
 
 
@@ -119,6 +121,12 @@ def main():
     p.add_argument(
         "--prefetch", default="both", choices=["both", "on", "off"], help="configs with code words loaded a step ahead"
     )
+    p.add_argument(
+        "--pair-dot",
+        default="both",
+        choices=["both", "on", "off"],
+        help="configs with the looked-up pairs as dot operands",
+    )
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -157,8 +165,9 @@ def main():
                 record("torchao int4", ao_us)
             timed = []
             tiles = parse_tiles(args.tiles)
-            prefetch = {"both": (False, True), "on": (True,), "off": (False,)}[args.prefetch]
-            for i, cfg in enumerate(candidates(m, n, k, sms, tiles, prefetch)):
+            choice = {"both": (False, True), "on": (True,), "off": (False,)}
+            pair_dot = choice[args.pair_dot]
+            for i, cfg in enumerate(candidates(m, n, k, sms, tiles, choice[args.prefetch], pair_dot)):
                 try:
                     with Poison():
                         err = rel_err(lut_gemm(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP, cfg), ref)

@@ -118,6 +118,16 @@ def check_gemm_config(config: GemmConfig, k: int, group_size: int) -> None:
         # triton 3.6 on an H200 compiled this one wrong (values of 1e33 with split K, NaN without
         # a visible cause; sweep-gemm-NOTE.md): refused rather than trusted anywhere
         raise ValueError(f"lut_gemm refuses prefetch with swap_ab and block_n = 256 (miscompiled on GPU); got {config}")
+    if config.pair_dot and (not config.swap_ab or config.block_k < 64):
+        # the looked-up W must be the register operand, and each of a step's 4 dots needs K >= 16
+        raise ValueError(f"lut_gemm takes pair_dot only with swap_ab and block_k >= 64; got {config}")
+
+
+def x_pairs(x: torch.Tensor, block_k: int) -> torch.Tensor:
+    """x with the columns of each block_k step reordered for pair_dot: slot q (a quarter of the
+    step) holds columns 8j + 2q and 8j + 2q + 1 of word j, for j = 0 .. block_k / 8 - 1."""
+    m, k = x.shape
+    return x.reshape(m, k // block_k, block_k // 8, 4, 2).transpose(2, 3).reshape(m, k)
 
 
 def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, config: GemmConfig) -> torch.Tensor:
@@ -129,6 +139,10 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
     split_k = min(config.split_k, k // config.block_k)
     out = _empty((split_k, m, n), x.device, torch.float32 if split_k > 1 else x.dtype)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
+    pair_fma = config.pair_fma and lut.dtype == x.dtype and scale.dtype == x.dtype == zero_point.dtype
+    pair_dot = config.pair_dot and pair_fma
+    if pair_dot:
+        x = x_pairs(x, config.block_k)
     lut_gemm_kernel[grid](
         x,
         qdata.view(torch.int32),
@@ -153,10 +167,11 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
         SPLIT_K=split_k,
         SWAP_AB=config.swap_ab,
         LUT_FP16=lut.dtype == torch.float16,
-        PAIR_FMA=config.pair_fma and lut.dtype == x.dtype and scale.dtype == x.dtype == zero_point.dtype,
+        PAIR_FMA=pair_fma,
         USE_ASM=not INTERPRET,
         PREFETCH=config.prefetch,
         INTERPRET=INTERPRET,
+        PAIR_DOT=pair_dot,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -14,6 +14,14 @@ the left operand, which Hopper's wgmma reads from registers (the right one must 
 memory, where the pipelined x loads go). SPLIT_K programs split K in whole steps and write float32
 partial sums to out[split]; the launcher adds them (deterministic, no atomics).
 
+PAIR_DOT (with SWAP_AB and PAIR_FMA) skips assembling the tile in column order. A looked-up uint32
+holds the 16-bit weights of columns (8j + 2q, 8j + 2q + 1) of word j, and wgmma's register operand
+wants exactly such pairs of adjacent K: so each step runs 4 dots of BLOCK_K / 4, dot q taking the
+pairs q of every word as they are, against x with its columns permuted to match (the launcher
+permutes x once per call: x_pairs). The column-order tile needed a layout conversion through
+shared memory each step (8 bar.sync per step in the SASS, benchmarks/inspect_compile.py); this
+path has none, and fewer registers (156 against 204 at 128x128x128, 8 warps).
+
 Under TRITON_INTERPRET=1, tl.dot on bf16 operands returns garbage (triton's interpreter), so the
 operands are upcast to float32 there; on the GPU they go to the tensor cores as 16-bit values.
 """
@@ -85,6 +93,64 @@ def _step_operands(qw_rows, s_rows, z_rows, nmask, k0, GROUP: tl.constexpr, BLOC
 
 
 @triton.jit
+def _pair_dot(acc, x_ptr, offs_m, mmask, stride_xm, col0, pair, LUT_FP16: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc += W_q @ x_q^T for one pair slot q: pair (BLOCK_N, W) uint32 holds 16-bit weights of two
+    adjacent columns; as (BLOCK_N, 2 W) 16-bit values, K index 2j + h is half h of pair[:, j], and
+    columns col0 .. col0 + 2 W - 1 of the permuted x hold the matching x values."""
+    a = tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
+    a = tl.reshape(a, (a.shape[0], 2 * a.shape[1]))
+    a = a.to(tl.float16 if LUT_FP16 else tl.bfloat16, bitcast=True)
+    cols = col0 + tl.arange(0, a.shape[1])
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mmask[:, None], other=0.0)
+    if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: multiply the 16-bit values in fp32
+        a = a.to(tl.float32)
+        x = x.to(tl.float32)
+    return tl.dot(a, tl.trans(x), acc)
+
+
+@triton.jit
+def _pair_dots(
+    acc,
+    x_ptr,
+    offs_m,
+    mmask,
+    stride_xm,
+    k0,
+    words,
+    P,
+    s,
+    z,
+    LUT_FP16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One K step of PAIR_DOT: look the words up into 16-bit pairs, scale them by pair FMAs, and
+    multiply each pair slot with its quarter of the step's permuted x columns."""
+    Pw = (P[0][:, None], P[1][:, None], P[2][:, None], P[3][:, None])
+    Pw = Pw + (P[4][:, None], P[5][:, None], P[6][:, None], P[7][:, None])
+    p01, p23, p45, p67 = lookup8(
+        words, Pw, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM
+    )
+    S = _both_halves(s)[:, None]
+    Z = _both_halves(z)[:, None]
+    Q: tl.constexpr = BLOCK_K // 4
+    acc = _pair_dot(
+        acc, x_ptr, offs_m, mmask, stride_xm, k0, scale_pairs(p01, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
+    )
+    acc = _pair_dot(
+        acc, x_ptr, offs_m, mmask, stride_xm, k0 + Q, scale_pairs(p23, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
+    )
+    acc = _pair_dot(
+        acc, x_ptr, offs_m, mmask, stride_xm, k0 + 2 * Q, scale_pairs(p45, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
+    )
+    acc = _pair_dot(
+        acc, x_ptr, offs_m, mmask, stride_xm, k0 + 3 * Q, scale_pairs(p67, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
+    )
+    return acc
+
+
+@triton.jit
 def lut_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -113,6 +179,7 @@ def lut_gemm_kernel(
     USE_ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PAIR_DOT: tl.constexpr = False,
 ):
     # programs of GROUP_M consecutive M tiles share each N tile: neighbours reuse W tiles in L2
     pid = tl.program_id(0)
@@ -146,7 +213,6 @@ def lut_gemm_kernel(
         words, s, z = _step_operands(qw_rows, s_rows, z_rows, nmask, min(first, steps - 1) * BLOCK_K, GROUP, BLOCK_K)
     for step in range(first, last):
         k0 = step * BLOCK_K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask[:, None], other=0.0)
         if PREFETCH:  # the last step re-reads itself (unused): no out-of-range step, no branch
             cur_words, cur_s, cur_z = words, s, z
             words, s, z = _step_operands(
@@ -154,14 +220,33 @@ def lut_gemm_kernel(
             )
         else:
             cur_words, cur_s, cur_z = _step_operands(qw_rows, s_rows, z_rows, nmask, k0, GROUP, BLOCK_K)
-        w = _lookup_tile(cur_words, P, cur_s, cur_z, PAIR_FMA, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K).to(x.dtype)
-        if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: multiply the 16-bit values in fp32
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        if SWAP_AB:
-            acc = tl.dot(w, tl.trans(x), acc)
+        if PAIR_DOT:
+            acc = _pair_dots(
+                acc,
+                x_ptr,
+                offs_m,
+                mmask,
+                stride_xm,
+                k0,
+                cur_words,
+                P,
+                cur_s,
+                cur_z,
+                LUT_FP16,
+                USE_ASM,
+                INTERPRET,
+                BLOCK_K,
+            )
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask[:, None], other=0.0)
+            w = _lookup_tile(cur_words, P, cur_s, cur_z, PAIR_FMA, LUT_FP16, USE_ASM, BLOCK_N, BLOCK_K).to(x.dtype)
+            if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: multiply the 16-bit values in fp32
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
 
     if SWAP_AB:
         acc = tl.trans(acc)

@@ -16,6 +16,7 @@ the H100 table with its N thresholds scaled by the SM count (they mark where the
 SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize + mm.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -75,7 +76,9 @@ class GemmConfig:
     group), split_k programs along K, group_m M tiles per band (L2 reuse of W tiles), swap_ab:
     the looked-up W tile as the left tl.dot operand; prefetch: load each K step's code words and
     scales one step ahead, in registers; pair_fma: scale and zero applied with one 16-bit pair FMA
-    per two weights where LUT, scales and x share a dtype (off: in float32, for A/B timing)."""
+    per two weights where LUT, scales and x share a dtype (off: in float32, for A/B timing);
+    pair_dot (with swap_ab, block_k >= 64): the looked-up 16-bit pairs go to the MMA as they are,
+    against x with its columns permuted to match (lut_gemm.py), where pair_fma applies."""
 
     block_m: int
     block_n: int
@@ -87,6 +90,7 @@ class GemmConfig:
     num_stages: int = 3
     prefetch: bool = False
     pair_fma: bool = True
+    pair_dot: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,8 @@ class GemmRule:
     min_weights elements (there the dequantized copy that dequantize + mm writes per call costs
     more than looking the weights up once per M tile); block_m x block_n tiles, block_k columns
     per step (or the largest power of two dividing the group), the looked-up W as the left operand
-    (swap_ab) or the right one, code words prefetched a step ahead or not, num_warps per program."""
+    (swap_ab) or the right one, code words prefetched a step ahead or not, the looked-up pairs as
+    dot operands (pair_dot), num_warps per program."""
 
     max_m: int
     min_n: int
@@ -288,6 +293,7 @@ class GemmRule:
     prefetch: bool = False
     swap_ab: bool = True
     num_warps: int = 8
+    pair_dot: bool = False
 
 
 # From benchmarks/results/sweep-gemm-NVIDIA-H200-prefetch-*.md (CUDA graphs, weights rotated past
@@ -324,16 +330,17 @@ def gemm_config(
         rule = next((r for r in rules if m <= r.max_m and n >= r.min_n and n * k >= r.min_weights), None)
         if rule is None:
             return None
-        block_m, block_n, block_k, prefetch, swap_ab, num_warps = (
+        block_m, block_n, block_k, prefetch, swap_ab, num_warps, pair_dot = (
             rule.block_m,
             rule.block_n,
             rule.block_k,
             rule.prefetch,
             rule.swap_ab,
             rule.num_warps,
+            rule.pair_dot,
         )
     else:
-        block_m, block_n, block_k, prefetch, swap_ab, num_warps = 128, 128, 64, True, True, 8
+        block_m, block_n, block_k, prefetch, swap_ab, num_warps, pair_dot = 128, 128, 64, True, True, 8, False
     # a K step divides the group and K (a ragged last group: K is not a multiple of the group);
     # gemm_applies holds, so this ends at 16 columns or more
     block_k = block_k_within_group(math.gcd(group_size, k), block_k)
@@ -341,7 +348,8 @@ def gemm_config(
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=swap_ab, num_warps=num_warps, prefetch=prefetch)
+    config = GemmConfig(block_m, block_n, block_k, split_k, swap_ab=swap_ab, num_warps=num_warps, prefetch=prefetch)
+    return dataclasses.replace(config, pair_dot=pair_dot and block_k >= 64)
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:

@@ -64,6 +64,42 @@ def test_gemm_kernel_matches_float64(
     assert _rel(out, ref) < TOLERANCE[dtype], cfg
 
 
+@settings(max_examples=6, deadline=None)
+@given(
+    m=st.integers(1, 70),
+    n=st.integers(1, 70),
+    block_m=st.sampled_from([16, 32, 64]),
+    block_n=st.sampled_from([16, 32, 64]),
+    k_groups=st.integers(1, 2),
+    block_k=st.sampled_from([64, 128]),
+    nbits=st.sampled_from([3, 4]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    split_k=st.integers(1, 3),
+    prefetch=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_pair_dot_matches_float64(
+    m, n, block_m, block_n, k_groups, block_k, nbits, dtype, split_k, prefetch, seed
+):
+    """pair_dot: a step's 4 dots on the looked-up pairs as they are, against x with permuted columns
+    (launch.x_pairs); ragged M and N, 1-4 steps, split K."""
+    k = k_groups * 128
+    t, x, ref = _problem(m, n, k, 128, nbits, dtype, seed)
+    cfg = GemmConfig(block_m, block_n, block_k, split_k, 2, True, prefetch=prefetch, pair_dot=True)
+    out = lut_gemm(x, *_args(t), nbits, 128, cfg)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert _rel(out, ref) < TOLERANCE[dtype], cfg
+
+
+def test_x_pairs_orders_columns_as_the_looked_up_pairs():
+    """Slot q of each step holds columns 8j + 2q, 8j + 2q + 1 of word j: the order lookup8's pairs
+    come in."""
+    x = torch.arange(2 * 128).reshape(2, 128)
+    got = launch.x_pairs(x, 64)[0, :64].tolist()
+    want = [8 * j + 2 * q + h for q in range(4) for j in range(8) for h in range(2)]
+    assert got == want and launch.x_pairs(x, 64)[1, 64] == 128 + 64
+
+
 @pytest.mark.parametrize("split_k", [1, 4])
 @pytest.mark.parametrize("swap_ab", [False, True])
 def test_gemm_prefetch_matches_float64(swap_ab, split_k):
@@ -106,6 +142,8 @@ def test_gemm_weights_match_the_dequantize_kernel():
         GemmConfig(64, 64, 32, split_k=0),
         GemmConfig(64, 64, 32, group_m=0),
         GemmConfig(128, 256, 32, swap_ab=True, prefetch=True),  # miscompiled on the H200
+        GemmConfig(64, 64, 32, swap_ab=True, pair_dot=True),  # block_k < 64: dots of K < 16
+        GemmConfig(64, 64, 32, pair_dot=True),  # W not the register operand
     ],
 )
 def test_gemm_rejects_configs_it_cannot_run(cfg):
@@ -179,16 +217,17 @@ def test_rule_configs_compile_for_hopper_without_spills(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     configs = {
-        (r.block_m, r.block_n, r.block_k, r.num_warps, r.swap_ab, r.prefetch)
+        (r.block_m, r.block_n, r.block_k, r.num_warps, (r.swap_ab, r.prefetch, r.pair_dot))
         for rules in selector.GEMM_RULES.values()
         for r in rules
     }
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     reports = []
-    for swap, prefetch in sorted({(c[4], c[5]) for c in configs}):
-        tiles = ",".join(f"{bm}x{bn}x{bk}x{w}x3" for bm, bn, bk, w, s, p in configs if (s, p) == (swap, prefetch))
+    for flags in sorted({c[4] for c in configs}):
+        tiles = ",".join(f"{bm}x{bn}x{bk}x{w}x3" for bm, bn, bk, w, f in configs if f == flags)
         cmd = [sys.executable, str(root / "benchmarks" / "inspect_compile.py"), "--tiles", tiles, "--mma", ""]
-        cmd += ["--swap", "on" if swap else "off", "--prefetch", "on" if prefetch else "off", "--out", str(tmp_path)]
+        on_off = ["on" if flag else "off" for flag in flags]
+        cmd += ["--swap", on_off[0], "--prefetch", on_off[1], "--pair-dot", on_off[2], "--out", str(tmp_path)]
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
         reports += json.loads((tmp_path / "inspect-compile-sm90.json").read_text())["rows"]
     assert len(reports) == len(configs)
