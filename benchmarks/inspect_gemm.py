@@ -3,7 +3,8 @@ the operations that say how the K loop runs (asynchronous copies, layout convers
 shared memory, wgmma), from the compiled kernel's TTGIR. Also the target of an ncu run (--launches).
 
     python benchmarks/inspect_gemm.py [--out DIR] [--shape 14336x4096] [--m 128] [--launches 0]
-        [--tiles 128x128x128x1x1x8x3,...]   (block_m x block_n x block_k x split_k x swap_ab x num_warps x num_stages)
+        [--tiles 128x128x128x1x1x8x3,...]   (block_m x block_n x block_k x split_k x swap_ab x num_warps x num_stages
+                                             [x pair_dot: 1 takes pair_dot without prefetch, else both prefetches])
 
 The same resource figures without a GPU: benchmarks/inspect_compile.py.
 """
@@ -49,11 +50,13 @@ def main():
     q = Any4Tensor.from_hp(w, group_size=GROUP, kmeans_iterations=2)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.bfloat16)
     qargs = (q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP)
-    configs = [
-        GemmConfig(bm, bn, bk, split, 8, bool(swap), warps, stages, pf)
-        for bm, bn, bk, split, swap, warps, stages in (map(int, t.split("x")) for t in args.tiles.split(","))
-        for pf in (False, True)
-    ]
+    configs = []
+    for tile in args.tiles.split(","):
+        bm, bn, bk, split, swap, warps, stages, *pair = (int(v) for v in tile.split("x"))
+        for pf in (False,) if pair and pair[0] else (False, True):
+            configs.append(
+                GemmConfig(bm, bn, bk, split, 8, bool(swap), warps, stages, pf, pair_dot=bool(pair and pair[0]))
+            )
     if args.launches:
         for cfg in configs:
             for _ in range(args.launches):

@@ -160,6 +160,9 @@ def main():
                 args.replays,
             )
             record("dequantize + mm", deq)
+            # what F.linear on the Any4Tensor runs now (lut_mma up to M = 64, else the selector's pick)
+            op = graph_time_us([lambda c=c: F.linear(x, c) for c in copies], args.replays)
+            record("any4 F.linear", op)
             ao_us = None if ao is None else graph_time_us([lambda t=t: F.linear(x, t) for t in ao], args.replays)
             if ao_us is not None:
                 record("torchao int4", ao_us)
@@ -186,11 +189,11 @@ def main():
             timed.sort(key=lambda t: t[0])
             top = timed[0] if timed else (float("nan"), None)
             best.append(
-                {"N": n, "K": k, "M": m, "bf16": base, "dequant_mm": deq, "torchao_int4": ao_us}
+                {"N": n, "K": k, "M": m, "bf16": base, "dequant_mm": deq, "any4_op": op, "torchao_int4": ao_us}
                 | {"best_us": top[0], "best": str(top[1])}
             )
             print(
-                f"{n}x{k} M={m}: bf16 {base:.1f} us, dequant+mm {deq:.1f}, "
+                f"{n}x{k} M={m}: bf16 {base:.1f} us, dequant+mm {deq:.1f}, any4 F.linear {op:.1f}, "
                 + (f"torchao int4 {ao_us:.1f}, " if ao_us is not None else "")
                 + f"lut_gemm best {top[0]:.1f} ({base / top[0]:.2f}x bf16)",
                 flush=True,
@@ -223,12 +226,14 @@ def write(args, meta, rows, best, wrong_on_ragged=None, quiet=False):
         json.dumps(meta, indent=1),
         "```",
         "",
-        "| N x K | M | bf16 cuBLAS us | torchao int4 us | dequantize + mm us | best lut_gemm us | vs bf16 | config |",
-        "|---|---|---|---|---|---|---|---|",
+        "| N x K | M | bf16 cuBLAS us | torchao int4 us | dequantize + mm us | any4 F.linear us | best lut_gemm us "
+        "| vs bf16 | config |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for b in best:
         lines.append(
-            f"| {b['N']}x{b['K']} | {b['M']} | {b['bf16']:.1f} | {b['torchao_int4'] or float('nan'):.1f} | {b['dequant_mm']:.1f} | {b['best_us']:.1f} | "
+            f"| {b['N']}x{b['K']} | {b['M']} | {b['bf16']:.1f} | {b['torchao_int4'] or float('nan'):.1f} | {b['dequant_mm']:.1f} | {b['any4_op']:.1f} | "
+            f"{b['best_us']:.1f} | "
             f"{b['bf16'] / b['best_us']:.2f}x | {b['best']} |"
         )
     (out_dir / f"sweep-gemm-{tag}.md").write_text("\n".join(lines) + "\n")
