@@ -67,6 +67,8 @@ GEMM_SIGNATURE = {
     "s_ptr": "*bf16",
     "z_ptr": "*bf16",
     "out_ptr": "*bf16",
+    "part_ptr": "*fp32",
+    "count_ptr": "*i32",
     **{name: "i32" for name in ("M", "N", "K", "stride_xm", "stride_qw", "stride_sn", "stride_os", "stride_om")},
 }
 

@@ -137,8 +137,12 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
     check_gemm_config(config, k, group_size)
     n = qdata.shape[0]
     split_k = min(config.split_k, k // config.block_k)
-    out = _empty((split_k, m, n), x.device, torch.float32 if split_k > 1 else x.dtype)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
+    out = _empty((m, n), x.device, x.dtype)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    grid = (tiles, split_k)
+    # split K: float32 partial sums per split, and a zeroed arrival count per output tile
+    part = _empty((split_k, m, n), x.device, torch.float32) if split_k > 1 else out
+    counts = torch.zeros(tiles, device=x.device, dtype=torch.int32) if split_k > 1 else None
     pair_fma = config.pair_fma and lut.dtype == x.dtype and scale.dtype == x.dtype == zero_point.dtype
     pair_dot = config.pair_dot and pair_fma
     if pair_dot:
@@ -150,14 +154,16 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
         scale,
         zero_point,
         out,
+        part,
+        counts,
         M=m,
         N=n,
         K=k,
         stride_xm=x.stride(0),
         stride_qw=qdata.stride(0) // 4,
         stride_sn=scale.stride(0),
-        stride_os=out.stride(0),
-        stride_om=out.stride(1),
+        stride_os=part.stride(0) if split_k > 1 else 0,
+        stride_om=out.stride(0),
         LUT_SIZE=1 << nbits,
         GROUP=group_size,
         BLOCK_M=config.block_m,
@@ -175,7 +181,7 @@ def lut_gemm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int, conf
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
+    return out
 
 
 def lut_dequantize(

@@ -12,7 +12,8 @@ shows the kernel latency-bound, one CTA per SM issuing every 2.8 cycles, ALU pip
 SWAP_AB computes the transposed product acc[n, m] = W_tile @ x_tile^T: the looked-up tile is then
 the left operand, which Hopper's wgmma reads from registers (the right one must sit in shared
 memory, where the pipelined x loads go). SPLIT_K programs split K in whole steps and write float32
-partial sums to out[split]; the launcher adds them (deterministic, no atomics).
+partial sums to part[split]; the last split to finish a tile (an atomic count per tile) adds them
+in split order and writes the output (deterministic).
 
 PAIR_DOT (with SWAP_AB and PAIR_FMA) skips assembling the tile in column order. A looked-up uint32
 holds the 16-bit weights of columns (8j + 2q, 8j + 2q + 1) of word j, and wgmma's register operand
@@ -158,6 +159,8 @@ def lut_gemm_kernel(
     s_ptr,
     z_ptr,
     out_ptr,
+    part_ptr,
+    count_ptr,
     M,
     N,
     K,
@@ -250,5 +253,20 @@ def lut_gemm_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)
-    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+    mask = mmask[:, None] & nmask[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # serial split K: each split writes its float32 partial sums, and the split that arrives
+        # last at this tile adds all of them in split order (deterministic) and writes the output;
+        # one kernel, where a separate sum and cast cost two more launches per call
+        part = part_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(part + split * stride_os, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partials are written before the count goes up
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # .cg: not from L1
+            for other in tl.static_range(1, SPLIT_K):
+                total += tl.load(part + other * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
