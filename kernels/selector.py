@@ -312,8 +312,16 @@ GEMM_RULES = {
 }
 # The H100 (sweep-gemm-NVIDIA-H100-80GB-HBM3-w16.md, same tiles on the four Llama-3-8B shapes at M = 128, 256,
 # 512): the H200's picks are within 3 % of the H100's best config at M = 128 and 256 on every shape and 1.3-2.3x
-# faster than dequantize + mm there; at M = 512 dequantize + mm wins, as on the H200.
-GEMM_RULES["H100"] = GEMM_RULES["H200"]
+# faster than dequantize + mm there; at M = 512 dequantize + mm wins, as on the H200. Except where 14336 <= N <
+# 20480 at M <= 128 (one K split): there pair_dot, 128x128x128 tiles without prefetch, took 55.3 us on 14336x4096
+# at M = 128 against 62.1 for the H200's pick (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot.md; not measured on the
+# H200, nor on 28672x4096). Where K is split (the N = 4096 shapes) and at M = 256 pair_dot lost (28.9 against 25.7
+# us, 104 against 84).
+GEMM_RULES["H100"] = (
+    GEMM_RULES["H200"][0],
+    GemmRule(max_m=128, min_n=14336, min_weights=14336 * 4096, block_k=128, pair_dot=True),
+    *GEMM_RULES["H200"][2:],
+)
 
 
 @_cached

@@ -170,7 +170,7 @@ def test_gemm_config_fills_the_gpu_and_steps_within_groups():
     assert gemm_config(selector.FUSED_MAX_M, 4096, 4096, 128, CPU) is None
 
 
-def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
+def test_h200_and_h100_gemm_rules_pick_the_sweep_winners(monkeypatch):
     """The H200 rules (sweep-gemm-NVIDIA-H200-prefetch-*.md): lut_gemm at 64 < M <= 128 on weights
     of at least 4096x4096 elements (128-column steps except on the widest N, prefetched; W the right
     operand where N >= 14336), at M <= 256 on weights of at least 14336x4096 elements (256-row tiles);
@@ -194,9 +194,14 @@ def test_h200_gemm_rules_pick_the_sweep_winners(monkeypatch):
     assert pick(128, 2048, 2048) is None  # below every measured weight size
     # a ragged last group (K = 4160 at group 128): the rule's 128-column steps would straddle K's end
     assert pick(128, 14336, 4160) == (128, 128, 64, 1, True, False)
-    # the H100 takes the same rules (sweep-gemm-NVIDIA-H100-80GB-HBM3-w16.md)
+    assert not gemm_config(128, 14336, 4096, 128, cuda).pair_dot
+    # the H100 takes the same rules (sweep-gemm-NVIDIA-H100-80GB-HBM3-w16.md) but for pair_dot where
+    # 14336 <= N < 20480 (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot.md)
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H100 80GB HBM3", 132, (9, 0)))
-    assert pick(65, 14336, 4096) == (128, 128, 128, 1, True, False)
+    assert pick(65, 14336, 4096) == (128, 128, 128, 1, False, True)
+    assert gemm_config(65, 14336, 4096, 128, cuda).pair_dot
+    assert pick(128, 28672, 4096) == (128, 128, 64, 1, True, False)
+    assert pick(128, 4096, 4096) == (128, 128, 128, 4, True, True)
     assert pick(256, 28672, 4096) == (256, 128, 64, 1, True, True)
     assert pick(512, 14336, 4096) is None
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("Some GPU", 100, (9, 0)))
