@@ -40,6 +40,25 @@ def _both_halves(v):
 
 
 @triton.jit
+def _scaled_pairs(words, P, s, z, LUT_FP16: tl.constexpr, USE_ASM: tl.constexpr):
+    """(BLOCK_N, W) code words -> 4 uint32 tensors of 16-bit pairs lut * s + z (one pair FMA each),
+    columns (8j, 8j + 1), (8j + 2, 8j + 3), (8j + 4, 8j + 5), (8j + 6, 8j + 7) of word j."""
+    Pw = (P[0][:, None], P[1][:, None], P[2][:, None], P[3][:, None])
+    Pw = Pw + (P[4][:, None], P[5][:, None], P[6][:, None], P[7][:, None])
+    p01, p23, p45, p67 = lookup8(
+        words, Pw, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM
+    )
+    S = _both_halves(s)[:, None]
+    Z = _both_halves(z)[:, None]
+    return (
+        scale_pairs(p01, S, Z, LUT_FP16, USE_ASM),
+        scale_pairs(p23, S, Z, LUT_FP16, USE_ASM),
+        scale_pairs(p45, S, Z, LUT_FP16, USE_ASM),
+        scale_pairs(p67, S, Z, LUT_FP16, USE_ASM),
+    )
+
+
+@triton.jit
 def _lookup_tile(
     words,
     P,
@@ -57,17 +76,11 @@ def _lookup_tile(
     a W tile holds and the instructions per weight against the float32 path (2 unpacks, 2 FMAs and
     a convert per pair), which serves LUTs whose dtype differs from x's."""
     if PAIR_FMA:
-        Pw = (P[0][:, None], P[1][:, None], P[2][:, None], P[3][:, None])
-        Pw = Pw + (P[4][:, None], P[5][:, None], P[6][:, None], P[7][:, None])
-        p01, p23, p45, p67 = lookup8(
-            words, Pw, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM
-        )
-        S = _both_halves(s)[:, None]
-        Z = _both_halves(z)[:, None]
-        v0, v1 = halves(scale_pairs(p01, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
-        v2, v3 = halves(scale_pairs(p23, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
-        v4, v5 = halves(scale_pairs(p45, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
-        v6, v7 = halves(scale_pairs(p67, S, Z, LUT_FP16, USE_ASM), LUT_FP16, False)
+        q01, q23, q45, q67 = _scaled_pairs(words, P, s, z, LUT_FP16, USE_ASM)
+        v0, v1 = halves(q01, LUT_FP16, False)
+        v2, v3 = halves(q23, LUT_FP16, False)
+        v4, v5 = halves(q45, LUT_FP16, False)
+        v6, v7 = halves(q67, LUT_FP16, False)
     else:
         v0, v1, v2, v3, v4, v5, v6, v7 = lookup_phases(
             words, P[0], P[1], P[2], P[3], P[4], P[5], P[6], P[7], LUT_FP16, USE_ASM, True
@@ -128,26 +141,12 @@ def _pair_dots(
 ):
     """One K step of PAIR_DOT: look the words up into 16-bit pairs, scale them by pair FMAs, and
     multiply each pair slot with its quarter of the step's permuted x columns."""
-    Pw = (P[0][:, None], P[1][:, None], P[2][:, None], P[3][:, None])
-    Pw = Pw + (P[4][:, None], P[5][:, None], P[6][:, None], P[7][:, None])
-    p01, p23, p45, p67 = lookup8(
-        words, Pw, tl.full((), 1 << 16, tl.uint32), tl.full((), 1 << 31, tl.uint32), 16, USE_ASM
-    )
-    S = _both_halves(s)[:, None]
-    Z = _both_halves(z)[:, None]
+    q01, q23, q45, q67 = _scaled_pairs(words, P, s, z, LUT_FP16, USE_ASM)
     Q: tl.constexpr = BLOCK_K // 4
-    acc = _pair_dot(
-        acc, x_ptr, offs_m, mmask, stride_xm, k0, scale_pairs(p01, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
-    )
-    acc = _pair_dot(
-        acc, x_ptr, offs_m, mmask, stride_xm, k0 + Q, scale_pairs(p23, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
-    )
-    acc = _pair_dot(
-        acc, x_ptr, offs_m, mmask, stride_xm, k0 + 2 * Q, scale_pairs(p45, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
-    )
-    acc = _pair_dot(
-        acc, x_ptr, offs_m, mmask, stride_xm, k0 + 3 * Q, scale_pairs(p67, S, Z, LUT_FP16, USE_ASM), LUT_FP16, INTERPRET
-    )
+    acc = _pair_dot(acc, x_ptr, offs_m, mmask, stride_xm, k0, q01, LUT_FP16, INTERPRET)
+    acc = _pair_dot(acc, x_ptr, offs_m, mmask, stride_xm, k0 + Q, q23, LUT_FP16, INTERPRET)
+    acc = _pair_dot(acc, x_ptr, offs_m, mmask, stride_xm, k0 + 2 * Q, q45, LUT_FP16, INTERPRET)
+    acc = _pair_dot(acc, x_ptr, offs_m, mmask, stride_xm, k0 + 3 * Q, q67, LUT_FP16, INTERPRET)
     return acc
 
 
