@@ -16,7 +16,6 @@ the H100 table with its N thresholds scaled by the SM count (they mark where the
 SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize + mm.
 """
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -356,8 +355,16 @@ def gemm_config(
     split_k = 1  # fill the SMs, keeping at least 4 K steps per split
     while tiles * split_k * 2 <= sms and k // (block_k * split_k * 2) >= 4:
         split_k *= 2
-    config = GemmConfig(block_m, block_n, block_k, split_k, swap_ab=swap_ab, num_warps=num_warps, prefetch=prefetch)
-    return dataclasses.replace(config, pair_dot=pair_dot and block_k >= 64)
+    return GemmConfig(
+        block_m,
+        block_n,
+        block_k,
+        split_k,
+        swap_ab=swap_ab,
+        num_warps=num_warps,
+        prefetch=prefetch,
+        pair_dot=pair_dot and block_k >= 64,  # a ragged K can shrink the step below pair_dot's 64
+    )
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:
