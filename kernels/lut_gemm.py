@@ -20,8 +20,9 @@ holds the 16-bit weights of columns (8j + 2q, 8j + 2q + 1) of word j, and wgmma'
 wants exactly such pairs of adjacent K: so each step runs 4 dots of BLOCK_K / 4, dot q taking the
 pairs q of every word as they are, against x with its columns permuted to match (the launcher
 permutes x once per call: x_pairs). The column-order tile needed a layout conversion through
-shared memory each step (8 bar.sync per step in the SASS, benchmarks/inspect_compile.py); this
-path has none, and fewer registers (156 against 204 at 128x128x128, 8 warps).
+shared memory each step (9 bar.sync per step in the SASS, benchmarks/inspect_compile.py); this
+path has none (2 bar.sync), and fewer registers (156 against 193 at 128x128x128, 8 warps, no
+prefetch).
 
 Under TRITON_INTERPRET=1, tl.dot on bf16 operands returns garbage (triton's interpreter), so the
 operands are upcast to float32 there; on the GPU they go to the tensor cores as 16-bit values.
@@ -111,9 +112,8 @@ def _pair_dot(acc, x_ptr, offs_m, mmask, stride_xm, col0, pair, LUT_FP16: tl.con
     """acc += W_q @ x_q^T for one pair slot q: pair (BLOCK_N, W) uint32 holds 16-bit weights of two
     adjacent columns; as (BLOCK_N, 2 W) 16-bit values, K index 2j + h is half h of pair[:, j], and
     columns col0 .. col0 + 2 W - 1 of the permuted x hold the matching x values."""
-    a = tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
-    a = tl.reshape(a, (a.shape[0], 2 * a.shape[1]))
-    a = a.to(tl.float16 if LUT_FP16 else tl.bfloat16, bitcast=True)
+    lo, hi = halves(pair, LUT_FP16, False)
+    a = tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * lo.shape[1]))
     cols = col0 + tl.arange(0, a.shape[1])
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mmask[:, None], other=0.0)
     if INTERPRET:  # bf16 tl.dot is wrong in the interpreter: multiply the 16-bit values in fp32
