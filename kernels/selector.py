@@ -18,7 +18,7 @@ SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize 
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple, Union
 
 import torch
@@ -315,9 +315,10 @@ GEMM_RULES = {
 # 20480 at M <= 128 (one K split): there pair_dot, 128x128x128 tiles without prefetch, took 55.3 us on 14336x4096
 # at M = 128 against 62.1 for the H200's pick (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot.md; not measured on the
 # H200, nor on 28672x4096). Where K is split (the N = 4096 shapes) and at M = 256 pair_dot lost (28.9 against 25.7
-# us, 104 against 84).
+# us, 104 against 84). Where N >= 20480 at M <= 128 the H200's pick without prefetch: 97.7 us on 28672x4096 at
+# M = 128 against 114.8 with it (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot-2.md; pair_dot 107.7).
 GEMM_RULES["H100"] = (
-    GEMM_RULES["H200"][0],
+    replace(GEMM_RULES["H200"][0], prefetch=False),
     GemmRule(max_m=128, min_n=14336, min_weights=14336 * 4096, block_k=128, pair_dot=True),
     *GEMM_RULES["H200"][2:],
 )

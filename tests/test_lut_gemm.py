@@ -196,11 +196,12 @@ def test_h200_and_h100_gemm_rules_pick_the_sweep_winners(monkeypatch):
     assert pick(128, 14336, 4160) == (128, 128, 64, 1, True, False)
     assert not gemm_config(128, 14336, 4096, 128, cuda).pair_dot
     # the H100 takes the same rules (sweep-gemm-NVIDIA-H100-80GB-HBM3-w16.md) but for pair_dot where
-    # 14336 <= N < 20480 (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot.md)
+    # 14336 <= N < 20480 (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot.md) and no prefetch where N >= 20480
+    # at M <= 128 (sweep-gemm-NVIDIA-H100-80GB-HBM3-pairdot-2.md)
     monkeypatch.setattr(selector, "_device_facts", lambda device: ("NVIDIA H100 80GB HBM3", 132, (9, 0)))
     assert pick(65, 14336, 4096) == (128, 128, 128, 1, False, True)
     assert gemm_config(65, 14336, 4096, 128, cuda).pair_dot
-    assert pick(128, 28672, 4096) == (128, 128, 64, 1, True, False)
+    assert pick(128, 28672, 4096) == (128, 128, 64, 1, False, False)
     assert pick(128, 4096, 4096) == (128, 128, 128, 4, True, True)
     assert pick(256, 28672, 4096) == (256, 128, 64, 1, True, True)
     assert pick(512, 14336, 4096) is None
