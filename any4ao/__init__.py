@@ -4,6 +4,7 @@ from any4ao.calibration.activation_stats import (
     ChannelImportance,
     calibrate,
     default_calibration_text,
+    random_token_ids,
     record_channel_importance,
 )
 from any4ao.config import (
@@ -35,6 +36,7 @@ __all__ = [
     "ChannelImportance",
     "calibrate",
     "default_calibration_text",
+    "random_token_ids",
     "record_channel_importance",
     "LayerError",
     "default_filter",

@@ -87,7 +87,7 @@ def run(
         calibration = None
         if needs_calibration(method):  # on the shipped prompt
             calibration = calibrate(model, tokenizer, hessian=needs_hessian(method))
-        quantize_model(model, config_for(method, settings, calibration), progress=progress)
+        quantize_model(model, config_for(method, settings, calibration), progress=progress, calibration="none")
         seconds = time.perf_counter() - start
         rel_error, bits = weight_report(model, base)
         rows.append(Row(method, rel_error, bits, seconds, continuation(model, tokenizer, prompt, max_new_tokens)))

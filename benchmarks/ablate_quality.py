@@ -68,6 +68,7 @@ def main(argv=None):
             model,
             Any4WeightOnlyConfig(group_size=args.group_size, calibration=calibration, **overrides),
             progress=False,
+            calibration="none",  # the variant's own statistic or none, not quantize_model's default
         )
         if "lut_dtype" in overrides:
             nn.Module.float(

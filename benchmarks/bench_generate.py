@@ -156,7 +156,9 @@ def main():
         model = base if method == "bf16" else copy.deepcopy(base)
         start = time.perf_counter()
         if method == "any4":
-            quantize_model(model, Any4WeightOnlyConfig(group_size=128), progress=False)
+            quantize_model(
+                model, Any4WeightOnlyConfig(group_size=128), progress=False, calibration="none"
+            )  # speed only
         elif method == "torchao-int4":
             from torchao.quantization import Int4WeightOnlyConfig, quantize_
 

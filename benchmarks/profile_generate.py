@@ -26,7 +26,7 @@ from any4ao import Any4WeightOnlyConfig, quantize_model
 
 def quantize(model, method):
     if method == "any4":
-        quantize_model(model, Any4WeightOnlyConfig(group_size=128), progress=False)
+        quantize_model(model, Any4WeightOnlyConfig(group_size=128), progress=False, calibration="none")  # speed only
     elif method == "torchao-int4":
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
 

@@ -231,6 +231,36 @@ def test_cli_prepends_the_bos_the_tokenizer_adds(tmp_path):
     assert records["no"]["bos"] is False and records["no"]["scored_tokens"] == 2 * 63
 
 
+def test_cli_calibrates_on_random_token_ids_and_records_it(tmp_path, capsys):
+    text = load_text("wikitext-2-test")[:30_000]
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer(text).save_pretrained(model_dir)
+    (tmp_path / "eval.txt").write_text(text)
+    common = ["--model", str(model_dir), "--text", str(tmp_path / "eval.txt"), "--window", "64", "--windows", "2"]
+    common += ["--methods", "baseline,any4+cal", "--group-size", "32", "--no-progress", "--bootstrap", "0"]
+    runs = {}
+    for name, extra in (("text", []), ("random", ["--random-calibration-tokens", "200"])):
+        rows = main(common + extra + ["--out", str(tmp_path / name)])
+        runs[name] = (rows, json.loads((tmp_path / name / "eval.json").read_text())["settings"])
+    assert runs["random"][1]["random_calibration_tokens"] == 200 and runs["random"][1]["calibration_text"] is None
+    assert runs["text"][1]["random_calibration_tokens"] == 0
+    assert runs["text"][1]["calibration_text"] == "any4ao/data/calibration.txt"
+    # the sample reached the quantizer: another sample, other LUTs, another perplexity
+    assert runs["random"][0][1].perplexity != runs["text"][0][1].perplexity
+    assert runs["random"][0][0].perplexity == runs["text"][0][0].perplexity  # baseline untouched
+    calibration = tmp_path / "cal.txt"
+    calibration.write_text("some text")
+    for extra, message in (
+        (["--random-calibration-tokens", "8", "--calibration-text", str(calibration)], "pass one"),
+        (["--random-calibration-tokens", "-1"], "--random-calibration-tokens"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(common + extra + ["--out", str(tmp_path / "bad")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_rejects_unknown_methods_before_loading_a_model(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--methods", "baseline,int5", "--model", "/nonexistent"])

@@ -223,6 +223,115 @@ def test_calibrate_checks_its_sample(ids, max_tokens, message):
         any4ao.calibrate(tiny_llama(layers=1), input_ids=ids, max_tokens=max_tokens)
 
 
+def test_random_token_ids_are_a_seeded_sample_of_the_vocabulary():
+    model = tiny_llama(layers=1)
+    ids = any4ao.random_token_ids(model, tokens=300)
+    assert ids.shape == (1, 300) and ids.dtype == torch.long
+    assert 0 <= int(ids.min()) and int(ids.max()) < model.config.vocab_size
+    assert len(ids.unique()) > model.config.vocab_size // 2  # spread over the vocabulary, not one id
+    assert torch.equal(ids, any4ao.random_token_ids(model, tokens=300))  # same seed, same sample
+    assert not torch.equal(ids, any4ao.random_token_ids(model, tokens=300, seed=1))
+    stats = any4ao.calibrate(model, input_ids=ids)
+    assert stats.tokens_seen(model.model.layers[0].mlp.down_proj) == 300
+
+
+def test_random_token_ids_take_the_vocabulary_from_the_embedding_without_a_config():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    assert int(any4ao.random_token_ids(Bare(), tokens=2000).max()) == 49
+
+
+@pytest.mark.parametrize(
+    "model, tokens, message",
+    [
+        (nn.Linear(4, 4), 16, "cannot tell the vocabulary size of the Linear"),
+        (None, 0, "tokens=0"),
+        (None, 1.5, "tokens=1.5"),
+        (None, True, "tokens=True"),
+    ],
+)
+def test_random_token_ids_reject_what_they_cannot_sample(model, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        any4ao.random_token_ids(model if model is not None else tiny_llama(layers=1), tokens=tokens)
+
+
+def _luts(model):
+    return {n: p.lut.clone() for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
+
+
+def test_quantize_model_calibrates_on_random_ids_when_no_tokenizer_is_given():
+    """Calibration is the default (the paper's any4): without a tokenizer, a model with a vocabulary
+    is calibrated on seeded random token ids (capped at its context length), exactly as if the
+    caller had passed that sample; calibration="none" is the plain weight error, as quantize_ gives."""
+    config = any4_weight_only(group_size=32, kmeans_iterations=3)
+    default = quantize_model(tiny_llama(), config, progress=False)
+    by_hand = tiny_llama()
+    stats = any4ao.calibrate(by_hand, input_ids=any4ao.random_token_ids(by_hand, 256))  # context 256 < 600
+    by_hand = quantize_model(by_hand, any4_weight_only(group_size=32, kmeans_iterations=3, calibration=stats))
+    plain = quantize_model(tiny_llama(), config, progress=False, calibration="none")
+    torchao_plain = tiny_llama()
+    quantize_(torchao_plain, config, filter_fn=default_filter)
+    luts, plain_luts = _luts(default), _luts(plain)
+    assert luts.keys() == _luts(by_hand).keys() == plain_luts.keys() and len(luts) == 14
+    assert all(torch.equal(luts[n], _luts(by_hand)[n]) for n in luts)
+    assert all(torch.equal(plain_luts[n], _luts(torchao_plain)[n]) for n in luts)
+    assert sum(not torch.equal(luts[n], plain_luts[n]) for n in luts) >= 12  # the sample reached the k-means
+    assert all(not any(m._forward_pre_hooks) for m in default.modules())
+
+
+def test_quantize_model_without_a_vocabulary_or_with_gptq_does_not_invent_a_sample():
+    mlp = _mlp()
+    ref = copy.deepcopy(mlp)
+    quantize_model(mlp, any4_weight_only(group_size=32), progress=False)  # no vocabulary: plain
+    quantize_(ref, any4_weight_only(group_size=32))
+    assert torch.equal(mlp[0].weight.lut, ref[0].weight.lut)
+    with pytest.raises(ValueError, match="needs calibration"):  # GPTQ's Hessians: measured on text only
+        quantize_model(tiny_llama(layers=1), any4_weight_only(group_size=32, error_feedback="gptq"), progress=False)
+
+
+class _NeedsMoreInputs(nn.Module):
+    """A token model whose forward needs more than input_ids (as an encoder-decoder does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(50, 64), nn.Linear(64, 64)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, decoder_input_ids):
+        return self.proj(self.embed(input_ids))
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, error, message",
+    [
+        (_NeedsMoreInputs, {}, ValueError, "on random token ids .* failed: TypeError.*calibration='none'"),
+        (_NeedsMoreInputs, {"calibration": "random-ids"}, TypeError, "decoder_input_ids"),
+        (tiny_llama, {"calibration": "text"}, ValueError, "calibration='text' needs a tokenizer"),
+        (tiny_llama, {"calibration_text": "some words"}, ValueError, "calibration_text needs the tokenizer"),
+        (tiny_llama, {"calibration": "random"}, ValueError, "calibration='random', expected one of"),
+        (nn.Linear, {"calibration": "random-ids"}, ValueError, "cannot tell the vocabulary size"),
+    ],
+)
+def test_quantize_model_calibration_choices_fail_clearly_and_change_nothing(model, kwargs, error, message):
+    model = model(64, 64) if model is nn.Linear else model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    filter_fn = (lambda m, fqn: isinstance(m, nn.Linear)) if isinstance(model, nn.Linear) else default_filter
+    with pytest.raises(error, match=message):
+        quantize_model(model, any4_weight_only(group_size=32), filter_fn=filter_fn, progress=False, **kwargs)
+    after = dict(model.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(type(after[n]) is nn.Parameter and torch.equal(after[n], before[n]) for n in before)
+    assert _NeedsMoreInputs()(torch.tensor([[1]]), None).shape == (1, 1, 64)  # the model itself is fine
+
+
 def test_configs_saved_with_the_old_enum_name_load_in_every_process():
     """Checkpoints written before the kernel-preference enum was renamed say "KernelPreference";
     torchao looks that name up in a set of modules, so whether it found its own enum (no DEQUANTIZE:

@@ -68,7 +68,8 @@ def main(argv=None):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     original = load(args.tiny, device, dtype)
     model = copy.deepcopy(original)
-    # No calibration here (one line more: see quantize_and_generate.py). default_filter skips lm_head.
+    # No tokenizer: quantize_model calibrates on 600 seeded random token ids (with text: see
+    # quantize_and_generate.py). default_filter skips lm_head.
     any4ao.quantize_model(model, any4_weight_only(group_size=64), filter_fn=any4ao.default_filter, progress=False)
 
     torch.compiler.reset()

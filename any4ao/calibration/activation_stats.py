@@ -141,6 +141,27 @@ def record_channel_importance(
             h.remove()
 
 
+def random_token_ids(model: nn.Module, tokens: int = 600, seed: int = 0) -> torch.Tensor:
+    """(1, tokens) token ids drawn uniformly from the model's vocabulary with a fixed seed: a
+    calibration sample that needs no text or tokenizer. Past the embedding, the activations of
+    random ids still carry the model's own per-channel scales (norm weights, outlier channels),
+    which is what the k-means weights need; measured against text and against no calibration in
+    benchmarks/results/eval-random-calibration-NOTE.md."""
+    if type(tokens) is not int or tokens < 1:
+        raise ValueError(f"random_token_ids: tokens={tokens!r}, expected a positive int")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None and hasattr(model, "get_input_embeddings"):
+        embeddings = model.get_input_embeddings()
+        vocab = getattr(embeddings, "num_embeddings", None)
+    if type(vocab) is not int or vocab < 1:
+        raise ValueError(
+            f"random_token_ids: cannot tell the vocabulary size of the {type(model).__name__} "
+            "(no config.vocab_size, no input embedding); pass input_ids to calibrate instead"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, tokens), generator=generator)
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,

@@ -7,7 +7,8 @@ a transformers directory, or a .gguf file; never downloaded. Text: the WikiText-
 shipped in the package. Window protocol: any4ao/evaluation/perplexity.py. BOS: when the tokenizer
 adds a BOS token by default (Gemma), each window is BOS + window - 1 text tokens and the BOS is not
 scored, as in the lm-eval harness (--bos overrides; the JSON records "bos"). Calibrated methods use
-one sample: the package's calibration prompt (or --calibration-text), never the evaluation text.
+one sample: the package's calibration prompt (or --calibration-text, or --random-calibration-tokens N
+uniformly random token ids), never the evaluation text.
 
 Uncertainty: a paired bootstrap over windows (--bootstrap resamples, seeded by --seed) gives 95 %
 intervals of each method's perplexity ratio to baseline and to nf4 and of its "ΔPPL vs nf4
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional
 import torch
 
 from any4ao import models
-from any4ao.calibration.activation_stats import STATISTICS, calibrate, default_calibration_text
+from any4ao.calibration.activation_stats import STATISTICS, calibrate, default_calibration_text, random_token_ids
 from any4ao.demo import weight_report
 from any4ao.evaluation.cli_common import (
     HelpFormatter,
@@ -118,9 +119,12 @@ def evaluate(
     progress: bool = True,
     bootstrap: int = 1000,
     seed: int = 0,
+    random_calibration_tokens: int = 0,
 ) -> List[EvalRow]:
     """Quantize a copy of `model` per method, measure perplexity on `windows`, and (bootstrap > 0,
-    at least 2 windows) add paired-bootstrap intervals against baseline and nf4."""
+    at least 2 windows) add paired-bootstrap intervals against baseline and nf4.
+    random_calibration_tokens > 0: calibrate on that many uniformly random token ids (seeded,
+    random_token_ids) instead of `calibration_text`."""
     check_methods(methods)
     rows, baseline_ppl = [], None
     for name in progress_bar(methods, progress, desc="methods", unit="method"):
@@ -128,12 +132,18 @@ def evaluate(
         start = time.perf_counter()
         calibration = None
         if needs_calibration(name):
+            ids = random_token_ids(model_q, random_calibration_tokens) if random_calibration_tokens else None
             calibration = calibrate(
-                model_q, tokenizer, text=calibration_text, statistic=statistic, hessian=needs_hessian(name)
+                model_q,
+                tokenizer,
+                text=calibration_text,
+                input_ids=ids,
+                statistic=statistic,
+                hessian=needs_hessian(name),
             )
         config = config_for(name, settings, calibration)
         if config is not None:
-            quantize_model(model_q, config, progress=progress)
+            quantize_model(model_q, config, progress=progress, calibration="none")  # methods say their calibration
         seconds = time.perf_counter() - start
         rel_error, bits = weight_report(model_q, model) if config is not None else (None, None)
         result = perplexity(model_q, windows, progress=progress, desc=name)
@@ -267,6 +277,13 @@ def build_parser() -> Parser:
     p.add_argument("--refine-rounds", type=int, default=2, help="rounds of scale/zero refitting after k-means")
     p.add_argument("--statistic", choices=STATISTICS, default="square", help="calibration statistic per input channel")
     p.add_argument("--calibration-text", help="file with the one calibration sample (default: the shipped prompt)")
+    p.add_argument(
+        "--random-calibration-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calibrate on N token ids drawn uniformly from the vocabulary (seed 0) instead of text",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model (and LUT) dtype")
     p.add_argument("--device", default="cpu", help="torch device to evaluate on")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired-bootstrap resamples over windows; 0 = none")
@@ -290,6 +307,9 @@ def _check(args):
             raise UsageError(f"--stride {args.stride} is larger than --window {args.window}")
     check_positive(args.windows, "--windows", 0)
     check_positive(args.bootstrap, "--bootstrap", 0)
+    check_positive(args.random_calibration_tokens, "--random-calibration-tokens", 0)
+    if args.random_calibration_tokens and args.calibration_text:
+        raise UsageError("--random-calibration-tokens and --calibration-text are two calibration samples: pass one")
     text = read_text(args.text, "--text")
     calibrated = any(needs_calibration(m) for m in methods)
     if args.calibration_text and calibrated:
@@ -363,6 +383,7 @@ def _main(argv: List[str]) -> List[EvalRow]:
         args.statistic,
         progress=not args.no_progress,
         bootstrap=0,
+        random_calibration_tokens=args.random_calibration_tokens,
     )
     boot = add_intervals(rows, args.bootstrap, args.seed)
     ordering = format_ordering(boot)
@@ -385,7 +406,10 @@ def _main(argv: List[str]) -> List[EvalRow]:
             "statistic": args.statistic,
             "dtype": args.dtype,
             "seed": args.seed,
-            "calibration_text": args.calibration_text or "any4ao/data/calibration.txt",
+            "calibration_text": None
+            if args.random_calibration_tokens
+            else args.calibration_text or "any4ao/data/calibration.txt",
+            "random_calibration_tokens": args.random_calibration_tokens,
         },
         "environment": {
             "torch": torch.__version__,
