@@ -19,7 +19,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from any4ao.calibration.activation_stats import calibrate, random_token_ids
+from any4ao.calibration.activation_stats import calibrate, random_token_ids, vocabulary_size
 from any4ao.config import Any4WeightOnlyConfig, ErrorFeedback
 from any4ao.tensor import Any4Tensor
 from any4ao.validation import check_channel_weight, check_weight
@@ -144,7 +144,9 @@ def _any4_weight_only_transform(
         record_error(e)  # inside from_pretrained's weight conversion: re-raised instead of its RuntimeError
         raise
     setattr(module, parameter_name, nn.Parameter(new_weight, requires_grad=False))
-    CONFIG_OF[module] = config
+    # without its calibration: the statistics name (hold) the modules, and a value that holds its own
+    # weak key keeps the entry, the model and any Hessians alive for good
+    CONFIG_OF[module] = config if config.calibration is None else dataclasses.replace(config, calibration=None)
     return module
 
 
@@ -180,15 +182,17 @@ CALIBRATION_CHOICES = ("auto", "text", "random-ids", "none")
 RANDOM_CALIBRATION_TOKENS = 600
 
 
-def _has_vocabulary(model: nn.Module) -> bool:
-    """A token model that random ids can run through: a vocabulary size and real (not meta) weights."""
-    config_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+def _can_run_random_ids(model: nn.Module, targets) -> bool:
+    """A token model with a vocabulary whose input embedding and selected layers hold real weights
+    (a meta weight cannot be calibrated; quantize_model's own checks name it)."""
+    if vocabulary_size(model) is None:
+        return False
     embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
-    has_vocab = type(config_vocab) is int or isinstance(embeddings, nn.Embedding)
-    return has_vocab and all(p.device.type != "meta" for p in model.parameters())
+    weights = [getattr(embeddings, "weight", None)] + [getattr(m, "weight", None) for _, m in targets]
+    return not any(isinstance(w, torch.Tensor) and w.is_meta for w in weights)
 
 
-def _calibrated(model, config, filter_fn, tokenizer, calibration_text, calibration) -> Any4WeightOnlyConfig:
+def _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration) -> Any4WeightOnlyConfig:
     """`config` with the calibration quantize_model's `calibration` argument asks for (its docstring)."""
     if calibration not in CALIBRATION_CHOICES:
         raise ValueError(f"quantize_model: calibration={calibration!r}, expected one of {CALIBRATION_CHOICES}")
@@ -197,19 +201,26 @@ def _calibrated(model, config, filter_fn, tokenizer, calibration_text, calibrati
     gptq = config.error_feedback == ErrorFeedback.GPTQ
     mode = calibration
     if mode == "auto":
-        mode = "text" if tokenizer is not None else "random-ids" if not gptq and _has_vocabulary(model) else "none"
-    if mode == "none" or not config.codebook.learned or config.calibration is not None:
+        mode = (
+            "text"
+            if tokenizer is not None
+            else "random-ids"
+            if not gptq and _can_run_random_ids(model, targets)
+            else "none"
+        )
+    if calibration_text is not None and (mode != "text" or config.calibration is not None):
+        raise ValueError(
+            "quantize_model: calibration_text would be ignored: "
+            + ("the config already carries a calibration" if mode == "text" else f"calibration={calibration!r}")
+        )
+    if mode == "none" or not targets or not config.codebook.learned or config.calibration is not None:
         return config
     if mode == "text":
         if tokenizer is None:
             raise ValueError("quantize_model: calibration='text' needs a tokenizer")
         stats = calibrate(model, tokenizer, text=calibration_text, hessian=gptq, filter_fn=filter_fn)
         return dataclasses.replace(config, calibration=stats)
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    tokens = RANDOM_CALIBRATION_TOKENS
-    if type(max_positions) is int and max_positions > 0:
-        tokens = min(tokens, max_positions)
-    ids = random_token_ids(model, tokens)
+    ids = random_token_ids(model, RANDOM_CALIBRATION_TOKENS)  # calibrate cuts it to the model's context
     try:
         stats = calibrate(model, input_ids=ids, hessian=gptq, filter_fn=filter_fn)
     except Exception as e:
@@ -245,6 +256,8 @@ def quantize_model(
                     0.6-5 % higher than "text" on most families
                     (benchmarks/results/eval-random-calibration-NOTE.md);
       "none"        the plain weight error.
+    Nothing is calibrated when no layer is left to quantize; calibration_text that would go unused
+    is an error.
     With error_feedback="gptq" the Hessians are recorded too."""
     config = config or Any4WeightOnlyConfig()
     targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
@@ -254,7 +267,7 @@ def quantize_model(
             f"quantize_model: no layer of the {type(model).__name__} matched the filter (default: nn.Linear "
             "layers other than the LM head), so nothing would be quantized",
         )
-    config = _calibrated(model, config, filter_fn, tokenizer, calibration_text, calibration)
+    config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
     for fqn, module in targets:  # validate everything before changing anything
         try:
             _checked_inputs(module, config, "weight", fqn)

@@ -949,3 +949,99 @@ def test_a_quantized_weight_that_asks_for_gradients_warns_when_used_with_grad():
             lin(x)
     with pytest.warns(UserWarning, match="requires_grad=True but gets no gradient"):
         lin(x)
+
+
+# --- calibration as quantize_model's default (third audit) ---
+
+
+def _dropout_llama():
+    model = tiny_llama()
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    return model
+
+
+def test_calibration_runs_in_eval_mode_and_restores_each_flag():
+    """A model in train mode (dropout on) gave statistics up to 3.8x off and drew on the global RNG."""
+    reference = any4ao.calibrate(_dropout_llama().eval(), input_ids=IDS)
+    model = _dropout_llama().train()
+    model.model.layers[1].eval()  # a mixed model: each flag comes back as it was
+    flags = {name: m.training for name, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    stats = any4ao.calibrate(model, input_ids=IDS)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    layer, ref_layer = (m.model.layers[0].self_attn.o_proj for m in (model, _dropout_llama()))
+    ref_stats = reference.for_module(next(m for n, m in reference.names.items() if n.endswith("0.self_attn.o_proj")))
+    assert torch.allclose(stats.for_module(layer), ref_stats, rtol=1e-6)
+
+
+def test_quantized_models_are_freed_with_their_calibration():
+    """The torchao handler kept each layer's config, whose calibration holds the layers: the model and
+    its Hessians stayed alive after `del`."""
+    import gc
+    import weakref
+
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False)  # calibrated on random ids by default
+    gone = weakref.ref(model.model.layers[0].mlp.up_proj)
+    del model
+    gc.collect()
+    assert gone() is None
+
+
+def test_random_ids_and_text_fit_the_model_they_calibrate():
+    model = tiny_llama()
+    model.config.vocab_size = 1000  # larger than the embedding's 128 rows: the embedding decides
+    assert int(any4ao.random_token_ids(model, tokens=2000).max()) < 128
+    with pytest.raises(ValueError, match=r"lie in \[0, 128\) \(the model's vocabulary"):
+        any4ao.calibrate(model, input_ids=torch.tensor([[5, 200]]))
+    model.config.max_position_embeddings = 16  # a learned position table has no row 16
+    stats = any4ao.calibrate(model, input_ids=torch.randint(0, 128, (1, 50)))
+    assert stats.tokens_seen(model.model.layers[0].mlp.up_proj) == 16
+
+
+def test_a_linear_called_by_keyword_is_recorded():
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj = nn.Embedding(10, 32), nn.Linear(32, 32)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, input_ids):
+            return self.proj(input=self.embed(input_ids))
+
+    model = Keyword()
+    assert any4ao.calibrate(model, input_ids=torch.tensor([[1, 2, 3]])).tokens_seen(model.proj) == 3
+
+
+def test_default_calibration_with_a_meta_head_still_calibrates_and_twice_is_a_no_op():
+    model, plain = tiny_llama(), tiny_llama()
+    model.lm_head.to("meta")  # not quantized (default_filter), not needed for the statistics
+    quantize_model(model, CONFIG, progress=False)
+    quantize_model(plain, CONFIG, progress=False, calibration="none")
+    lut, plain_lut = (m.model.layers[0].mlp.up_proj.weight.lut for m in (model, plain))
+    assert not torch.equal(lut, plain_lut)
+    before = lut.clone()
+    quantize_model(model, CONFIG, progress=False)  # nothing left to quantize: no calibration, no error
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight.lut, before)
+
+
+@pytest.mark.parametrize("calibration", ["none", "random-ids"])
+def test_calibration_text_that_would_go_unused_is_an_error(calibration):
+    from tiny_models import tiny_tokenizer
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="calibration_text would be ignored"):
+        quantize_model(
+            model,
+            CONFIG,
+            progress=False,
+            tokenizer=tiny_tokenizer("a b c"),
+            calibration_text="a b",
+            calibration=calibration,
+        )
+    assert not any(isinstance(p, Any4Tensor) for p in model.parameters())

@@ -261,6 +261,35 @@ def test_cli_calibrates_on_random_token_ids_and_records_it(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cli_refuses_text_windows_and_samples_the_model_cannot_take(tmp_path, capsys, monkeypatch):
+    import any4ao.evaluation.cli as cli
+
+    text = load_text("wikitext-2-test")[:30_000]
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)  # max_position_embeddings 256, vocabulary 128
+    tiny_tokenizer(text).save_pretrained(model_dir)
+    big_vocab = tmp_path / "big-vocab"
+    tiny_llama().save_pretrained(big_vocab)
+    tiny_tokenizer(text, vocab=400).save_pretrained(big_vocab)
+    (tmp_path / "eval.txt").write_text(text)
+    common = ["--text", str(tmp_path / "eval.txt"), "--windows", "2", "--methods", "baseline", "--no-progress"]
+    for model, extra, message in (
+        (model_dir, ["--window", "512"], "--window 512 is longer than the model's context"),
+        (big_vocab, ["--window", "64"], "past the model's vocabulary of 128"),
+        (model_dir, ["--window", "64", "--random-calibration-tokens", "5000"], "at most 2048 tokens"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", str(model)] + common + extra + ["--out", str(tmp_path / "bad")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    # a run that cannot plot removes the plot an earlier run left, and does not claim one
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.png").write_bytes(b"an earlier run's plot")
+    monkeypatch.setattr(cli, "plot", lambda rows, title, path: False)
+    main(["--model", str(model_dir)] + common + ["--window", "64", "--bootstrap", "0", "--out", str(out)])
+    assert not (out / "eval.png").exists() and "eval.png" not in capsys.readouterr().out
+
+
 def test_cli_rejects_unknown_methods_before_loading_a_model(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--methods", "baseline,int5", "--model", "/nonexistent"])

@@ -34,6 +34,9 @@ def default_calibration_text() -> str:
     return resources.files("any4ao.data").joinpath("calibration.txt").read_text(encoding="utf-8")
 
 
+CALIBRATION_MAX_TOKENS = 2048  # calibrate's default cut of its one sample
+
+
 class ChannelImportance:
     """Per-input-channel importance of each recorded linear layer, keyed by module identity."""
 
@@ -119,6 +122,35 @@ def _is_linear(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _recorder(stats: ChannelImportance):
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")  # nn.Linear called as lin(input=x) too
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"calibrate: a {type(module).__name__} was called without an input tensor")
+        stats._record(module, x)
+
+    return hook
+
+
+def vocabulary_size(model: nn.Module) -> Optional[int]:
+    """The ids the model accepts: the smaller of config.vocab_size and the input embedding's rows
+    (they can disagree; an id past either one is out of the model's range), None if neither is known."""
+    sizes = []
+    config_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if type(config_vocab) is int:
+        sizes.append(config_vocab)
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if type(getattr(embeddings, "num_embeddings", None)) is int:
+        sizes.append(embeddings.num_embeddings)
+    return min(sizes) if sizes else None
+
+
+def context_length(model: nn.Module) -> Optional[int]:
+    """config.max_position_embeddings where the model declares a positive one."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return positions if type(positions) is int and positions > 0 else None
+
+
 @contextlib.contextmanager
 def record_channel_importance(
     model: nn.Module,
@@ -134,7 +166,7 @@ def record_channel_importance(
         for fqn, module in model.named_modules():
             if filter_fn(module, fqn):
                 stats.names[fqn] = module
-                handles.append(module.register_forward_pre_hook(lambda m, args: stats._record(m, args[0])))
+                handles.append(module.register_forward_pre_hook(_recorder(stats), with_kwargs=True))
         yield stats
     finally:
         for h in handles:
@@ -149,11 +181,8 @@ def random_token_ids(model: nn.Module, tokens: int = 600, seed: int = 0) -> torc
     benchmarks/results/eval-random-calibration-NOTE.md."""
     if type(tokens) is not int or tokens < 1:
         raise ValueError(f"random_token_ids: tokens={tokens!r}, expected a positive int")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None and hasattr(model, "get_input_embeddings"):
-        embeddings = model.get_input_embeddings()
-        vocab = getattr(embeddings, "num_embeddings", None)
-    if type(vocab) is not int or vocab < 1:
+    vocab = vocabulary_size(model)
+    if vocab is None or vocab < 1:
         raise ValueError(
             f"random_token_ids: cannot tell the vocabulary size of the {type(model).__name__} "
             "(no config.vocab_size, no input embedding); pass input_ids to calibrate instead"
@@ -168,15 +197,17 @@ def calibrate(
     tokenizer=None,
     text: Optional[str] = None,
     input_ids: Optional[torch.Tensor] = None,
-    max_tokens: int = 2048,
+    max_tokens: int = CALIBRATION_MAX_TOKENS,
     statistic: str = "square",
     filter_fn: Callable[[nn.Module, str], bool] = _is_linear,
     hessian: bool = False,
 ) -> ChannelImportance:
     """Run one calibration sample through a causal LM and return per-layer channel importance.
 
-    Pass `input_ids`, or a `tokenizer` (and optionally `text`, default: the shipped prompt).
-    hessian: also keep each layer's full E[x x^T] (for error_feedback="gptq")."""
+    Pass `input_ids`, or a `tokenizer` (and optionally `text`, default: the shipped prompt). The
+    sample is cut to max_tokens and to config.max_position_embeddings, and runs in eval mode (each
+    module's training flag is restored after). hessian: also keep each layer's full E[x x^T] (for
+    error_feedback="gptq")."""
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("calibrate needs either input_ids or a tokenizer")
@@ -200,12 +231,22 @@ def calibrate(
         )
     if input_ids.numel() == 0:
         raise ValueError(f"calibrate: input_ids {tuple(input_ids.shape)} holds no token")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = vocabulary_size(model)
     if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-        raise ValueError(f"calibrate: token ids must lie in [0, {vocab}) (the model's vocab_size)")
-    input_ids = input_ids[:, :max_tokens].to(next(model.parameters()).device)
-    with record_channel_importance(model, statistic, filter_fn, hessian) as stats:
-        model(input_ids)
+        raise ValueError(
+            f"calibrate: token ids must lie in [0, {vocab}) (the model's vocabulary: the smaller of "
+            "config.vocab_size and its input embedding's rows)"
+        )
+    positions = context_length(model)  # a learned position table (OPT, GPT-2) has no row past it
+    input_ids = input_ids[:, : min(max_tokens, positions or max_tokens)].to(next(model.parameters()).device)
+    training = {module: module.training for module in model.modules()}
+    model.eval()  # dropout off: the statistics are of the model as it runs, and the global RNG is untouched
+    try:
+        with record_channel_importance(model, statistic, filter_fn, hessian) as stats:
+            model(input_ids)
+    finally:
+        for module, mode in training.items():
+            module.training = mode
     if len(stats) == 0:
         raise ValueError("calibration recorded no layer: does filter_fn select any module that the forward calls?")
     return stats

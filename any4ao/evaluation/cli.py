@@ -30,7 +30,15 @@ from typing import Dict, List, Optional
 import torch
 
 from any4ao import models
-from any4ao.calibration.activation_stats import STATISTICS, calibrate, default_calibration_text, random_token_ids
+from any4ao.calibration.activation_stats import (
+    CALIBRATION_MAX_TOKENS,
+    STATISTICS,
+    calibrate,
+    context_length,
+    default_calibration_text,
+    random_token_ids,
+    vocabulary_size,
+)
 from any4ao.demo import weight_report
 from any4ao.evaluation.cli_common import (
     HelpFormatter,
@@ -308,6 +316,11 @@ def _check(args):
     check_positive(args.windows, "--windows", 0)
     check_positive(args.bootstrap, "--bootstrap", 0)
     check_positive(args.random_calibration_tokens, "--random-calibration-tokens", 0)
+    if args.random_calibration_tokens > CALIBRATION_MAX_TOKENS:
+        raise UsageError(
+            f"--random-calibration-tokens {args.random_calibration_tokens}: calibration keeps at most "
+            f"{CALIBRATION_MAX_TOKENS} tokens"
+        )
     if args.random_calibration_tokens and args.calibration_text:
         raise UsageError("--random-calibration-tokens and --calibration-text are two calibration samples: pass one")
     text = read_text(args.text, "--text")
@@ -324,6 +337,19 @@ def _check(args):
     check_output_dir(args.out)
     require_eval_extra("eval", ("transformers", "tqdm", "gguf") if source.kind != "dir" else ("transformers", "tqdm"))
     return methods, settings, text, calibration_text, source
+
+
+def _check_fits(model, ids: torch.Tensor, window: int) -> None:
+    """The text's token ids and the window must fit the model: an id past its vocabulary or a window
+    past a learned position table fails inside the forward with a bare IndexError."""
+    vocab, positions = vocabulary_size(model), context_length(model)
+    if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+        raise UsageError(
+            f"the tokenizer gives token id {int(ids.max())}, past the model's vocabulary of {vocab}: "
+            "they do not belong together"
+        )
+    if positions is not None and window > positions:
+        raise UsageError(f"--window {window} is longer than the model's context (max_position_embeddings {positions})")
 
 
 def _bos(tokenizer, choice: str) -> Optional[int]:
@@ -349,6 +375,7 @@ def _main(argv: List[str]) -> List[EvalRow]:
     model = model.to(args.device)
     bos = _bos(tokenizer, args.bos)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    _check_fits(model, ids, args.window)
     try:
         windows = token_windows(ids, args.window, args.stride, args.windows or None, bos_token_id=bos)
     except ValueError as e:
@@ -423,12 +450,16 @@ def _main(argv: List[str]) -> List[EvalRow]:
     (out / "eval.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     summary = f"ordering (best first; < resolved, {UNRESOLVED} not): {ordering}\n" if ordering else ""
     (out / "eval.md").write_text(f"`{record['command']}`\n\nmodel {name}, {protocol}\n\n{table}\n\n{summary}")
-    plot(rows, f"{name}, {args.text}, {len(windows)}x{args.window} tokens, group {args.group_size}", out / "eval.png")
+    plotted = plot(
+        rows, f"{name}, {args.text}, {len(windows)}x{args.window} tokens, group {args.group_size}", out / "eval.png"
+    )
+    if not plotted:
+        (out / "eval.png").unlink(missing_ok=True)  # an earlier run's plot would pass for this one's
     print()
     print(table)
     if summary:
         print("\n" + summary.rstrip())
-    print(f"\nwrote {out}/eval.json, eval.md, eval.png")
+    print(f"\nwrote {out}/eval.json, eval.md" + (", eval.png" if plotted else ""))
     return rows
 
 
