@@ -801,6 +801,13 @@ def test_narrowing_dtype_that_would_overflow_is_refused():
     with pytest.raises(ValueError, match="float32 to torch.float16"):
         t.to(torch.float16)
     assert t.to(torch.bfloat16).dtype == torch.bfloat16
+    model = tiny_llama(layers=1)
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    model.model.layers[0].mlp.down_proj.weight.lut.mul_(1e6)  # values past fp16's range
+    with pytest.raises(
+        ValueError, match="stops at this weight: parameters converted before it are already torch.float16"
+    ):
+        model.half()  # torch converts parameter by parameter: the message says where it stopped
 
 
 def test_narrowing_dtype_that_would_underflow_the_scales_is_refused():

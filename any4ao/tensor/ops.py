@@ -225,6 +225,13 @@ def _(func, types, args, kwargs):
     return all(torch.equal(getattr(a, name), getattr(b, name)) for name in Any4Tensor.tensor_data_names)
 
 
+# torch converts a module's parameters one by one and cannot be asked to check them all first
+_PARTLY_CONVERTED = (
+    ". In model.to() / .half() the conversion stops at this weight: parameters converted before it are "
+    "already {dtype}, the rest are not"
+)
+
+
 def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> None:
     """`.to(float16)` of weights beyond fp16's range would give Inf weights, and of group scales
     below its normal range (weights ~1e-8) would keep a few bits or none: refuse both (vectorised,
@@ -238,13 +245,14 @@ def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> No
         raise ValueError(
             f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: its values "
             f"exceed {dtype}'s range (largest finite {torch.finfo(dtype).max:.4g}) and would become Inf"
+            + _PARTLY_CONVERTED.format(dtype=dtype)
         )
     scale = old.scale.abs()
     if bool(((scale != 0) & (scale < torch.finfo(dtype).tiny)).any()):
         raise ValueError(
             f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: group scales "
             f"down to {float(scale[scale != 0].min()):.3g} fall below {dtype}'s normal range (smallest normal "
-            f"{torch.finfo(dtype).tiny:.3g}) and would lose their precision"
+            f"{torch.finfo(dtype).tiny:.3g}) and would lose their precision" + _PARTLY_CONVERTED.format(dtype=dtype)
         )
 
 
