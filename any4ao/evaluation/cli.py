@@ -272,7 +272,12 @@ def build_parser() -> Parser:
     p.add_argument("--text", default="wikitext-2-test", help="wikitext-2-test, wikitext-2-valid, or a UTF-8 text file")
     p.add_argument("--window", type=int, default=512, help="tokens per window (BOS included)")
     p.add_argument("--stride", type=int, help="text tokens between window starts (default: no overlap)")
-    p.add_argument("--windows", type=int, default=8, help="evaluate the first N windows; 0 = the whole text")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=32,
+        help="evaluate the first N windows; 0 = the whole text (32: 8 left most 4-bit orderings unresolved)",
+    )
     p.add_argument(
         "--bos",
         choices=("auto", "yes", "no"),
