@@ -171,13 +171,19 @@ def test_evaluate_orders_bits_and_is_deterministic():
     assert all(not any(m._forward_pre_hooks) for m in model.modules())  # calibration hooks are gone
 
 
-def test_cli_writes_table_json_and_plot(tmp_path):
+def _tiny_model_dir(tmp_path, tokenizer=None, name="tiny"):
+    """A tiny Llama (context 256, vocabulary 128) saved with a tokenizer, and a WikiText eval file."""
     text = load_text("wikitext-2-test")[:30_000]
-    model_dir = tmp_path / "tiny"
+    model_dir = tmp_path / name
     tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer(text).save_pretrained(model_dir)
+    (tokenizer or tiny_tokenizer)(text).save_pretrained(model_dir)
     text_file = tmp_path / "eval.txt"
     text_file.write_text(text)
+    return model_dir, text_file
+
+
+def test_cli_writes_table_json_and_plot(tmp_path):
+    model_dir, text_file = _tiny_model_dir(tmp_path)
     out = tmp_path / "out"
     rows = main(
         [
@@ -215,12 +221,8 @@ def test_cli_writes_table_json_and_plot(tmp_path):
 
 
 def test_cli_prepends_the_bos_the_tokenizer_adds(tmp_path):
-    text = load_text("wikitext-2-test")[:30_000]
-    model_dir = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model_dir)
-    bos_tokenizer(text).save_pretrained(model_dir)
-    (tmp_path / "eval.txt").write_text(text)
-    common = ["--model", str(model_dir), "--text", str(tmp_path / "eval.txt"), "--window", "64", "--windows", "2"]
+    model_dir, text_file = _tiny_model_dir(tmp_path, bos_tokenizer)
+    common = ["--model", str(model_dir), "--text", str(text_file), "--window", "64", "--windows", "2"]
     common += ["--methods", "baseline", "--no-progress", "--bootstrap", "0"]
     records = {}
     for bos in ("auto", "no"):
@@ -232,12 +234,8 @@ def test_cli_prepends_the_bos_the_tokenizer_adds(tmp_path):
 
 
 def test_cli_calibrates_on_random_token_ids_and_records_it(tmp_path, capsys):
-    text = load_text("wikitext-2-test")[:30_000]
-    model_dir = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer(text).save_pretrained(model_dir)
-    (tmp_path / "eval.txt").write_text(text)
-    common = ["--model", str(model_dir), "--text", str(tmp_path / "eval.txt"), "--window", "64", "--windows", "2"]
+    model_dir, text_file = _tiny_model_dir(tmp_path)
+    common = ["--model", str(model_dir), "--text", str(text_file), "--window", "64", "--windows", "2"]
     common += ["--methods", "baseline,any4+cal", "--group-size", "32", "--no-progress", "--bootstrap", "0"]
     runs = {}
     for name, extra in (("text", []), ("random", ["--random-calibration-tokens", "200"])):
@@ -264,15 +262,9 @@ def test_cli_calibrates_on_random_token_ids_and_records_it(tmp_path, capsys):
 def test_cli_refuses_text_windows_and_samples_the_model_cannot_take(tmp_path, capsys, monkeypatch):
     import any4ao.evaluation.cli as cli
 
-    text = load_text("wikitext-2-test")[:30_000]
-    model_dir = tmp_path / "tiny"
-    tiny_llama().save_pretrained(model_dir)  # max_position_embeddings 256, vocabulary 128
-    tiny_tokenizer(text).save_pretrained(model_dir)
-    big_vocab = tmp_path / "big-vocab"
-    tiny_llama().save_pretrained(big_vocab)
-    tiny_tokenizer(text, vocab=400).save_pretrained(big_vocab)
-    (tmp_path / "eval.txt").write_text(text)
-    common = ["--text", str(tmp_path / "eval.txt"), "--windows", "2", "--methods", "baseline", "--no-progress"]
+    model_dir, text_file = _tiny_model_dir(tmp_path)
+    big_vocab, _ = _tiny_model_dir(tmp_path, lambda text: tiny_tokenizer(text, vocab=400), name="big-vocab")
+    common = ["--text", str(text_file), "--windows", "2", "--methods", "baseline", "--no-progress"]
     for model, extra, message in (
         (model_dir, ["--window", "512"], "--window 512 is longer than the model's context"),
         (big_vocab, ["--window", "64"], "past the model's vocabulary of 128"),
