@@ -122,7 +122,7 @@ def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: the directory {path.parent} does not exist")
     if isinstance(model_or_state_dict, nn.Module):
-        state = model_or_state_dict.state_dict(keep_vars=True)
+        state = _uncompiled(model_or_state_dict).state_dict(keep_vars=True)
     else:
         state = dict(model_or_state_dict)
     state = {k: (v.detach() if type(v) is nn.Parameter else v) for k, v in state.items()}
@@ -312,6 +312,17 @@ def _unflatten(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path)
     return state
 
 
+_COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper puts the model under this name
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (its state dict keys carry no _orig_mod. prefix), else the model:
+    files from a compiled and an eager model are the same and load into either."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return model._orig_mod if isinstance(model, OptimizedModule) else model
+
+
 def load_quantized(
     path, model: Optional[nn.Module] = None, device="cpu", verify_checksums: bool = True
 ) -> Dict[str, torch.Tensor]:
@@ -351,8 +362,10 @@ def load_quantized(
         expected = _json(metadata, CHECKSUM_KEY, path, shape="map")
         verify_checksums_of(tensors, metadata, path, expected, sums)
     state = _unflatten(tensors, metadata, path)
+    if state and all(k.startswith(_COMPILED_PREFIX) for k in state):  # saved from a compiled model by an earlier any4ao
+        state = {k[len(_COMPILED_PREFIX) :]: v for k, v in state.items()}
     if model is not None:
-        _install(model, state, path)
+        _install(_uncompiled(model), state, path)
     elif str(device) != "cpu":
         state = {k: v.to(device) for k, v in state.items()}
     return state

@@ -38,6 +38,23 @@ def test_safetensors_round_trip_into_an_unquantized_model(tmp_path, codebook):
     assert torch.equal(_logits(fresh), _logits(model))
 
 
+def test_files_from_compiled_and_eager_models_are_the_same(tmp_path):
+    """The README compiles, then saves: the file held torch.compile's _orig_mod. prefix on every key
+    and did not load into an eager model."""
+    model = _quantized()
+    save_quantized(torch.compile(model), tmp_path / "compiled.safetensors")
+    save_quantized(model, tmp_path / "eager.safetensors")
+    compiled_keys, eager_keys = (
+        set(load_quantized(tmp_path / f)) for f in ("compiled.safetensors", "eager.safetensors")
+    )
+    assert compiled_keys == eager_keys and not any(k.startswith("_orig_mod.") for k in compiled_keys)
+    eager, wrapped = tiny_llama(seed=1), torch.compile(tiny_llama(seed=2))  # the wrapper compiles on first call only
+    load_quantized(tmp_path / "compiled.safetensors", eager)
+    load_quantized(tmp_path / "eager.safetensors", wrapped)
+    assert torch.equal(_logits(eager), _logits(model))
+    assert torch.equal(_logits(wrapped._orig_mod), _logits(model))
+
+
 def test_saved_metadata_names_format_and_config(tmp_path):
     from safetensors import safe_open
 
@@ -134,6 +151,12 @@ def test_transformers_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     assert torch.equal(_logits(reloaded), _logits(model))
     saved = json.loads((tmp_path / "any4" / "config.json").read_text())["quantization_config"]
     assert saved["quant_type"]["default"]["_type"] == "Any4WeightOnlyConfig"
+    # a loaded checkpoint saves again: transformers asked its rebuild-from-parts step for an inverse it
+    # lacks, after config.json was written (a directory that claimed weights it did not hold)
+    reloaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    assert torch.equal(_logits(again), _logits(model))
+    assert reloaded._weight_conversions  # the loaded model's own record is back after the save
 
 
 def test_registration_is_idempotent():

@@ -339,6 +339,10 @@ def _any4_config_for_save(model):
     return Any4WeightOnlyConfig(codebook=f"any{w.nbits}", group_size=w.group_size)
 
 
+def _is_torchao_deserialize(conversion) -> bool:
+    return any(type(op).__name__ == "TorchAoDeserialize" for op in getattr(conversion, "operations", ()))
+
+
 def _prepare_save(model):
     """Make `model.save_pretrained` store its Any4Tensor weights, or raise before anything is
     written. Returns a function that undoes the temporary changes."""
@@ -354,12 +358,20 @@ def _prepare_save(model):
     if any(p.ndim != 2 for n, p in model.named_parameters() if n in quantized):
         raise ValueError("save_pretrained: Any4Tensor weights are sharded (FSDP); gather a full state dict first")
     hf_quantizer = getattr(model, "hf_quantizer", None)
-    saved = {k: getattr(model, k) for k in ("hf_quantizer", "is_quantized", "quantization_method") if k in vars(model)}
+    keys = ("hf_quantizer", "is_quantized", "quantization_method", "_weight_conversions")
+    saved = {k: getattr(model, k) for k in keys if k in vars(model)}
     saved_config = getattr(model.config, "quantization_config", None)
     had_config = "quantization_config" in vars(model.config)
+    conversions = saved.get("_weight_conversions")
+    if conversions:
+        # A model loaded from a torchao checkpoint remembers the step that rebuilt its tensors from the
+        # file's parts (TorchAoDeserialize); save_pretrained asks every step for its inverse, which that
+        # one lacks (NotImplementedError after config.json is written). The quantizer writes the parts
+        # itself, so the save goes without that step.
+        model._weight_conversions = [c for c in conversions if not _is_torchao_deserialize(c)]
 
     def restore():
-        for k in ("hf_quantizer", "is_quantized", "quantization_method"):
+        for k in keys:
             if k in saved:
                 setattr(model, k, saved[k])
             elif k in vars(model):
