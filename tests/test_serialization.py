@@ -159,6 +159,15 @@ def test_transformers_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     assert reloaded._weight_conversions  # the loaded model's own record is back after the save
 
 
+def test_quantize_on_load_refuses_a_calibration_recorded_on_another_model(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "fp32")
+    stats = any4ao.calibrate(model, input_ids=IDS)
+    config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, calibration=stats))
+    with pytest.raises(ValueError, match="belong to the model they were recorded on"):  # was a JSON TypeError
+        AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config)
+
+
 def test_registration_is_idempotent():
     any4ao.register_with_torchao()
     any4ao.register_with_transformers()

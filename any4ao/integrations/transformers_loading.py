@@ -227,6 +227,7 @@ def _patch_from_pretrained() -> None:
         return
 
     def from_pretrained(cls, *args, **kwargs):
+        _check_no_calibration(kwargs.get("quantization_config"))
         outer = getattr(_errors, "pending", None) is None
         if outer:
             _errors.pending = []
@@ -255,6 +256,21 @@ def _patch_from_pretrained() -> None:
     from_pretrained._any4ao = True
     from_pretrained.__doc__ = original.__doc__
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _check_no_calibration(quantization_config) -> None:
+    """Calibration statistics name the layers of the model they were recorded on; the model
+    from_pretrained builds is another one (and transformers serialises the config to JSON first,
+    which failed with a bare TypeError)."""
+    from any4ao.config import Any4WeightOnlyConfig
+
+    quant_type = getattr(quantization_config, "quant_type", None)
+    if isinstance(quant_type, Any4WeightOnlyConfig) and quant_type.calibration is not None:
+        raise ValueError(
+            "from_pretrained: TorchAoConfig(quant_type=Any4WeightOnlyConfig(calibration=...)): the statistics "
+            "belong to the model they were recorded on, not the one being loaded. Load the model first, then "
+            "any4ao.quantize_model(model, config, tokenizer=tokenizer) (it calibrates on the loaded model)"
+        )
 
 
 def _requested_dtype(dtype):
