@@ -110,6 +110,17 @@ def _flatten(state: Dict[str, torch.Tensor], path):
     return tensors, metadata, aliases
 
 
+def _check_config_describes(config: Any4WeightOnlyConfig, state, path: Path) -> None:
+    """The config stored beside the tensors must be theirs: bit width and group size (a file that
+    said int4 at group 128 over any4 weights at group 32 loaded, mislabelled)."""
+    for name, value in state.items():
+        if isinstance(value, Any4Tensor) and (value.nbits, value.group_size) != (config.bits, config.group_size):
+            raise CheckpointError(
+                f"{path}: the config says {config.codebook.value} at group {config.group_size}, but {name!r} is "
+                f"{value.nbits}-bit at group {value.group_size}; pass the config it was quantized with (or none)"
+            )
+
+
 def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]], path, config=None) -> None:
     """Write a state dict holding Any4Tensor (and plain) tensors to a .safetensors file, atomically.
     `config` (optional, an Any4WeightOnlyConfig) is stored in the metadata for reference."""
@@ -132,6 +143,7 @@ def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]
     any4_names = [n for n, v in state.items() if isinstance(v, Any4Tensor) and n not in aliases]
     metadata = {**metadata, "format": "pt", FORMAT_KEY: FORMAT_VERSION, ALIASES_KEY: json.dumps(aliases)}
     if config is not None:  # calibration statistics belong to the run, not the file
+        _check_config_describes(config, state, path)
         metadata["any4ao_config"] = json.dumps(config_to_dict(dataclasses.replace(config, calibration=None)))
     metadata[ALGORITHM_KEY] = CHECKSUM_ALGORITHM
     metadata[CHECKSUM_KEY] = json.dumps(checksums(tensors, metadata, any4_names + [ALIASES_KEY, "tensor_names"]))

@@ -69,6 +69,17 @@ def test_saved_metadata_names_format_and_config(tmp_path):
     assert parts <= keys and "lm_head.weight" in keys
 
 
+def test_a_config_that_does_not_describe_the_weights_is_not_stored(tmp_path):
+    path = tmp_path / "q.safetensors"
+    for wrong in (
+        Any4WeightOnlyConfig(codebook="int4", group_size=128),
+        Any4WeightOnlyConfig(codebook="any3", group_size=32),
+    ):
+        with pytest.raises(ValueError, match="but 'model.layers.0.self_attn.q_proj.weight' is 4-bit at group 32"):
+            save_quantized(_quantized(), path, wrong)
+    assert not path.exists()
+
+
 def test_truncated_file_is_rejected(tmp_path):
     path = tmp_path / "q.safetensors"
     save_quantized(_quantized(), path)
