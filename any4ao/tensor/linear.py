@@ -12,10 +12,14 @@ import torch.nn.functional as F
 def check_dtype(x: torch.Tensor, weight) -> None:
     """Activations and weight of one dtype, whichever orientation the weight is used in."""
     if x.dtype != weight.scale.dtype:  # the weight's dtype (scale's, see Any4Tensor.__new__)
-        hint = f"model.to({x.dtype})" if x.dtype.is_floating_point else f"the input to {weight.dtype}"
+        hint = f"cast the input to {weight.dtype}"
+        if x.dtype.is_floating_point:
+            hint = (
+                f"put the model in one dtype: model.to({weight.dtype}) keeps the quantized weights' dtype, "
+                f"model.to({x.dtype}) converts them"
+            )
         raise ValueError(
-            f"any4 linear: input dtype {x.dtype} does not match the Any4Tensor dtype {weight.dtype}; "
-            f"cast one of them (e.g. {hint})"
+            f"any4 linear: input dtype {x.dtype} does not match the Any4Tensor dtype {weight.dtype}; {hint}"
         )
 
 
