@@ -179,6 +179,27 @@ def test_quantize_on_load_refuses_a_calibration_recorded_on_another_model(tmp_pa
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config)
 
 
+def test_save_pretrained_records_a_copied_models_layout_and_warns_when_layers_differ(tmp_path):
+    import copy
+
+    model = tiny_llama()
+    quantize_model(model, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2, kernel_preference="dequantize"))
+    copy.deepcopy(model).save_pretrained(tmp_path / "copy")  # no record of the config: read off the tensors
+    saved = json.loads((tmp_path / "copy" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_type"]["default"]["_data"]["kernel_preference"]["_data"] == "DEQUANTIZE"
+    mixed = tiny_llama()
+    quantize_model(
+        mixed,
+        Any4WeightOnlyConfig(group_size=64, kmeans_iterations=2),
+        filter_fn=lambda m, n: "mlp" in n and isinstance(m, torch.nn.Linear),
+    )
+    quantize_model(mixed, Any4WeightOnlyConfig(codebook="any3", group_size=32, kmeans_iterations=2))
+    with pytest.warns(UserWarning, match="differ in .bits, group size, kernel preference."):
+        mixed.save_pretrained(tmp_path / "mixed")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed", dtype=torch.float32)
+    assert torch.equal(_logits(reloaded), _logits(mixed))  # every weight as stored
+
+
 def test_registration_is_idempotent():
     any4ao.register_with_torchao()
     any4ao.register_with_transformers()

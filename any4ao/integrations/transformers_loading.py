@@ -347,12 +347,22 @@ def _any4_config_for_save(model):
     from any4ao.quantize_api import CONFIG_OF
     from any4ao.tensor.any4_tensor import Any4Tensor
 
+    weights = {n: p for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
+    layouts = {(w.nbits, w.group_size, w.kernel_preference) for w in weights.values()}
+    if len(layouts) > 1:  # each weight still loads as stored: only the recorded config cannot say it
+        warnings.warn(
+            f"save_pretrained: the quantized layers differ in (bits, group size, kernel preference): "
+            f"{sorted(layouts)}; config.json records one Any4WeightOnlyConfig, the weights keep their own",
+            stacklevel=3,
+        )
     for module in model.modules():
         config = CONFIG_OF.get(module)
         if config is not None:
             return dataclasses.replace(config, calibration=None)
-    w = next(p for p in model.parameters() if isinstance(p, Any4Tensor))
-    return Any4WeightOnlyConfig(codebook=f"any{w.nbits}", group_size=w.group_size)
+    w = next(iter(weights.values()))  # copied or loaded models: CONFIG_OF knows only the quantized originals
+    return Any4WeightOnlyConfig(
+        codebook=f"any{w.nbits}", group_size=w.group_size, kernel_preference=w.kernel_preference
+    )
 
 
 def _is_torchao_deserialize(conversion) -> bool:
