@@ -332,6 +332,19 @@ def test_quantize_model_calibration_choices_fail_clearly_and_change_nothing(mode
     assert _NeedsMoreInputs()(torch.tensor([[1]]), None).shape == (1, 1, 64)  # the model itself is fine
 
 
+def test_meta_then_to_empty_then_load_state_dict_restores_every_quantized_weight():
+    """The meta-device initialisation idiom (FSDP and big-model loading): to_empty raised
+    NotImplementedError for aten.empty_like on an Any4Tensor."""
+    source = quantize_model(tiny_llama(), any4_weight_only(group_size=32, kmeans_iterations=2), progress=False)
+    target = quantize_model(tiny_llama(seed=1), any4_weight_only(group_size=32, kmeans_iterations=2), progress=False)
+    target.to("meta").to_empty(device="cpu")
+    empty = target.model.layers[0].mlp.up_proj.weight
+    assert isinstance(empty, Any4Tensor) and empty.qdata.device.type == "cpu" and not empty.lut.any()
+    target.load_state_dict(source.state_dict())
+    params = dict(source.named_parameters())
+    assert all(type(p) is type(params[n]) and torch.equal(p, params[n]) for n, p in target.named_parameters())
+
+
 def test_configs_saved_with_the_old_enum_name_load_in_every_process():
     """Checkpoints written before the kernel-preference enum was renamed say "KernelPreference";
     torchao looks that name up in a set of modules, so whether it found its own enum (no DEQUANTIZE:

@@ -303,6 +303,28 @@ def _(func, types, args, kwargs):
     )
 
 
+@implements(aten.empty_like.default)
+def _(func, types, args, kwargs):
+    """`module.to_empty(device=...)` after a meta-device build: the same quantized layout on `device`,
+    its parts zero (valid values, unlike uninitialised memory) until load_state_dict / copy_ fills them."""
+    w = args[0]
+    device = kwargs.get("device") or w.device
+    dtype = kwargs.get("dtype") or w.dtype
+    if not dtype.is_floating_point:
+        raise ValueError(f"Any4Tensor cannot be made empty in non-float dtype {dtype}")
+
+    def zeros(t, as_float):
+        return torch.zeros(t.shape, dtype=dtype if as_float else t.dtype, device=device)
+
+    return _with(
+        w,
+        qdata=zeros(w.qdata, False),
+        lut=zeros(w.lut, True),
+        scale=zeros(w.scale, True),
+        zero_point=zeros(w.zero_point, True),
+    )
+
+
 @implements(aten.view.default)
 def _(func, types, args, kwargs):
     """view(-1): a flat alias sharing the parts (FSDP2 keeps one); view to the same shape: alias."""
