@@ -91,8 +91,11 @@ def _explain(op: str, qdata, lut, scale, zero_point, nbits, group_size, in_featu
             raise ValueError(f"any4ao.{op}: {name} is on {t.device}, qdata on {qdata.device}")
     if scale.dtype != zero_point.dtype:
         raise ValueError(f"any4ao.{op}: scale and zero_point dtypes differ ({scale.dtype}, {zero_point.dtype})")
-    if not lut.is_contiguous() or qdata.stride(1) != 1 or scale.stride(1) != 1 or zero_point.stride(1) != 1:
-        raise ValueError(f"any4ao.{op}: lut must be contiguous and qdata, scale, zero_point rows unit-stride")
+    if not lut.is_contiguous():
+        raise ValueError(f"any4ao.{op}: lut must be contiguous (strides {tuple(lut.stride())})")
+    for name, t in (("qdata", qdata), ("scale", scale), ("zero_point", zero_point)):
+        if t.stride(1) != 1:
+            raise ValueError(f"any4ao.{op}: {name} rows must be unit-stride (strides {tuple(t.stride())})")
     if n > 1 and zero_point.stride(0) != scale.stride(0):
         raise ValueError(
             f"any4ao.{op}: scale and zero_point have row strides {scale.stride(0)} and {zero_point.stride(0)}; "

@@ -730,6 +730,10 @@ def test_custom_ops_check_their_arguments():
             "contiguous",
         ),
         "zero_point row stride": (lambda: lut_linear(x, t.qdata, t.lut, t.scale, zp_view, 4, 32), "row strides"),
+        "column-major scale": (  # the message named the lut, which was fine
+            lambda: lut_linear(x, t.qdata, t.lut, t.scale.t().contiguous().t(), t.zero_point, 4, 32),
+            "scale rows must be unit-stride",
+        ),
         "dequantize zero_point row stride": (
             lambda: dequantize(t.qdata, t.lut, t.scale, zp_view, 4, 32, 64, torch.bfloat16),
             "row strides",
@@ -928,6 +932,11 @@ def test_tensor_idioms_compute_or_refuse():
     for dtype in ("float16", torch.int32):
         with pytest.raises(ValueError, match="floating torch.dtype"):
             w.dequantize(dtype)
+    x3 = torch.randn(2, 3, 96)
+    torch.testing.assert_close(x3 @ w.T, x3 @ dense.T)  # matmul reshapes batched x itself
+    for call in (lambda: torch.mm(x3, w.t()), lambda: torch.addmm(torch.ones(48), x[0], w.t())):
+        with pytest.raises(RuntimeError, match="mat1 must be a matrix"):  # as torch.mm / torch.addmm
+            call()
 
 
 def test_empty_calibration_text_is_an_error_not_the_default_prompt():

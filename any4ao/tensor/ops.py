@@ -57,6 +57,9 @@ def _linear(func, types, args, kwargs):
 
 
 def _mm(a, b):
+    for name, m in (("mat1", a), ("mat2", b)):  # as torch.mm: matrices only (F.linear takes batched x)
+        if m.dim() != 2:
+            raise RuntimeError(f"{name} must be a matrix, got {m.dim()}-D tensor")
     if isinstance(b, Any4Tensor) and b.transposed and not isinstance(a, Any4Tensor):
         return any4_linear(a, _untransposed(b))  # a @ W^T  (what F.linear decomposes into)
     if isinstance(a, Any4Tensor) and not a.transposed and not isinstance(b, Any4Tensor):
