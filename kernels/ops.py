@@ -123,7 +123,9 @@ def lut_linear(
     nbits: int,
     group_size: int,
 ) -> torch.Tensor:
-    """x (M, K) @ W^T -> (M, N) in x's dtype."""
+    """x (M, K) @ W^T -> (M, N) in x's dtype. K is read off x: the packed parts cannot tell K = 63 from
+    64 where both pack to the same width and group count, so pass x with the weight's in_features
+    (F.linear on an Any4Tensor checks it against the tensor's own)."""
     _check("lut_linear", qdata, lut, scale, zero_point, nbits, group_size, x.shape[-1], x)
     x = x.contiguous()
     config = choose(x, qdata, lut, scale, zero_point, nbits, group_size)
