@@ -19,7 +19,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from torchao.quantization import quantize_
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from any4ao.calibration.activation_stats import calibrate, random_token_ids, vocabulary_size
+from any4ao.calibration.activation_stats import calibrate, input_embeddings, random_token_ids, vocabulary_size
 from any4ao.config import Any4WeightOnlyConfig, ErrorFeedback
 from any4ao.tensor import Any4Tensor
 from any4ao.validation import check_channel_weight, check_weight
@@ -187,8 +187,7 @@ def _can_run_random_ids(model: nn.Module, targets) -> bool:
     (a meta weight cannot be calibrated; quantize_model's own checks name it)."""
     if vocabulary_size(model) is None:
         return False
-    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
-    weights = [getattr(embeddings, "weight", None)] + [getattr(m, "weight", None) for _, m in targets]
+    weights = [getattr(input_embeddings(model), "weight", None)] + [getattr(m, "weight", None) for _, m in targets]
     return not any(isinstance(w, torch.Tensor) and w.is_meta for w in weights)
 
 

@@ -48,23 +48,17 @@ def main():
             ref = x.double() @ w64.t()
             err = float("nan") if torch.isnan(y).any() else ((y.double() - ref).norm() / ref.norm()).item()
             op = graph_time_us([lambda c=c: F.linear(x, c) for c in copies])
-            dq = graph_time_us(
-                [lambda c=c: dequantize_then_mm(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c in copies]
-            )
+
+            def deq_mm(w, chunk=0):
+                return dequantize_then_mm(x, w.qdata, w.lut, w.scale, w.zero_point, 4, GROUP, chunk_bytes=chunk)
+
+            dq = graph_time_us([lambda c=c: deq_mm(c) for c in copies])
             chunked, cells = {}, ""
             for c in chunks:
-                args_ = (4, GROUP)
                 with Poison():
-                    yc = dequantize_then_mm(x, q.qdata, q.lut, q.scale, q.zero_point, *args_, chunk_bytes=c)
+                    yc = deq_mm(q, c)
                 c_err = float("nan") if torch.isnan(yc).any() else ((yc.double() - ref).norm() / ref.norm()).item()
-                c_us = graph_time_us(
-                    [
-                        lambda q_=q_: dequantize_then_mm(
-                            x, q_.qdata, q_.lut, q_.scale, q_.zero_point, *args_, chunk_bytes=c
-                        )
-                        for q_ in copies
-                    ]
-                )
+                c_us = graph_time_us([lambda q_=q_, c=c: deq_mm(q_, c) for q_ in copies])
                 chunked[c >> 20] = dict(us=c_us, rel_err=c_err)
                 cells += f" {c_us:.1f} | {c_err:.1e} |"
             bf = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb])

@@ -132,6 +132,12 @@ def _recorder(stats: ChannelImportance):
     return hook
 
 
+def input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """The model's token embedding, where it exposes one (transformers' get_input_embeddings)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def vocabulary_size(model: nn.Module) -> Optional[int]:
     """The ids the model accepts: the smaller of config.vocab_size and the input embedding's rows
     (they can disagree; an id past either one is out of the model's range), None if neither is known."""
@@ -139,7 +145,7 @@ def vocabulary_size(model: nn.Module) -> Optional[int]:
     config_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if type(config_vocab) is int:
         sizes.append(config_vocab)
-    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    embeddings = input_embeddings(model)
     if type(getattr(embeddings, "num_embeddings", None)) is int:
         sizes.append(embeddings.num_embeddings)
     return min(sizes) if sizes else None
