@@ -2,10 +2,7 @@
 dequantize + mm), its error against float64 (NaN-poisoned outputs) and its time next to the
 dequantize + mm path and bf16 cuBLAS, measured in one run (CUDA graphs, weights rotated past L2).
 
-    python benchmarks/check_gemm_path.py [--out DIR] [--ms 65,128] [--chunk-mb 8,16]
-
---chunk-mb also times dequantize + mm with W in row blocks (launch.dequantize_then_mm(chunk_bytes=...)),
-each block dequantized into one reused buffer and multiplied while it is in L2.
+    python benchmarks/check_gemm_path.py [--out DIR] [--ms 65,128]
 """
 
 import argparse
@@ -26,14 +23,11 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M")
-    p.add_argument("--chunk-mb", default="", help="also time dequantize + mm in row blocks of these MB, e.g. 8,16")
     args = p.parse_args()
     torch.manual_seed(0)
     rows = []
-    chunks = [int(c) << 20 for c in args.chunk_mb.split(",") if c]
-    heads = "".join(f" chunked {c >> 20} MB us | err |" for c in chunks)
-    print("| N x K | M | path | rel err vs fp64 | F.linear us | dequantize + mm us |" + heads + " bf16 cuBLAS us |")
-    print("|---|---|---|---|---|---|" + "---|---|" * len(chunks) + "---|")
+    print("| N x K | M | path | rel err vs fp64 | F.linear us | dequantize + mm us | bf16 cuBLAS us |")
+    print("|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q = Any4Tensor.from_hp(w, group_size=GROUP)
@@ -48,26 +42,15 @@ def main():
             ref = x.double() @ w64.t()
             err = float("nan") if torch.isnan(y).any() else ((y.double() - ref).norm() / ref.norm()).item()
             op = graph_time_us([lambda c=c: F.linear(x, c) for c in copies])
-
-            def deq_mm(w, chunk=0):
-                return dequantize_then_mm(x, w.qdata, w.lut, w.scale, w.zero_point, 4, GROUP, chunk_bytes=chunk)
-
-            dq = graph_time_us([lambda c=c: deq_mm(c) for c in copies])
-            chunked, cells = {}, ""
-            for c in chunks:
-                with Poison():
-                    yc = deq_mm(q, c)
-                c_err = float("nan") if torch.isnan(yc).any() else ((yc.double() - ref).norm() / ref.norm()).item()
-                c_us = graph_time_us([lambda q_=q_, c=c: deq_mm(q_, c) for q_ in copies])
-                chunked[c >> 20] = dict(us=c_us, rel_err=c_err)
-                cells += f" {c_us:.1f} | {c_err:.1e} |"
+            dq = graph_time_us(
+                [lambda c=c: dequantize_then_mm(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c in copies]
+            )
             bf = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb])
             path = "lut_gemm" if isinstance(cfg, selector.GemmConfig) else "dequantize + mm"
             rows.append(
                 dict(N=n, K=k, M=m, path=path, config=str(cfg), rel_err=err, us=op, dequant_mm_us=dq, bf16_us=bf)
-                | ({"chunked_mb": chunked} if chunked else {})
             )
-            print(f"| {n}x{k} | {m} | {path} | {err:.1e} | {op:.1f} | {dq:.1f} |{cells} {bf:.1f} |", flush=True)
+            print(f"| {n}x{k} | {m} | {path} | {err:.1e} | {op:.1f} | {dq:.1f} | {bf:.1f} |", flush=True)
     meta = result_meta(
         timing="median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
     )

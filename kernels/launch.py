@@ -198,7 +198,6 @@ def lut_dequantize(
     permute: Optional[bool] = None,
     num_warps: int = 4,
     traceable: bool = True,
-    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense (N, K) weight in `dtype`. permute (default: wherever it applies) looks the LUT up in
     registers (2.0-2.5 TB/s on an H100 against 1.5-1.6 TB/s for the LUT load, sweep v5); otherwise
@@ -210,10 +209,7 @@ def lut_dequantize(
         permute = permute_dequantize_applies(qdata, lut, nbits, in_features) and block_k >= 8
     # H100: BLOCK_N 32 suits the permute path (sweep v5); the LUT-load path is fastest at 16
     block_n = block_n or (32 if permute else 16)
-    if out is None:
-        out = _empty((n, in_features), qdata.device, dtype)
-    elif out.shape != (n, in_features) or out.dtype != dtype or out.stride(1) != 1:
-        raise ValueError(f"lut_dequantize: out must be ({n}, {in_features}) {dtype} with unit column stride")
+    out = _empty((n, in_features), qdata.device, dtype)
     grid = (triton.cdiv(n, block_n), triton.cdiv(in_features, block_k))
     if permute:  # codes and LUT read as 32-bit words
         q, table, stride_q = qdata.view(torch.int32), lut.view(torch.int32), qdata.stride(0) // 4
@@ -243,23 +239,7 @@ def lut_dequantize(
     return out
 
 
-def dequantize_then_mm(
-    x, qdata, lut, scale, zero_point, nbits: int, group_size: int, chunk_bytes: int = 0
-) -> torch.Tensor:
-    """x @ W^T with W dequantized once to x's dtype (the Triton dequantize kernel), then cuBLAS.
-    chunk_bytes > 0: W in blocks of rows of about that many bytes, each dequantized into one reused
-    buffer and multiplied while it is still in L2 (cuBLAS writes its columns of the output in place)."""
-    n, k = qdata.shape[0], x.shape[1]
-    row_bytes = k * x.element_size()
-    if chunk_bytes <= 0 or n * row_bytes <= chunk_bytes:
-        w = lut_dequantize(qdata, lut, scale, zero_point, nbits, group_size, k, x.dtype, traceable=False)
-        return torch.mm(x, w.t())
-    rows = max(128, chunk_bytes // row_bytes // 128 * 128)
-    buffer = _empty((rows, k), x.device, x.dtype)
-    y = _empty((x.shape[0], n), x.device, x.dtype)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        part = (t[r0:r1] for t in (qdata, lut, scale, zero_point))
-        w = lut_dequantize(*part, nbits, group_size, k, x.dtype, traceable=False, out=buffer[: r1 - r0])
-        torch.mm(x, w.t(), out=y[:, r0:r1])
-    return y
+def dequantize_then_mm(x, qdata, lut, scale, zero_point, nbits: int, group_size: int) -> torch.Tensor:
+    """x @ W^T with W dequantized once to x's dtype (the Triton dequantize kernel), then cuBLAS."""
+    w = lut_dequantize(qdata, lut, scale, zero_point, nbits, group_size, x.shape[1], x.dtype, traceable=False)
+    return torch.mm(x, w.t())
