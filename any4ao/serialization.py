@@ -387,7 +387,9 @@ def verify_checksums_of(tensors, metadata, path, expected, computed=None) -> Non
     meta = [k[len("meta:") :] for k in expected if k.startswith("meta:")]
     stored = _json(metadata, "tensor_names", path, shape="names")
     any4 = [n for n in stored if n in metadata and '"Any4Tensor"' in metadata[n]]
-    unchecked = [n for n in any4 if n not in meta]
+    # save_quantized covers the name list and the aliases too (every readable format): without
+    # them, an edited alias could point one layer at another's weight unchecked
+    unchecked = [n for n in any4 + ["tensor_names", ALIASES_KEY] if n not in meta]
     if unchecked:
         raise ChecksumError(f"{path}: no checksum of the metadata of {unchecked[:5]} (edited file?)")
     verify_checksums(tensors, metadata, str(path), expected, meta_keys=meta, computed=computed)

@@ -207,6 +207,22 @@ def test_removed_checksums_fail_unless_opted_out(copy, saved):
     assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
 
 
+
+@pytest.mark.parametrize("entry", ["tensor_names", "any4ao_aliases"])
+def test_name_list_and_aliases_must_have_their_checksums(copy, entry):
+    """Without these, an alias edited to point one layer at another's weight loaded unchecked."""
+
+    def drop(meta):
+        sums = json.loads(meta[CHECKSUM_KEY])
+        sums.pop(f"meta:{entry}")
+        meta[CHECKSUM_KEY] = json.dumps(sums)
+
+    header, body = _read_header(copy)
+    drop(header["__metadata__"])
+    _write_header(copy, header, body)
+    with pytest.raises(ChecksumError, match=rf"no checksum of the metadata of \['{entry}'\]"):
+        load_quantized(copy)
+
 @pytest.mark.parametrize("algorithm, version", [("crc32", "2"), ("xxh3_64", "3")])
 def test_files_with_older_checksums_load_and_are_verified(copy, saved, algorithm, version):
     """Files from any4ao 0.2.0 carry crc32 checksums, later ones xxh3_64 of the bytes alone (before
@@ -579,6 +595,25 @@ def test_from_pretrained_of_damaged_checkpoints_names_weight_and_file(saved, tmp
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
         AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
 
+
+
+def test_from_pretrained_of_a_file_stripped_of_its_checksums_fails_unless_opted_out(saved, tmp_path, monkeypatch):
+    """Deleting the checksum entries must not turn verification off (the helper's audit loaded a
+    flipped scale that way); the module flag is the opt-out."""
+    from transformers import AutoModelForCausalLM
+
+    from any4ao.integrations import transformers_loading
+
+    path = _hf_copy(saved, tmp_path)
+    _flip_byte(path, f"{LAYER}._weight_scale")
+    header, body = _read_header(path)
+    header["__metadata__"].pop(CHECKSUM_KEY)
+    header["__metadata__"].pop("any4ao_checksum_algorithm", None)
+    _write_header(path, header, body)
+    with pytest.raises(ChecksumError, match=r"model\.safetensors: weight '.*' is an Any4Tensor but the file holds no"):
+        AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+    monkeypatch.setattr(transformers_loading, "VERIFY_CHECKSUMS", False)
+    AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
 
 def test_from_pretrained_of_a_header_dtype_edit_is_a_checksum_error(tmp_path):
     """BF16 -> F16 on an Any4Tensor's float parts keeps the bytes and the parts' agreement: only the

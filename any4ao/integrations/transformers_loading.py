@@ -198,7 +198,13 @@ def _patch_deserialize() -> None:
             if not isinstance(value, Any4Tensor):
                 continue
             layer = name.rpartition(".")[0]
-            if VERIFY_CHECKSUMS and CHECKSUM_KEY in metadata:
+            if VERIFY_CHECKSUMS and CHECKSUM_KEY not in metadata:
+                # save_pretrained always writes them with Any4Tensor weights: a file without is edited
+                raise ChecksumError(
+                    f"{where}: weight {name!r} is an Any4Tensor but the file holds no checksums (edited file?); "
+                    "set any4ao.integrations.transformers_loading.VERIFY_CHECKSUMS = False to load it anyway"
+                )
+            if VERIFY_CHECKSUMS:
                 parts = {}
                 for suffix, tensors in input_dict.items():
                     t = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
