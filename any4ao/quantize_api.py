@@ -84,6 +84,10 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
         )
     if isinstance(weight, Any4Tensor):
         raise LayerError(f"layer {name!r}: weight is already an Any4Tensor (quantized twice?)")
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise LayerError(
+            f"layer {name!r}: {parameter_name} is not initialized yet (a lazy module): run one forward first"
+        )
     check_weight(name, weight, config.lut_dtype)
     channel_weight = None
     if config.calibration is not None and config.codebook.learned:
@@ -148,6 +152,24 @@ def _any4_weight_only_transform(
     # weak key keeps the entry, the model and any Hessians alive for good
     CONFIG_OF[module] = config if config.calibration is None else dataclasses.replace(config, calibration=None)
     return module
+
+
+def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
+    """A model already quantized and nothing left to quantize: a re-run with the same layout is a
+    no-op, but a config asking for another layout would be silently ignored, so it is an error."""
+    for fqn, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, Any4Tensor):
+            continue
+        recorded = CONFIG_OF.get(module)
+        codebook = recorded.codebook if recorded is not None else None
+        group = w.block_size[1]
+        if w.nbits != config.bits or group != config.group_size or codebook not in (None, config.codebook):
+            have = f"{codebook.value if codebook is not None else f'{w.nbits}-bit'} at group {group}"
+            raise LayerError(
+                f"layer {fqn!r} is already quantized ({have}); quantize_model does not re-quantize, so "
+                f"{config.codebook.value} at group {config.group_size} would be ignored: start from the unquantized model"
+            )
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
@@ -266,6 +288,8 @@ def quantize_model(
             f"quantize_model: no layer of the {type(model).__name__} matched the filter (default: nn.Linear "
             "layers other than the LM head), so nothing would be quantized",
         )
+    if not targets:
+        _check_same_layout(model, config)
     config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
     for fqn, module in targets:  # validate everything before changing anything
         try:

@@ -7,6 +7,7 @@ save_quantized, load_quantized, torch.save + torch.load(weights_only=True), save
 from_pretrained, torch.ops.any4ao.lut_linear / dequantize, F.linear, .to(dtype).
 """
 
+import dataclasses
 import io
 import json
 import re
@@ -207,7 +208,6 @@ def test_removed_checksums_fail_unless_opted_out(copy, saved):
     assert torch.equal(fresh(IDS).logits, saved[0](IDS).logits)
 
 
-
 @pytest.mark.parametrize("entry", ["tensor_names", "any4ao_aliases"])
 def test_name_list_and_aliases_must_have_their_checksums(copy, entry):
     """Without these, an alias edited to point one layer at another's weight loaded unchecked."""
@@ -222,6 +222,7 @@ def test_name_list_and_aliases_must_have_their_checksums(copy, entry):
     _write_header(copy, header, body)
     with pytest.raises(ChecksumError, match=rf"no checksum of the metadata of \['{entry}'\]"):
         load_quantized(copy)
+
 
 @pytest.mark.parametrize("algorithm, version", [("crc32", "2"), ("xxh3_64", "3")])
 def test_files_with_older_checksums_load_and_are_verified(copy, saved, algorithm, version):
@@ -596,7 +597,6 @@ def test_from_pretrained_of_damaged_checkpoints_names_weight_and_file(saved, tmp
         AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
 
 
-
 def test_from_pretrained_of_a_file_stripped_of_its_checksums_fails_unless_opted_out(saved, tmp_path, monkeypatch):
     """Deleting the checksum entries must not turn verification off (the helper's audit loaded a
     flipped scale that way); the module flag is the opt-out."""
@@ -614,6 +614,7 @@ def test_from_pretrained_of_a_file_stripped_of_its_checksums_fails_unless_opted_
         AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
     monkeypatch.setattr(transformers_loading, "VERIFY_CHECKSUMS", False)
     AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32)
+
 
 def test_from_pretrained_of_a_header_dtype_edit_is_a_checksum_error(tmp_path):
     """BF16 -> F16 on an Any4Tensor's float parts keeps the bytes and the parts' agreement: only the
@@ -1079,6 +1080,24 @@ def test_default_calibration_with_a_meta_head_still_calibrates_and_twice_is_a_no
     before = lut.clone()
     quantize_model(model, CONFIG, progress=False)  # nothing left to quantize: no calibration, no error
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight.lut, before)
+
+
+def test_uninitialized_lazy_linear_is_named():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.LazyLinear(32))
+    with pytest.raises(LayerError, match=r"layer '2': weight is not initialized yet \(a lazy module\)"):
+        quantize_model(model, CONFIG, progress=False, calibration="none")
+    assert not isinstance(model[0].weight, Any4Tensor)
+
+
+@pytest.mark.parametrize("other", [dict(codebook="any2"), dict(group_size=64), dict(codebook="nf4")])
+def test_quantize_model_of_a_quantized_model_with_another_layout_is_an_error(other):
+    """It does not re-quantize; a config asking for another layout was silently ignored."""
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    before = {n: p for n, p in model.named_parameters()}
+    with pytest.raises(LayerError, match=r"layer 'model\.layers\.0\..*' is already quantized \(any4 at group 32\)"):
+        quantize_model(model, dataclasses.replace(CONFIG, **other), progress=False, calibration="none")
+    assert all(p is before[n] for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("calibration", ["none", "random-ids"])

@@ -282,6 +282,32 @@ def test_cli_refuses_text_windows_and_samples_the_model_cannot_take(tmp_path, ca
     assert not (out / "eval.png").exists() and "eval.png" not in capsys.readouterr().out
 
 
+def test_cli_refuses_an_already_quantized_model(tmp_path, capsys):
+    """Its baseline row would be the stored quantization (the audit got a quantized model's
+    perplexity labelled "baseline")."""
+    from any4ao import Any4WeightOnlyConfig, quantize_model
+
+    model_dir, text_file = _tiny_model_dir(tmp_path)
+    quantized = tiny_llama()
+    quantize_model(
+        quantized, Any4WeightOnlyConfig(group_size=32, kmeans_iterations=1), progress=False, calibration="none"
+    )
+    quantized.save_pretrained(model_dir)
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["--model", str(model_dir), "--text", str(text_file), "--window", "64", "--windows", "2"]
+            + ["--methods", "baseline", "--no-progress", "--out", str(tmp_path / "out")]
+        )
+    assert e.value.code == 2 and "holds Any4Tensor weights already" in capsys.readouterr().err
+
+
+def test_table_signs_a_decrease():
+    from any4ao.evaluation.cli import EvalRow
+
+    rows = [EvalRow("baseline", 20.0, None, 0.0, None, None), EvalRow("nf4", 19.0, -1.0, 0.1, None, None)]
+    assert "| nf4 | 19.00 | -1.00 |" in format_table(rows)
+
+
 def test_cli_rejects_unknown_methods_before_loading_a_model(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--methods", "baseline,int5", "--model", "/nonexistent"])

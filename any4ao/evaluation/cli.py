@@ -65,6 +65,7 @@ from any4ao.evaluation.methods import (
 from any4ao.evaluation.perplexity import default_bos, perplexity, progress_bar, scored_tokens, token_windows
 from any4ao.evaluation.stats import PairedBootstrap, bootstrap_or_none
 from any4ao.quantize_api import quantize_model
+from any4ao.tensor import Any4Tensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNRESOLVED = "≈"
@@ -182,7 +183,7 @@ def format_table(rows: List[EvalRow]) -> str:
     header += ["bits/weight", "weight rel. error", "quantize s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        inc = "-" if r.increase_over_baseline is None or r.method == "baseline" else f"+{r.increase_over_baseline:.2f}"
+        inc = "-" if r.increase_over_baseline is None or r.method == "baseline" else f"{r.increase_over_baseline:+.2f}"
         if r.vs_baseline and not r.vs_baseline["resolved"]:
             inc = f"{inc} {UNRESOLVED}"
         cells = [r.method, f"{r.perplexity:.2f}", inc]
@@ -377,6 +378,9 @@ def _main(argv: List[str]) -> List[EvalRow]:
     started = time.perf_counter()
     model, tokenizer, name = models.load_causal_lm(source, dtype=DTYPES[args.dtype], progress=not args.no_progress)
     load_seconds = time.perf_counter() - started
+    if any(isinstance(p, Any4Tensor) for p in model.parameters()):
+        # every row would be scored on the stored quantization, the baseline row included
+        raise UsageError(f"--model {args.model} holds Any4Tensor weights already: pass the unquantized model")
     model = model.to(args.device)
     bos = _bos(tokenizer, args.bos)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
