@@ -24,6 +24,7 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
+from any4ao.codebooks.fixed import fixed_codebook_of
 from any4ao.config import Any4WeightOnlyConfig
 from any4ao.tensor.any4_tensor import Any4Tensor
 from any4ao.validation import (
@@ -114,10 +115,17 @@ def _check_config_describes(config: Any4WeightOnlyConfig, state, path: Path) -> 
     """The config stored beside the tensors must be theirs: bit width and group size (a file that
     said int4 at group 128 over any4 weights at group 32 loaded, mislabelled)."""
     for name, value in state.items():
-        if isinstance(value, Any4Tensor) and (value.nbits, value.group_size) != (config.bits, config.group_size):
+        if not isinstance(value, Any4Tensor):
+            continue
+        if (value.nbits, value.group_size) != (config.bits, config.group_size):
             raise CheckpointError(
                 f"{path}: the config says {config.codebook.value} at group {config.group_size}, but {name!r} is "
                 f"{value.nbits}-bit at group {value.group_size}; pass the config it was quantized with (or none)"
+            )
+        if not config.codebook.learned and fixed_codebook_of(value.lut, value.nbits) != config.codebook.value:
+            raise CheckpointError(
+                f"{path}: the config says {config.codebook.value}, but the LUT of {name!r} is not that grid; "
+                "pass the config it was quantized with (or none)"
             )
 
 

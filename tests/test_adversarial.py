@@ -1089,6 +1089,20 @@ def test_uninitialized_lazy_linear_is_named():
     assert not isinstance(model[0].weight, Any4Tensor)
 
 
+def test_a_copied_fixed_grid_model_is_recorded_as_its_grid_and_a_wrong_grid_label_is_refused(tmp_path):
+    import copy as copy_module
+
+    model = tiny_llama()
+    nf4 = dataclasses.replace(CONFIG, codebook="nf4")
+    quantize_model(model, nf4, progress=False)
+    copy_module.deepcopy(model).save_pretrained(tmp_path / "hf")
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_type"]["default"]["_data"]["codebook"]["_data"] == "NF4"
+    with pytest.raises(CheckpointError, match=r"the config says int4, but the LUT of '.*' is not that grid"):
+        save_quantized(model, tmp_path / "q.safetensors", dataclasses.replace(CONFIG, codebook="int4"))
+    assert not (tmp_path / "q.safetensors").exists()
+
+
 @pytest.mark.parametrize("other", [dict(codebook="any2"), dict(group_size=64), dict(codebook="nf4")])
 def test_quantize_model_of_a_quantized_model_with_another_layout_is_an_error(other):
     """It does not re-quantize; a config asking for another layout was silently ignored."""

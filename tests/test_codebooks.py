@@ -132,6 +132,18 @@ def test_fixed_codebooks_use_their_published_values():
     torch.testing.assert_close(deq.reshape(8, 2, 64).abs().amax(-1), gmax)
 
 
+@pytest.mark.parametrize("codebook", ["int4", "int3", "nf4", "fp4", "any4"])
+def test_a_fixed_grid_is_recognised_from_its_lut_after_a_dtype_cast(codebook):
+    """What save_pretrained records for a copied model (CONFIG_OF knows only the original) and what
+    save_quantized checks a fixed-grid config against."""
+    from any4ao.codebooks.fixed import fixed_codebook_of
+
+    t = Any4Tensor.from_hp(_weight(8, 64, seed=1).bfloat16(), codebook=codebook, group_size=32)
+    expected = None if codebook == "any4" else codebook
+    assert fixed_codebook_of(t.lut, t.nbits) == expected
+    assert fixed_codebook_of(t.lut.half(), t.nbits) == expected  # bf16 values, not fp16's rounding of nf4
+
+
 def test_ragged_last_group_uses_only_its_own_values():
     """K=80 with G=32: the last group has 16 real columns; its scale comes from those alone."""
     w = _weight(4, 80, seed=6)

@@ -49,3 +49,16 @@ def fixed_lut(codebook: str, nbits: int) -> torch.Tensor:
             raise ValueError(f"codebook 'fp4' has 16 codes and needs nbits=4, got nbits={nbits}")
         return torch.tensor(FP4_E2M1_VALUES, dtype=torch.float32)
     raise ValueError(f"unknown fixed codebook {codebook!r}")
+
+
+def fixed_codebook_of(lut: torch.Tensor, nbits: int):
+    """The fixed codebook ("int4", "nf4", ...) whose grid is every row of `lut` (N, 2**nbits), or None
+    (learned LUTs; a tensor that says nothing about its codebook, e.g. after a copy, is named by this)."""
+    if lut.is_meta or lut.dim() != 2 or lut.shape[1] != 2**nbits:
+        return None
+    for kind in ("int", "nf4", "fp4") if nbits == 4 else ("int",):
+        grid = fixed_lut(kind, nbits).to(lut.device)
+        # within bf16's rounding: a LUT stored in bf16 and cast to fp16 (model.half()) is still the grid
+        if torch.allclose(lut.float(), grid.expand_as(lut), rtol=2**-8, atol=0):
+            return f"int{nbits}" if kind == "int" else kind
+    return None

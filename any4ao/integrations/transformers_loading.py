@@ -365,10 +365,13 @@ def _any4_config_for_save(model):
         config = CONFIG_OF.get(module)
         if config is not None:
             return dataclasses.replace(config, calibration=None)
-    w = next(iter(weights.values()))  # copied or loaded models: CONFIG_OF knows only the quantized originals
-    return Any4WeightOnlyConfig(
-        codebook=f"any{w.nbits}", group_size=w.group_size, kernel_preference=w.kernel_preference
-    )
+    # copied or loaded models: CONFIG_OF knows only the quantized originals; the LUTs tell a fixed grid
+    from any4ao.codebooks.fixed import fixed_codebook_of
+
+    w = next(iter(weights.values()))
+    grids = {fixed_codebook_of(v.lut, v.nbits) for v in weights.values()}
+    codebook = grids.pop() if len(grids) == 1 and None not in grids else f"any{w.nbits}"
+    return Any4WeightOnlyConfig(codebook=codebook, group_size=w.group_size, kernel_preference=w.kernel_preference)
 
 
 def _is_torchao_deserialize(conversion) -> bool:
