@@ -448,13 +448,18 @@ def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> No
                     value = value.to(target.dtype)
                 except ValueError as e:
                     raise CheckpointError(f"{path}: {name!r}: {e}") from None
-            replace.append((module, attr, value, device, target.requires_grad and not isinstance(value, Any4Tensor)))
+            grad = target.requires_grad and not isinstance(value, Any4Tensor)
+            replace.append((id(target), module, attr, value, device, grad))
         else:
             if value.is_floating_point() != target.is_floating_point():
                 raise CheckpointError(f"{path}: {name!r} is {value.dtype} in the file, {target.dtype} in the model")
             copy[name] = value
     # build everything that goes in before changing anything
-    new = [(m, a, nn.Parameter(v.to(d), requires_grad=g)) for m, a, v, d, g in replace]
+    made, new = {}, []  # one new parameter per parameter of the model: tied names stay tied
+    for target_id, m, a, v, d, g in replace:
+        if target_id not in made:
+            made[target_id] = nn.Parameter(v.to(d), requires_grad=g)
+        new.append((m, a, made[target_id]))
     originals = [(m, a, m._parameters[a]) for m, a, _ in new]
     try:
         for module, attr, param in new:

@@ -1103,6 +1103,30 @@ def test_a_copied_fixed_grid_model_is_recorded_as_its_grid_and_a_wrong_grid_labe
     assert not (tmp_path / "q.safetensors").exists()
 
 
+class _TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("quantized_first", [False, True])
+def test_load_quantized_keeps_tied_quantized_weights_tied(tmp_path, quantized_first):
+    model = _TiedPair()
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    save_quantized(model, tmp_path / "t.safetensors")
+    fresh = _TiedPair()
+    if quantized_first:
+        quantize_model(fresh, CONFIG, progress=False, calibration="none")
+    load_quantized(tmp_path / "t.safetensors", fresh)
+    assert fresh.a.weight is fresh.b.weight and len(list(fresh.parameters())) == 1
+    x = torch.randn(3, 64)
+    assert torch.equal(fresh(x), model(x))
+
+
 @pytest.mark.parametrize("other", [dict(codebook="any2"), dict(group_size=64), dict(codebook="nf4")])
 def test_quantize_model_of_a_quantized_model_with_another_layout_is_an_error(other):
     """It does not re-quantize; a config asking for another layout was silently ignored."""
