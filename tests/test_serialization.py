@@ -258,7 +258,7 @@ def test_quantize_on_load_errors_name_the_layer(tmp_path):
         model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
     model.save_pretrained(tmp_path / "float")
     config = TorchAoConfig(quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=1))
-    with pytest.raises(LayerError, match="NaN"):
+    with pytest.raises(LayerError, match=r"layer 'model\.layers\.0\.mlp\.up_proj': weight has 1 NaN"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config, dtype=torch.float32)
 
 

@@ -223,6 +223,37 @@ def _patch_deserialize() -> None:
     TorchAoDeserialize.convert = convert
 
 
+def _patch_quantize_on_load() -> None:
+    """Quantize-on-load hands the handler a module, not its path: name it for the handler's errors
+    (they said 'Linear(in_features=160, ...)', which fits every layer of that shape)."""
+    try:
+        from transformers.integrations.torchao import TorchAoQuantize
+    except ImportError:
+        return
+    from any4ao.quantize_api import _NAMES
+
+    original = TorchAoQuantize.convert
+
+    def convert(self, input_dict, *args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        full = kwargs.get("full_layer_name", args[1] if len(args) > 1 else None)
+        module = None
+        if isinstance(full, str) and model is not None:
+            try:
+                module = model.get_submodule(full.rpartition(".")[0])
+            except AttributeError:
+                module = None
+        if module is not None:
+            _NAMES[module] = full.rpartition(".")[0]
+        try:
+            return original(self, input_dict, *args, **kwargs)
+        finally:
+            if module is not None:
+                _NAMES.pop(module, None)
+
+    TorchAoQuantize.convert = convert
+
+
 def _patch_from_pretrained() -> None:
     """transformers turns errors raised while converting weights into a RuntimeError that names
     neither weight nor file (the details go to its logged load report): re-raise ours."""
@@ -489,6 +520,7 @@ def register_with_transformers() -> None:
     _patch_save_metadata(TorchAoHfQuantizer)
     _patch_set_metadata(TorchAoHfQuantizer)
     _patch_deserialize()
+    _patch_quantize_on_load()
     _patch_save_pretrained()
     _patch_from_pretrained()
     _registered = True
