@@ -262,6 +262,27 @@ def test_quantize_on_load_errors_name_the_layer(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config, dtype=torch.float32)
 
 
+def test_save_pretrained_refuses_embeddings_configured_untied_but_still_shared(tmp_path):
+    """untie_embedding_weights=True with a tied model whose embeddings stay float: transformers
+    leaves lm_head and embed_tokens one parameter under tie_word_embeddings=False, and the round trip
+    came back with a random lm_head. Untied as the message says, it round-trips."""
+    tiny_llama(tie=True).save_pretrained(tmp_path / "tied")
+    config = TorchAoConfig(
+        quant_type=Any4WeightOnlyConfig(group_size=32, kmeans_iterations=1),
+        include_input_output_embeddings=True,
+        untie_embedding_weights=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", quantization_config=config, dtype=torch.float32)
+    with pytest.raises(ValueError, match="tie_word_embeddings=False .* still one parameter"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_from_pretrained_with_a_dtype_casts_the_quantized_weights_too(tmp_path):
     """An fp32 any4 checkpoint loaded with dtype=bfloat16: transformers casts the plain weights,
     and the Any4Tensors follow (they kept fp32 before, and the first forward failed); the logits

@@ -409,6 +409,22 @@ def _is_torchao_deserialize(conversion) -> bool:
     return any(type(op).__name__ == "TorchAoDeserialize" for op in getattr(conversion, "operations", ()))
 
 
+def _check_ties_as_configured(model) -> None:
+    """TorchAoConfig(untie_embedding_weights=True) sets tie_word_embeddings=False but, where neither
+    is quantized, leaves lm_head and the input embeddings one parameter (transformers 5.25, with any
+    torchao config): the save then writes the embeddings only and the load builds a random lm_head."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    text = model.config.get_text_config(decoder=True)
+    shared = emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", 1)
+    if shared and getattr(text, "tie_word_embeddings", True) is False:
+        raise ValueError(
+            "save_pretrained: the config says tie_word_embeddings=False (TorchAoConfig(untie_embedding_weights="
+            "True)), but the output and input embeddings are still one parameter, so the file would hold no "
+            "lm_head and a load would initialise it at random; untie them first: "
+            "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())"
+        )
+
+
 def _prepare_save(model):
     """Make `model.save_pretrained` store its Any4Tensor weights, or raise before anything is
     written. Returns a function that undoes the temporary changes."""
@@ -423,6 +439,7 @@ def _prepare_save(model):
         return lambda: None
     if any(p.ndim != 2 for n, p in model.named_parameters() if n in quantized):
         raise ValueError("save_pretrained: Any4Tensor weights are sharded (FSDP); gather a full state dict first")
+    _check_ties_as_configured(model)
     hf_quantizer = getattr(model, "hf_quantizer", None)
     keys = ("hf_quantizer", "is_quantized", "quantization_method", "_weight_conversions")
     saved = {k: getattr(model, k) for k in keys if k in vars(model)}
