@@ -892,6 +892,19 @@ def test_fp16_weights_near_65504_and_fp32_denormals_dequantize_finite(seed, code
             assert _rel(t, w) <= _rel(grid, w) * (1 + 1e-4)
 
 
+@pytest.mark.parametrize("codebook", ["int4", "any4", "nf4"])
+def test_weights_whose_group_scale_rounds_to_zero_are_refused(codebook):
+    """Weights of std 1e-9 under an fp16 LUT: the scale rounded to 0 and every weight became the zero point
+    (at std 1e-7 int4 already gave an error 1.3x the weights' own size). A group that only spreads by rounding still
+    quantizes."""
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)) * 1e-9
+    with pytest.raises(ValueError, match=r"row \d+, group \d+: .* group scale rounds to 0"):
+        Any4Tensor.from_hp(w, codebook=codebook, group_size=64, lut_dtype=torch.float16)
+    near_constant = torch.ones(4, 256) + torch.rand(4, 256) * 1e-7
+    t = Any4Tensor.from_hp(near_constant, codebook=codebook, group_size=64, lut_dtype=torch.float16)
+    assert _rel(t, near_constant) < 1e-3
+
+
 # ----- second audit of the session of 2026-12-07 (older surfaces) -----
 CFG = Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2)
 

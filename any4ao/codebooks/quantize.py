@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from any4ao.codebooks.fixed import FP4_E2M1_MAGNITUDES, fixed_lut, int_grid
-from any4ao.codebooks.group_scaling import absmax_params, expand_groups, minmax_params, to_code_domain
+from any4ao.codebooks.group_scaling import absmax_params, expand_groups, grouped, minmax_params, to_code_domain
 from any4ao.codebooks.kmeans import cuda_kernels_serve, lloyd_max, nearest_code, weighted_sse
 from any4ao.codebooks.refine import fit_group_affine, real_domain_error
 from any4ao.config import Any4WeightOnlyConfig, Scaling
@@ -78,7 +78,9 @@ def _learn_lut(x, sample_weight, grid, iterations, dtype):
         centroids = grid.expand(x.shape[0], -1)
     lut = centroids.to(dtype).float()
     codes = nearest_code(x, lut)
-    grid_rows = grid.expand_as(lut).contiguous()
+    # the grid as the fixed codebook stores it (rounded to the dtype too): the start choice below
+    # compares what will be stored, so no row ends worse than that fixed codebook
+    grid_rows = grid.to(dtype).float().expand_as(lut).contiguous()
     grid_codes = nearest_code(x, grid_rows)
     worse = weighted_sse(x, sample_weight, lut, codes) > weighted_sse(x, sample_weight, grid_rows, grid_codes)
     lut = torch.where(worse[:, None], grid_rows, lut)
@@ -220,6 +222,25 @@ def _importance(channel_weight, k, device):
     return h / top
 
 
+def _check_scales_not_lost(w, scales, zeros, group_size: int, dtype) -> None:
+    """A group whose scale rounds to 0 in the storage dtype dequantizes to its zero point: right for a
+    constant group, a silent collapse where the group spreads by more than rounding (weights of std
+    1e-7 under an fp16 LUT came out with an error larger than the weights themselves)."""
+    zero_scale = scales == 0
+    if not bool(zero_scale.any()):
+        return
+    g = grouped(w, group_size)
+    spread = (g - zeros[..., None]).abs().amax(-1)
+    lost = zero_scale & (spread > 2**-6 * g.abs().amax(-1))
+    if bool(lost.any()):
+        row, group = (int(i) for i in lost.nonzero()[0])
+        raise ValueError(
+            f"row {row}, group {group}: weights up to {float(g[row, group].abs().max()):.3g} spread below "
+            f"{dtype}'s smallest values, so their group scale rounds to 0 and they would all dequantize to one "
+            "value; use a wider lut_dtype, scale the weights up first, or leave this layer unquantized"
+        )
+
+
 def quantize_weight(
     w: torch.Tensor,
     config: Any4WeightOnlyConfig,
@@ -242,6 +263,7 @@ def quantize_weight(
         codes, lut, scales, zeros = _fixed(w, codebook, nbits, config, dtype)
     else:
         raise ValueError(f"unknown codebook {codebook!r}; expected one of {CODEBOOKS}")
+    _check_scales_not_lost(w, scales, zeros, config.group_size, dtype)
     bad = ~dequant_range_ok(lut.to(dtype), scales, zeros, dtype).all(1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0])
