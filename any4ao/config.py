@@ -109,7 +109,8 @@ class Any4WeightOnlyConfig(AOBaseConfig):
             back through the inverse of the layer-input Hessian (needs calibration recorded with
             `calibrate(..., hessian=True)`). Learned codebooks only.
         gptq_damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to it.
-        lut_dtype: dtype of LUT, scales and zero points (default: the weight's).
+        lut_dtype: dtype of LUT, scales and zero points (default: the weight's). The quantized layer
+            then takes inputs of this dtype, as nn.Linear takes its weight's.
         kernel_preference: "auto" (fused LUT kernels where they apply) or "dequantize".
         version: format version of the tensors this config makes (torchao's convention).
     """
@@ -164,7 +165,7 @@ class Any4WeightOnlyConfig(AOBaseConfig):
                 raise ValueError(
                     "error_feedback='gptq' needs the layer-input Hessians: calibrate with any4ao.calibrate(..., hessian=True)"
                 )
-        if self.version != 1:
+        if type(self.version) is not int or self.version != 1:  # (True == 1 and 1.0 == 1 are no versions)
             raise ValueError(f"Any4WeightOnlyConfig version {self.version!r} is not supported (this any4ao: 1)")
         # HF flows build this config after importing transformers: teach its torchao loader our
         # `lut` part then (any4ao/integrations/transformers_loading.py)

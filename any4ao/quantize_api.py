@@ -9,6 +9,7 @@ the layer by its path in the model.
 """
 
 import dataclasses
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -70,6 +71,11 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
     weight = getattr(module, parameter_name, None)
     if weight is None:
         raise LayerError(f"layer {name!r} has no parameter {parameter_name!r}")
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        raise LayerError(
+            f"layer {name!r} is an {type(module).__name__}: its forward looks rows up, and an Any4Tensor serves "
+            "only matrix products (linear, mm, addmm, matmul); leave it out of filter_fn"
+        )
     if _is_conv1d(module):
         raise LayerError(
             f"layer {name!r} is a transformers Conv1D, whose weight is stored (in_features, out_features): "
@@ -290,6 +296,16 @@ def quantize_model(
         )
     if not targets:
         _check_same_layout(model, config)
+    other = sorted(
+        {str(m.weight.dtype) for _, m in targets if getattr(m, "weight", None) is not None} - {str(config.lut_dtype)}
+    )
+    if config.lut_dtype is not None and other:
+        warnings.warn(
+            f"quantize_model: lut_dtype={config.lut_dtype} differs from the weights' dtype ({', '.join(other)}); "
+            f"the quantized layers will take inputs of {config.lut_dtype} only, as nn.Linear takes its weight's "
+            f"dtype: run the model in {config.lut_dtype} (model.to({config.lut_dtype}))",
+            stacklevel=2,
+        )
     config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
     for fqn, module in targets:  # validate everything before changing anything
         try:

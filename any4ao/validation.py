@@ -52,6 +52,8 @@ def _is_data_less(t: torch.Tensor) -> bool:
 
 def check_weight(layer: str, weight: torch.Tensor, lut_dtype: Optional[torch.dtype] = None) -> None:
     """A weight any4ao can quantize: a finite 2-D float tensor with data, whose values fit `lut_dtype`."""
+    if hasattr(weight, "qdata") and hasattr(weight, "lut"):  # (an Any4Tensor; not imported here)
+        raise ValueError(f"layer {layer!r}: weight is already an Any4Tensor (quantized twice?)")
     if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES:
         dtype = getattr(weight, "dtype", type(weight).__name__)
         raise ValueError(f"layer {layer!r}: weight dtype {dtype} is not supported; expected one of {FLOAT_DTYPES}")

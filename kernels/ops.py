@@ -13,6 +13,8 @@ measures host time per call now), several times the decode kernel's GPU time. Th
 registrations.
 """
 
+import warnings
+
 import torch
 from torch.library import triton_op
 
@@ -125,7 +127,9 @@ def lut_linear(
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) in x's dtype. K is read off x: the packed parts cannot tell K = 63 from
     64 where both pack to the same width and group count, so pass x with the weight's in_features
-    (F.linear on an Any4Tensor checks it against the tensor's own)."""
+    (F.linear on an Any4Tensor checks it against the tensor's own). Likewise a group size that gives
+    the same group count (96 for 64 at K = 128) cannot be told apart: pass the weight's own.
+    Differentiable in x only (the weight is frozen, QLoRA-style)."""
     _check("lut_linear", qdata, lut, scale, zero_point, nbits, group_size, x.shape[-1], x)
     x = x.contiguous()
     config = choose(x, qdata, lut, scale, zero_point, nbits, group_size)
@@ -169,6 +173,12 @@ def _(x, qdata, lut, scale, zero_point, nbits, group_size):
 
 def _lut_linear_setup_context(ctx, inputs, output):
     x, qdata, lut, scale, zero_point, nbits, group_size = inputs
+    if any(t.requires_grad for t in (lut, scale, zero_point)):
+        warnings.warn(
+            "any4ao::lut_linear: lut, scale or zero_point has requires_grad=True but gets no gradient (the op "
+            "is differentiable in x only: the weight is frozen)",
+            stacklevel=2,
+        )
     ctx.save_for_backward(qdata, lut, scale, zero_point)
     ctx.nbits, ctx.group_size, ctx.in_features = nbits, group_size, x.shape[1]
 

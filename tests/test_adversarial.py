@@ -1166,3 +1166,46 @@ def test_calibration_text_that_would_go_unused_is_an_error(calibration):
             calibration=calibration,
         )
     assert not any(isinstance(p, Any4Tensor) for p in model.parameters())
+
+
+# ----- second audit of 2026-12-07, numerics and ops (helper-12) -----
+def test_messages_name_the_operation_not_a_checkpoint():
+    q = Any4Tensor.from_hp(torch.randn(20, 100), group_size=32, kmeans_iterations=1)
+    with pytest.raises(ValueError, match=r"cannot be sliced to an empty range \(\[32:32\] of dim 1"):
+        q[:, 32:32]
+    with pytest.raises(ValueError, match="cannot be converted to torch.float8_e4m3fn"):
+        q.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="already an Any4Tensor"):
+        Any4Tensor.from_hp(q)
+
+
+def test_meta_input_on_a_meta_weight_gives_a_meta_result():
+    q = Any4Tensor.from_hp(torch.randn(32, 128), group_size=64, kmeans_iterations=1).to("meta")
+    out = F.linear(torch.randn(4, 128, device="meta"), q)
+    assert out.device.type == "meta" and out.shape == (4, 32)
+
+
+def test_an_embedding_selected_by_the_filter_is_refused_by_name():
+    model = nn.Sequential(nn.Embedding(50, 64), nn.Linear(64, 64))
+    with pytest.raises(LayerError, match=r"layer '0' is an Embedding: its forward looks rows up"):
+        selected = lambda m, fqn: isinstance(m, (nn.Embedding, nn.Linear))  # noqa: E731
+        quantize_model(model, CONFIG, filter_fn=selected, progress=False, calibration="none")
+    assert not any(isinstance(p, Any4Tensor) for p in model.parameters())
+
+
+def test_a_lut_dtype_other_than_the_weights_warns_at_quantization():
+    model = nn.Sequential(nn.Linear(64, 64)).half()
+    with pytest.warns(UserWarning, match=r"lut_dtype=torch.float32 differs from the weights' dtype \(torch.float16\)"):
+        quantize_model(model, dataclasses.replace(CONFIG, lut_dtype=torch.float32), progress=False, calibration="none")
+
+
+def test_the_raw_op_warns_when_weight_parts_ask_for_gradients():
+    import any4ao.kernels.ops  # noqa: F401  (registers torch.ops.any4ao.*)
+
+    t = Any4Tensor.from_hp(torch.randn(32, 64), group_size=32, kmeans_iterations=1)
+    x = torch.randn(3, 64, requires_grad=True)
+    lut = t.lut.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="gets no gradient"):
+        y = torch.ops.any4ao.lut_linear(x, t.qdata, lut, t.scale, t.zero_point, 4, 32)
+    y.sum().backward()
+    assert x.grad is not None and lut.grad is None

@@ -108,6 +108,8 @@ def test_default_calibration_text_ships_with_the_package():
         (dict(codebook="any5"), "codebook"),
         (dict(codebook=4.0), "codebook"),
         (dict(version=2), "version"),
+        (dict(version=True), "version"),
+        (dict(version=1.0), "version"),
         (dict(kernel_preference="cutlass"), "kernel_preference"),
         (dict(group_size=100), "group_size"),
         (dict(group_size=8), "group_size"),

@@ -55,7 +55,7 @@ def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) ->
             "trainable): train adapters (e.g. LoRA) on top, or dequantize to fine-tune",
             stacklevel=2,
         )
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # (autocast has no meta)
         cast = torch.get_autocast_dtype(x.device.type)
         if x.dtype != cast or weight.scale.dtype != cast:  # F.linear casts both, as for nn.Linear
             _check_operands(x, weight, dtype=False)

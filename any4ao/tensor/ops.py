@@ -134,6 +134,8 @@ def _(func, types, args, kwargs):
     end = max(start, end)
     if step != 1:
         raise NotImplementedError(f"Any4Tensor slice supports step=1 only, got step={step}")
+    if end == start:  # an Any4Tensor has at least one row and one column
+        raise ValueError(f"Any4Tensor cannot be sliced to an empty range ([{start}:{end}] of dim {dim}, size {size})")
     shape = list(w.shape)
     shape[dim] = end - start
     if stored_dim == 0:
@@ -171,8 +173,11 @@ def _(func, types, args, kwargs):
     device = kwargs.get("device") or w.device
     dtype = kwargs.get("dtype") or w.dtype
     non_blocking = kwargs.get("non_blocking", False)
-    if not dtype.is_floating_point:
-        raise ValueError(f"Any4Tensor cannot be converted to non-float dtype {dtype}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"Any4Tensor cannot be converted to {dtype}: its LUT, scales and zero points take "
+            "float16, bfloat16, float32 or float64"
+        )
 
     def move(t, as_float):
         return t.to(device=device, dtype=dtype if as_float else t.dtype, non_blocking=non_blocking)
