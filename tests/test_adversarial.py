@@ -903,6 +903,10 @@ def test_weights_whose_group_scale_rounds_to_zero_are_refused(codebook):
     near_constant = torch.ones(4, 256) + torch.rand(4, 256) * 1e-7
     t = Any4Tensor.from_hp(near_constant, codebook=codebook, group_size=64, lut_dtype=torch.float16)
     assert _rel(t, near_constant) < 1e-3
+    tiny_group = torch.randn(4, 256) * 0.02  # one group of tiny weights in rows of ordinary ones
+    tiny_group[:, 64:128] *= 1e-7
+    t = Any4Tensor.from_hp(tiny_group, codebook=codebook, group_size=64, lut_dtype=torch.float16)
+    assert _rel(t, tiny_group) < 0.2
 
 
 # ----- second audit of the session of 2026-12-07 (older surfaces) -----

@@ -224,14 +224,16 @@ def _importance(channel_weight, k, device):
 
 def _check_scales_not_lost(w, scales, zeros, group_size: int, dtype) -> None:
     """A group whose scale rounds to 0 in the storage dtype dequantizes to its zero point: right for a
-    constant group, a silent collapse where the group spreads by more than rounding (weights of std
-    1e-7 under an fp16 LUT came out with an error larger than the weights themselves)."""
+    constant group, a silent collapse where the group spreads by more than rounding of its row's
+    largest weight (weights of std 1e-7 under an fp16 LUT came out with an error larger than the
+    weights themselves)."""
     zero_scale = scales == 0
     if not bool(zero_scale.any()):
         return
     g = grouped(w, group_size)
     spread = (g - zeros[..., None]).abs().amax(-1)
-    lost = zero_scale & (spread > 2**-6 * g.abs().amax(-1))
+    # measured against the row: a group of tiny weights in a row of ordinary ones loses nothing that matters
+    lost = zero_scale & (spread > 2**-6 * w.abs().amax(1, keepdim=True))
     if bool(lost.any()):
         row, group = (int(i) for i in lost.nonzero()[0])
         raise ValueError(
