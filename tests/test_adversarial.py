@@ -1175,7 +1175,7 @@ def test_calibration_text_that_would_go_unused_is_an_error(calibration):
 # ----- second audit of 2026-12-07, numerics and ops (helper-12) -----
 def test_messages_name_the_operation_not_a_checkpoint():
     q = Any4Tensor.from_hp(torch.randn(20, 100), group_size=32, kmeans_iterations=1)
-    with pytest.raises(ValueError, match=r"cannot be sliced to an empty range \(\[32:32\] of dim 1"):
+    with pytest.raises(ValueError, match=r"cannot be sliced to an empty range of in_features \(\[32:32\] of dim 1"):
         q[:, 32:32]
     with pytest.raises(ValueError, match="cannot be converted to torch.float8_e4m3fn"):
         q.to(torch.float8_e4m3fn)

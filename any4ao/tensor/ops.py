@@ -134,8 +134,10 @@ def _(func, types, args, kwargs):
     end = max(start, end)
     if step != 1:
         raise NotImplementedError(f"Any4Tensor slice supports step=1 only, got step={step}")
-    if end == start:  # an Any4Tensor has at least one row and one column
-        raise ValueError(f"Any4Tensor cannot be sliced to an empty range ([{start}:{end}] of dim {dim}, size {size})")
+    if end == start and stored_dim == 1:  # zero rows are fine; zero in_features leave no group to hold
+        raise ValueError(
+            f"Any4Tensor cannot be sliced to an empty range of in_features ([{start}:{end}] of dim {dim}, size {size})"
+        )
     shape = list(w.shape)
     shape[dim] = end - start
     if stored_dim == 0:
