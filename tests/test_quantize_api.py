@@ -366,3 +366,25 @@ def test_configs_saved_with_the_old_enum_name_load_in_every_process():
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.strip().endswith("dequantize"), (seed, out.stderr[-800:])
+
+
+def test_calibrate_leaves_padding_out_with_an_attention_mask():
+    """A right-padded batch of two samples: with the mask, each layer's statistics are those of the two
+    samples calibrated one by one (causal attention: the padding cannot reach earlier tokens), and the
+    padding positions are not counted."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 128, (1, 10), generator=g), torch.randint(0, 128, (1, 6), generator=g)
+    batch = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], 1)])
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    masked = any4ao.calibrate(model, input_ids=batch, attention_mask=mask)
+    alone = [any4ao.calibrate(model, input_ids=ids) for ids in (a, b)]
+    for module in masked.names.values():
+        assert masked.tokens_seen(module) == 16
+        expected = (alone[0].for_module(module) * 10 + alone[1].for_module(module) * 6) / 16
+        torch.testing.assert_close(masked.for_module(module), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"attention_mask must be a tensor of the input_ids' shape \(2, 10\)"):
+        any4ao.calibrate(model, input_ids=batch, attention_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+        any4ao.calibrate(model, input_ids=batch, attention_mask=mask * 2)

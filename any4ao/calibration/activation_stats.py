@@ -50,9 +50,21 @@ class ChannelImportance:
         self._sums: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
         self._counts: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
         self.names: Dict[str, nn.Module] = {}
+        self._token_mask: Optional[torch.Tensor] = None  # (batch, tokens) bool while calibrate runs with a mask
 
     def _record(self, module: nn.Module, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
+        x = x.detach()
+        mask = self._token_mask
+        if mask is not None:
+            if tuple(x.shape[:-1]) != tuple(mask.shape):  # e.g. an MoE expert's routed tokens
+                name = self.name_of(module) or type(module).__name__
+                raise ValueError(
+                    f"calibrate: the inputs of {name!r} have shape {tuple(x.shape)}, which the attention mask "
+                    f"{tuple(mask.shape)} does not index (batch, tokens, features), so padding cannot be left out "
+                    "there; calibrate without padding (one sample, or equal lengths) instead"
+                )
+            x = x[mask]
+        x = x.reshape(-1, x.shape[-1])
         if self.has_hessian:
             xf = x.float()
             x2 = xf.square()
@@ -207,13 +219,15 @@ def calibrate(
     statistic: str = "square",
     filter_fn: Callable[[nn.Module, str], bool] = _is_linear,
     hessian: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
 ) -> ChannelImportance:
     """Run one calibration sample through a causal LM and return per-layer channel importance.
 
     Pass `input_ids`, or a `tokenizer` (and optionally `text`, default: the shipped prompt). The
     sample is cut to max_tokens and to config.max_position_embeddings, and runs in eval mode (each
     module's training flag is restored after). hessian: also keep each layer's full E[x x^T] (for
-    error_feedback="gptq")."""
+    error_feedback="gptq"). attention_mask: (batch, tokens) of 0/1 for a padded batch: passed to the
+    model, and the padding positions are left out of the statistics."""
     if input_ids is None:
         if tokenizer is None:
             raise ValueError("calibrate needs either input_ids or a tokenizer")
@@ -243,13 +257,37 @@ def calibrate(
             f"calibrate: token ids must lie in [0, {vocab}) (the model's vocabulary: the smaller of "
             "config.vocab_size and its input embedding's rows)"
         )
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"calibrate: attention_mask must be a tensor of the input_ids' shape {tuple(input_ids.shape)}, got "
+                + (
+                    f"{tuple(attention_mask.shape)}"
+                    if isinstance(attention_mask, torch.Tensor)
+                    else repr(attention_mask)
+                )
+            )
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("calibrate: attention_mask must hold only 0 (padding) and 1 (token)")
     positions = context_length(model)  # a learned position table (OPT, GPT-2) has no row past it
-    input_ids = input_ids[:, : min(max_tokens, positions or max_tokens)].to(next(model.parameters()).device)
+    cut = min(max_tokens, positions or max_tokens)
+    device = next(model.parameters()).device
+    input_ids = input_ids[:, :cut].to(device)
+    kwargs = {}
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :cut].to(device)
+        if not bool(attention_mask.any()):
+            raise ValueError("calibrate: attention_mask leaves no token (after the cut to max_tokens)")
+        kwargs["attention_mask"] = attention_mask
     training = {module: module.training for module in model.modules()}
     model.eval()  # dropout off: the statistics are of the model as it runs, and the global RNG is untouched
     try:
         with record_channel_importance(model, statistic, filter_fn, hessian) as stats:
-            model(input_ids)
+            stats._token_mask = None if attention_mask is None else attention_mask.bool()
+            try:
+                model(input_ids, **kwargs)
+            finally:
+                stats._token_mask = None
     finally:
         for module, mode in training.items():
             module.training = mode
