@@ -179,12 +179,17 @@ def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
-    """nn.Linear layers except the LM head, not yet quantized."""
-    return (
+    """nn.Linear layers except the LM head, not yet quantized. A selected layer's path is noted, so
+    that errors raised while torchao's quantize_ quantizes it name the layer (the handler gets only
+    the module)."""
+    selected = (
         isinstance(module, nn.Linear)
         and not isinstance(module.weight, Any4Tensor)
         and fqn.split(".")[-1] not in SKIPPED_BY_DEFAULT
     )
+    if selected:
+        _NAMES.setdefault(module, fqn)
+    return selected
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):

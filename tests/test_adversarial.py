@@ -1213,3 +1213,13 @@ def test_the_raw_op_warns_when_weight_parts_ask_for_gradients():
         y = torch.ops.any4ao.lut_linear(x, t.qdata, lut, t.scale, t.zero_point, 4, 32)
     y.sum().backward()
     assert x.grad is not None and lut.grad is None
+
+
+def test_torchao_quantize_with_the_default_filter_names_the_layer_by_path():
+    """torchao's quantize_ hands the handler a module only: with any4ao.default_filter the error still
+    names the layer's path (it said 'Linear(in_features=64, out_features=64)', which fits many)."""
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[2, 3] = float("nan")
+    with pytest.raises(LayerError, match=r"layer 'model\.layers\.1\.self_attn\.o_proj': weight has 1 NaN"):
+        quantize_(model, CONFIG, filter_fn=any4ao.default_filter)
