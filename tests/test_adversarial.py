@@ -686,8 +686,10 @@ def test_quantize_inputs_name_the_layer_and_change_nothing():
         meta = tiny_llama()
     with pytest.raises(LayerError, match=r"model\.layers\.0\.self_attn\.q_proj.*meta device"):
         quantize_model(meta, CONFIG, progress=False)
+    with torch.device("meta"):
+        unseen = tiny_llama()  # (default_filter noted the paths of the first one's layers)
     with pytest.raises(LayerError, match=r"Linear\(in_features=64, out_features=64\).*meta device"):
-        quantize_(meta, CONFIG)
+        quantize_(unseen, CONFIG)
     empty = nn.Sequential(nn.Linear(0, 8))
     with pytest.raises(LayerError, match="'0'.*empty"):
         quantize_model(empty, CONFIG, progress=False)

@@ -165,11 +165,15 @@ def test_failure_midway_restores_every_weight(monkeypatch):
     assert all(dict(model.named_parameters())[n] is p for n, p in before.items())
 
 
-def test_plain_quantize_names_the_layer_by_shape_or_by_its_calibration_path():
+def test_plain_quantize_names_the_layer_by_path_shape_or_calibration_path():
     model = tiny_llama()
     _poison(model, "model.layers.0.self_attn.k_proj", float("nan"))
-    with pytest.raises(ValueError, match=r"Linear\(in_features=64, out_features=32\).*NaN"):
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.self_attn\.k_proj'.*NaN"):  # default_filter notes it
         quantize_(model, any4_weight_only(group_size=32), filter_fn=default_filter)
+    model = tiny_llama()
+    _poison(model, "model.layers.0.self_attn.k_proj", float("nan"))
+    with pytest.raises(ValueError, match=r"Linear\(in_features=64, out_features=32\).*NaN"):  # own filter: shape
+        quantize_(model, any4_weight_only(group_size=32), filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
     stats = any4ao.calibrate(model, input_ids=torch.randint(0, 128, (1, 8)))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj.*NaN"):
         quantize_(model, any4_weight_only(group_size=32, calibration=stats), filter_fn=default_filter)
