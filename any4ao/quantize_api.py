@@ -88,8 +88,6 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
             f"layer {name!r}: {parameter_name} is computed by a parametrization or weight norm each call; "
             "remove it first (torch.nn.utils.parametrize.remove_parametrizations / remove_weight_norm)"
         )
-    if isinstance(weight, Any4Tensor):
-        raise LayerError(f"layer {name!r}: weight is already an Any4Tensor (quantized twice?)")
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise LayerError(
             f"layer {name!r}: {parameter_name} is not initialized yet (a lazy module): run one forward first"
@@ -169,9 +167,8 @@ def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
             continue
         recorded = CONFIG_OF.get(module)
         codebook = recorded.codebook if recorded is not None else None
-        group = w.block_size[1]
-        if w.nbits != config.bits or group != config.group_size or codebook not in (None, config.codebook):
-            have = f"{codebook.value if codebook is not None else f'{w.nbits}-bit'} at group {group}"
+        if w.nbits != config.bits or w.group_size != config.group_size or codebook not in (None, config.codebook):
+            have = f"{codebook.value if codebook is not None else f'{w.nbits}-bit'} at group {w.group_size}"
             raise LayerError(
                 f"layer {fqn!r} is already quantized ({have}); quantize_model does not re-quantize, so "
                 f"{config.codebook.value} at group {config.group_size} would be ignored: start from the unquantized model"
@@ -301,16 +298,16 @@ def quantize_model(
         )
     if not targets:
         _check_same_layout(model, config)
-    other = sorted(
-        {str(m.weight.dtype) for _, m in targets if getattr(m, "weight", None) is not None} - {str(config.lut_dtype)}
-    )
-    if config.lut_dtype is not None and other:
-        warnings.warn(
-            f"quantize_model: lut_dtype={config.lut_dtype} differs from the weights' dtype ({', '.join(other)}); "
-            f"the quantized layers will take inputs of {config.lut_dtype} only, as nn.Linear takes its weight's "
-            f"dtype: run the model in {config.lut_dtype} (model.to({config.lut_dtype}))",
-            stacklevel=2,
-        )
+    if config.lut_dtype is not None:
+        other = {str(m.weight.dtype) for _, m in targets if getattr(m, "weight", None) is not None}
+        other = sorted(other - {str(config.lut_dtype)})
+        if other:
+            warnings.warn(
+                f"quantize_model: lut_dtype={config.lut_dtype} differs from the weights' dtype ({', '.join(other)}); "
+                f"the quantized layers will take inputs of {config.lut_dtype} only, as nn.Linear takes its "
+                f"weight's dtype: run the model in {config.lut_dtype} (model.to({config.lut_dtype}))",
+                stacklevel=2,
+            )
     config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
     for fqn, module in targets:  # validate everything before changing anything
         try:

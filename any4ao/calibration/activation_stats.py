@@ -175,10 +175,13 @@ def record_channel_importance(
     statistic: str = "square",
     filter_fn: Callable[[nn.Module, str], bool] = _is_linear,
     hessian: bool = False,
+    token_mask: Optional[torch.Tensor] = None,
 ) -> Iterator[ChannelImportance]:
-    """Within the block, every forward of a selected layer adds to the statistics.
-    The hooks are removed on exit, also when the block raises."""
+    """Within the block, every forward of a selected layer adds to the statistics; token_mask
+    (batch, tokens) bool: only those positions of each layer's inputs count. The hooks (and the
+    mask) are removed on exit, also when the block raises."""
     stats = ChannelImportance(statistic, hessian)
+    stats._token_mask = token_mask
     handles = []
     try:
         for fqn, module in model.named_modules():
@@ -187,6 +190,7 @@ def record_channel_importance(
                 handles.append(module.register_forward_pre_hook(_recorder(stats), with_kwargs=True))
         yield stats
     finally:
+        stats._token_mask = None
         for h in handles:
             h.remove()
 
@@ -282,12 +286,9 @@ def calibrate(
     training = {module: module.training for module in model.modules()}
     model.eval()  # dropout off: the statistics are of the model as it runs, and the global RNG is untouched
     try:
-        with record_channel_importance(model, statistic, filter_fn, hessian) as stats:
-            stats._token_mask = None if attention_mask is None else attention_mask.bool()
-            try:
-                model(input_ids, **kwargs)
-            finally:
-                stats._token_mask = None
+        mask = None if attention_mask is None else attention_mask.bool()
+        with record_channel_importance(model, statistic, filter_fn, hessian, mask) as stats:
+            model(input_ids, **kwargs)
     finally:
         for module, mode in training.items():
             module.training = mode

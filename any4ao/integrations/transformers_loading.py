@@ -239,12 +239,13 @@ def _patch_quantize_on_load() -> None:
         full = kwargs.get("full_layer_name", args[1] if len(args) > 1 else None)
         module = None
         if isinstance(full, str) and model is not None:
+            path = full.rpartition(".")[0]
             try:
-                module = model.get_submodule(full.rpartition(".")[0])
+                module = model.get_submodule(path)
             except AttributeError:
                 module = None
-        if module is not None:
-            _NAMES[module] = full.rpartition(".")[0]
+            if module is not None:
+                _NAMES[module] = path
         try:
             return original(self, input_dict, *args, **kwargs)
         finally:

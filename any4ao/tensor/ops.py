@@ -121,6 +121,15 @@ def _(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, _with(w) if same else _untransposed(w))
 
 
+def _check_part_dtype(dtype: torch.dtype, verb: str) -> None:
+    """The dtypes an Any4Tensor's LUT, scales and zero points can take (`.to` and `empty_like`)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"Any4Tensor cannot be {verb} {dtype}: its LUT, scales and zero points take "
+            "float16, bfloat16, float32 or float64"
+        )
+
+
 @implements(aten.slice.Tensor)
 def _(func, types, args, kwargs):
     """Slices along N (rows: any range) or along K (whole groups only), in logical dims."""
@@ -175,11 +184,7 @@ def _(func, types, args, kwargs):
     device = kwargs.get("device") or w.device
     dtype = kwargs.get("dtype") or w.dtype
     non_blocking = kwargs.get("non_blocking", False)
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(
-            f"Any4Tensor cannot be converted to {dtype}: its LUT, scales and zero points take "
-            "float16, bfloat16, float32 or float64"
-        )
+    _check_part_dtype(dtype, "converted to")
 
     def move(t, as_float):
         return t.to(device=device, dtype=dtype if as_float else t.dtype, non_blocking=non_blocking)
@@ -320,8 +325,7 @@ def _(func, types, args, kwargs):
     w = args[0]
     device = kwargs.get("device") or w.device
     dtype = kwargs.get("dtype") or w.dtype
-    if not dtype.is_floating_point:
-        raise ValueError(f"Any4Tensor cannot be made empty in non-float dtype {dtype}")
+    _check_part_dtype(dtype, "made empty in")
 
     def zeros(t, as_float):
         return torch.zeros(t.shape, dtype=dtype if as_float else t.dtype, device=device)
