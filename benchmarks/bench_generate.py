@@ -137,6 +137,17 @@ def measure(model, config, batch, compiled=False):
     return ttft_ms, step_ms, host_ms
 
 
+def set_ws_rules(gpu: str, spec: str) -> None:
+    """selector.WS_RULES for this GPU from "min_m:max_m:min_n:block_m:block_n:stages,..." (empty: none)."""
+    from any4ao.kernels import selector
+
+    selector.WS_RULES.clear()
+    if spec:
+        rules = tuple(selector.WsRule(*(int(v) for v in r.split(":"))) for r in spec.split(","))
+        selector.WS_RULES[gpu] = rules
+    selector.ws_config.cache_clear()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama3-8b", choices=sorted(CONFIGS))
@@ -145,6 +156,12 @@ def main():
     p.add_argument("--methods", default="bf16,torchao-int4,any4")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--compile", action="store_true", help="decode step through torch.compile, then a CUDA graph")
+    p.add_argument(
+        "--ws-rules",
+        default="",
+        help="min_m:max_m:min_n:block_m:block_n:stages,... : selector.WS_RULES for this GPU while the method "
+        "'any4-ws' runs (any4 with the warp-specialised GEMM where a rule matches)",
+    )
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     gpu = torch.cuda.get_device_name()
@@ -155,7 +172,8 @@ def main():
         torch.cuda.empty_cache()
         model = base if method == "bf16" else copy.deepcopy(base)
         start = time.perf_counter()
-        if method == "any4":
+        set_ws_rules(gpu, args.ws_rules if method == "any4-ws" else "")
+        if method in ("any4", "any4-ws"):
             quantize_model(
                 model, Any4WeightOnlyConfig(group_size=128), progress=False, calibration="none"
             )  # speed only
@@ -226,6 +244,7 @@ def main():
         config=args.config,
         layers=config.num_hidden_layers,
         weights="random",
+        ws_rules=args.ws_rules,
         prompt=PROMPT,
         new_tokens=NEW,
         decode_step="torch.compile(fullgraph) in a CUDA graph" if args.compile else "eager kernels in a CUDA graph",

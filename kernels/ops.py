@@ -18,8 +18,8 @@ import warnings
 import torch
 from torch.library import triton_op
 
-from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_gemm, lut_mma
-from any4ao.kernels.selector import GemmConfig, choose
+from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_gemm, lut_gemm_ws, lut_mma
+from any4ao.kernels.selector import GemmConfig, WsConfig, choose
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -137,6 +137,8 @@ def lut_linear(
         return dequantize_then_mm(x, qdata, lut, scale, zero_point, nbits, group_size)
     if isinstance(config, GemmConfig):
         return lut_gemm(x, qdata, lut, scale, zero_point, nbits, group_size, config)
+    if isinstance(config, WsConfig):
+        return lut_gemm_ws(x, qdata, lut, scale, zero_point, group_size, config.block_m, config.block_n, config.stages)
     return lut_mma(x, qdata, lut, scale, zero_point, nbits, group_size, config)
 
 

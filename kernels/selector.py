@@ -6,6 +6,9 @@ Three paths:
   lut_gemm            the fused tensor-core GEMM (kernels/lut_gemm.py) for larger M: same layouts,
                       W looked up per tile in registers and fed to tl.dot; where GEMM_RULES
                       (measured per GPU) say it beats dequantize + mm;
+  lut_gemm_ws         the warp-specialised Gluon GEMM (kernels/lut_gemm_ws.py), Hopper only:
+                      4-bit codes, one 16-bit dtype, K and group multiples of 64; where WS_RULES
+                      (measured per GPU) say it beats the paths above;
   dequantize + mm     everything else: the Triton dequantize kernel writes W in x's dtype, then
                       cuBLAS.
 
@@ -368,6 +371,77 @@ def gemm_config(
     )
 
 
+@dataclass(frozen=True)
+class WsConfig:
+    """A lut_gemm_ws launch: block_m rows of x by block_n rows of W per program, a ring of `stages`
+    shared-memory buffers between its loader, lookup and wgmma warps."""
+
+    block_m: int
+    block_n: int
+    stages: int
+
+
+@dataclass(frozen=True)
+class WsRule:
+    """lut_gemm_ws serves min_m <= M <= max_m where N >= min_n, with this launch."""
+
+    min_m: int
+    max_m: int
+    min_n: int
+    block_m: int
+    block_n: int
+    stages: int
+
+
+# device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py)
+WS_RULES = {}
+
+WS_BLOCK_K = 64
+
+
+def ws_applies(
+    x: torch.Tensor,
+    qdata: torch.Tensor,
+    lut: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    nbits: int,
+    group_size: int,
+) -> bool:
+    """lut_gemm_ws reads x and the codes through TMA (16-byte aligned base and row stride,
+    contiguous rows), 4-bit codes two per byte, x / LUT / scale / zero point of one 16-bit dtype,
+    and steps through K 64 columns at a time within a group."""
+    k = x.shape[1]
+    return (
+        nbits == 4
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and lut.dtype == scale.dtype == zero_point.dtype == x.dtype
+        and lut.is_contiguous()
+        and lut.storage_offset() % 2 == 0
+        and k % WS_BLOCK_K == 0
+        and group_size % WS_BLOCK_K == 0
+        and qdata.shape[1] * 2 == k
+        and qdata.stride(1) == 1
+        and qdata.stride(0) % 16 == 0
+        and qdata.data_ptr() % 16 == 0
+        and x.stride(1) == 1
+        and (x.stride(0) * x.element_size()) % 16 == 0
+        and x.data_ptr() % 16 == 0
+    )
+
+
+@_cached
+def ws_config(
+    m: int, n: int, k: int, group_size: int, name: str, sms: int, capability: Tuple[int, int], cuda: bool
+) -> Optional[WsConfig]:
+    """The lut_gemm_ws launch for this product, or None. Called as ws_config(m, n, k, group_size, device)."""
+    if not cuda or capability[0] != 9:
+        return None
+    rules = next((r for key, r in WS_RULES.items() if key in name), ())
+    rule = next((r for r in rules if r.min_m <= m <= r.max_m and n >= r.min_n), None)
+    return None if rule is None else WsConfig(rule.block_m, rule.block_n, rule.stages)
+
+
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:
     """The dequantize kernel's register lookup (lut_permute): nibble-packed codes, a 16-bit LUT,
     K % 8 == 0 and 32-bit aligned rows (from storage offsets: this also runs on fake tensors)."""
@@ -391,13 +465,17 @@ def choose(
     zero_point: torch.Tensor,
     nbits: int,
     group_size: int,
-) -> Union[MmaConfig, GemmConfig, None]:
-    """What torch.ops.any4ao.lut_linear runs: a lut_mma or lut_gemm config, or None for
-    dequantize + mm."""
+) -> Union[MmaConfig, GemmConfig, WsConfig, None]:
+    """What torch.ops.any4ao.lut_linear runs: a lut_mma, lut_gemm or lut_gemm_ws config, or None
+    for dequantize + mm."""
     if x.shape[0] <= FUSED_MAX_M:
         if not mma_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
             return None
         return mma_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)
+    if WS_RULES and ws_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
+        ws = ws_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)
+        if ws is not None:
+            return ws
     if not gemm_applies(x, qdata, lut, scale, zero_point, nbits, group_size):
         return None
     return gemm_config(x.shape[0], qdata.shape[0], x.shape[1], group_size, x.device)
