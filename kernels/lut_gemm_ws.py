@@ -146,6 +146,7 @@ def _lookup(
         z = gl.load(z_rows + g, mask=nmask, other=0.0).to(gl.uint16, bitcast=True).to(gl.uint32) * 65537
         mbarrier.wait(load_ready.index(slot), phase)
         words = q_words.index(slot).load(layout)
+        fence_async_shared()  # this generic-proxy read before the loader's next TMA write to the slot
         mbarrier.arrive(load_empty.index(slot), count=1)
         p01, p23, p45, p67 = _lookup_pairs(words, P0, P1, P2, P3, P4, P5, P6, P7)
         s2 = gl.expand_dims(s, 1)
