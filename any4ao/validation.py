@@ -213,6 +213,15 @@ def _first(mask: torch.Tensor):
     return tuple(mask.nonzero()[0].tolist())
 
 
+def _min_step(lut: torch.Tensor) -> torch.Tensor:
+    """The smallest difference between neighbouring entries of a LUT row: >= 0 iff every row is
+    sorted ascending (NaN where a NaN is involved, which fails >= 0). In float32 (float64 for
+    float64 LUTs: distinct values must stay distinct), where the strided 16-bit comparison it
+    replaces cost twice as long (0.54 against 0.26 ms for 49k rows on this CPU)."""
+    wide = lut if lut.dtype == torch.float64 else lut.float()
+    return torch.diff(wide, dim=1).amin()
+
+
 def check_values(t, name: Optional[str] = None) -> None:
     """Value checks of an Any4Tensor `t` (see the module docstring); InvalidAny4TensorError naming
     the tensor, the problem and the first bad position. No-op on meta / fake tensors. A few
@@ -228,14 +237,13 @@ def check_values(t, name: Optional[str] = None) -> None:
     # the extremes of LUT, scales and zero points (NaN propagates through max / min and fails
     # every comparison). Only if the bound is too loose, the exact per-group check runs.
     stats = torch.stack(
-        [(lut[:, 1:] >= lut[:, :-1]).all().to(lut.dtype), *torch.aminmax(scale), *torch.aminmax(zero_point)]
-        + list(torch.aminmax(lut))
+        [_min_step(lut).to(lut.dtype), *torch.aminmax(scale), *torch.aminmax(zero_point)] + list(torch.aminmax(lut))
     ).tolist()
-    is_sorted, s_min, s_max, z_min, z_max, l_min, l_max = stats
+    min_step, s_min, s_max, z_min, z_max, l_min, l_max = stats
     limit = torch.finfo(t.dtype).max
     product_limit = max(limit, torch.finfo(torch.float32).max) if t.dtype != torch.float64 else float("inf")
     product = max(abs(l_min), abs(l_max)) * s_max  # float64 (Python) arithmetic: no overflow
-    good = is_sorted == 1 and s_min >= 0
+    good = min_step >= 0 and s_min >= 0
     if good and not (product <= product_limit and product + max(abs(z_min), abs(z_max)) <= limit):
         good = bool(dequant_range_ok(lut, scale, zero_point, t.dtype).all())
     if not good:
@@ -279,18 +287,14 @@ def check_all_values(tensors: Mapping[str, "torch.Tensor"], where: str = "") -> 
         lut = torch.cat([t.lut for _, t in members])
         scale = torch.cat([t.scale.reshape(-1) for _, t in members])
         zero = torch.cat([t.zero_point.reshape(-1) for _, t in members])
-        is_sorted, s_min, s_max, z_min, z_max, l_min, l_max = torch.stack(
-            [(lut[:, 1:] >= lut[:, :-1]).all().to(dtype), *torch.aminmax(scale), *torch.aminmax(zero)]
-            + list(torch.aminmax(lut))
+        min_step, s_min, s_max, z_min, z_max, l_min, l_max = torch.stack(
+            [_min_step(lut).to(dtype), *torch.aminmax(scale), *torch.aminmax(zero)] + list(torch.aminmax(lut))
         ).tolist()
         limit = torch.finfo(dtype).max
         product_limit = max(limit, torch.finfo(torch.float32).max) if dtype != torch.float64 else float("inf")
         product = max(abs(l_min), abs(l_max)) * s_max
         if not (
-            is_sorted == 1
-            and s_min >= 0
-            and product <= product_limit
-            and product + max(abs(z_min), abs(z_max)) <= limit
+            min_step >= 0 and s_min >= 0 and product <= product_limit and product + max(abs(z_min), abs(z_max)) <= limit
         ):
             for name, t in members:
                 named(check_values, t, name)
