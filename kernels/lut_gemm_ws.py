@@ -20,6 +20,9 @@ pairs are stored as uint32 through a reinterpreted view of the W buffer: 128-byt
 Takes: 4-bit codes, x / LUT / scale / zero of one 16-bit dtype, K % BLOCK_K == 0, the group a multiple
 of BLOCK_K, BLOCK_K = 64 (one 128-byte swizzled row per W row). Hopper only: no interpreter path
 (the tests run it where a GPU is present; benchmarks/check_ws_gemm.py checks it against float64).
+
+Status: compiled for sm_90a with triton 3.6 on the CPU, not yet run on a GPU, and routed nowhere
+(selector.WS_RULES is empty) until it is checked and timed there (sweep-gemm-NOTE.md, sixth round).
 """
 
 from triton.experimental import gluon

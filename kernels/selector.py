@@ -393,7 +393,8 @@ class WsRule:
     stages: int
 
 
-# device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py)
+# device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py).
+# Empty: the kernel has not run on a GPU yet (sweep-gemm-NOTE.md, sixth round).
 WS_RULES = {}
 
 WS_BLOCK_K = 64
