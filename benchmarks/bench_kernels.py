@@ -102,6 +102,16 @@ def tensor_bytes(t):
     return t.numel() * t.element_size()
 
 
+def rotated_any4(n: int, k: int):
+    """A bf16 (N, K) weight and its any4 quantization (group GROUP), each replicated past L2 for
+    graph_time_us, and the quantized weight in float64 for references: (w, q, w_copies, q_copies, w64)."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = Any4Tensor.from_hp(w, group_size=GROUP)
+    q_copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
+    w_copies = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+    return w, q, w_copies, q_copies, q.dequantize(torch.float64)
+
+
 def check_any4(w_q, m, k, dtype, poison):
     """Relative error of the any4 kernel path vs float64, NaN-poisoned outputs."""
     x = torch.randn(m, k, device="cuda", dtype=dtype)

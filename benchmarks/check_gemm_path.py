@@ -9,9 +9,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, copies_for, graph_time_us, result_meta, write_rows
+from bench_kernels import GROUP, Poison, graph_time_us, result_meta, rotated_any4, write_rows
 
-from any4ao import Any4Tensor
 from any4ao.kernels import ops, selector  # noqa: F401  (ops registers torch.ops.any4ao.*)
 from any4ao.kernels.launch import dequantize_then_mm
 
@@ -29,11 +28,7 @@ def main():
     print("| N x K | M | path | rel err vs fp64 | F.linear us | dequantize + mm us | bf16 cuBLAS us |")
     print("|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q = Any4Tensor.from_hp(w, group_size=GROUP)
-        copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
-        wb = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
-        w64 = q.dequantize(torch.float64)
+        w, q, wb, copies, w64 = rotated_any4(n, k)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cfg = selector.choose(x, q.qdata, q.lut, q.scale, q.zero_point, 4, GROUP)

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, copies_for, graph_time_us, result_meta, write_rows
+from bench_kernels import GROUP, Poison, graph_time_us, result_meta, rotated_any4, write_rows
 
 from any4ao import Any4Tensor
 from any4ao.kernels import ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
@@ -70,11 +70,7 @@ def main():
     print("| N x K | M | bf16 | F.linear (today) | dequantize + mm | best ws | best ws config | ws rel err (worst) |")
     print("|---|---|---|---|---|---|---|---|")
     for n, k in SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q = Any4Tensor.from_hp(w, group_size=GROUP)
-        copies = [q] + [q.clone() for _ in range(copies_for(q.storage_bytes()) - 1)]
-        wb = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
-        w64 = q.dequantize(torch.float64)
+        w, q, wb, copies, w64 = rotated_any4(n, k)
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = x.double() @ w64.t()
