@@ -137,14 +137,16 @@ def measure(model, config, batch, compiled=False):
     return ttft_ms, step_ms, host_ms
 
 
-def set_ws_rules(gpu: str, spec: str) -> None:
-    """selector.WS_RULES for this GPU from "min_m:max_m:min_n:block_m:block_n:stages,..." (empty: none)."""
+def set_ws_rules(gpu: str, spec: str, shipped: dict) -> None:
+    """selector.WS_RULES: for this GPU the rules "min_m:max_m:min_n:block_m:block_n:stages,..." of
+    `spec`, or (empty spec) the rules any4ao ships (`shipped`, a copy taken at start)."""
     from any4ao.kernels import selector
 
     selector.WS_RULES.clear()
     if spec:
-        rules = tuple(selector.WsRule(*(int(v) for v in r.split(":"))) for r in spec.split(","))
-        selector.WS_RULES[gpu] = rules
+        selector.WS_RULES[gpu] = tuple(selector.WsRule(*(int(v) for v in r.split(":"))) for r in spec.split(","))
+    else:
+        selector.WS_RULES.update(shipped)
     selector.ws_config.cache_clear()
 
 
@@ -160,11 +162,15 @@ def main():
         "--ws-rules",
         default="",
         help="min_m:max_m:min_n:block_m:block_n:stages,... : selector.WS_RULES for this GPU while the method "
-        "'any4-ws' runs (any4 with the warp-specialised GEMM where a rule matches)",
+        "'any4-ws' runs (any4 with the warp-specialised GEMM where a rule matches); the other methods keep "
+        "the shipped rules",
     )
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     gpu = torch.cuda.get_device_name()
+    from any4ao.kernels import selector
+
+    shipped_ws_rules = dict(selector.WS_RULES)
     base, config = build(args.config, args.layers)
     rows = []
     for method in args.methods.split(","):
@@ -172,7 +178,7 @@ def main():
         torch.cuda.empty_cache()
         model = base if method == "bf16" else copy.deepcopy(base)
         start = time.perf_counter()
-        set_ws_rules(gpu, args.ws_rules if method == "any4-ws" else "")
+        set_ws_rules(gpu, args.ws_rules if method == "any4-ws" else "", shipped_ws_rules)
         if method in ("any4", "any4-ws"):
             quantize_model(
                 model, Any4WeightOnlyConfig(group_size=128), progress=False, calibration="none"

@@ -1,6 +1,6 @@
 """Which kernel serves `x @ W^T` for an Any4Tensor W, and how it is launched. The one place.
 
-Three paths:
+Four paths:
   lut_mma             the fused decode kernel (kernels/lut_mma.py): M <= FUSED_MAX_M rows of x,
                       16-bit x and LUT, nibble-packed codes, groups of a multiple of 32 columns;
   lut_gemm            the fused tensor-core GEMM (kernels/lut_gemm.py) for larger M: same layouts,
