@@ -3,7 +3,7 @@ spills, shared memory, CTAs per SM, the TTGIR operations that say how the K loop
 loop's SASS per looked-up weight (all instructions, ALU-pipe ones, byte permutes).
 
     python benchmarks/inspect_compile.py [--tiles 128x128x64x8x3,...] [--swap both] [--prefetch both]
-        [--mma 8x1x4x1,...] [--out DIR]
+        [--mma 8x1x4x1,...] [--ws 128x128x4,...] [--out DIR]
 
 Triton compiles and ptxas assembles here without a GPU, so a config's resource use costs no device
 time. Integer arguments and pointers carry the divisibility-by-16 hint the GPU launcher gives them
@@ -111,8 +111,10 @@ def resources(compiled):
     return regs, stack
 
 
-def loop_sass(compiled):
-    """Opcode counts of the longest loop (a backward branch) in the kernel's SASS: the K loop."""
+def loop_sass(compiled, holding=None):
+    """Opcode counts of the longest loop (a backward branch) in the kernel's SASS: the K loop. With
+    `holding` (an opcode prefix), the shortest loop that has one: in a warp-specialised kernel the
+    longest backward branch spans partitions and waits, not one partition's loop."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
         cubin.write_bytes(compiled.asm["cubin"])
@@ -126,11 +128,16 @@ def loop_sass(compiled):
         ins = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if ins:
             instructions.append(ins.group(1).strip())
-    loop = (0, -1)
+    loops = []
     for i, ins in enumerate(instructions):
         target = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", ins)
-        if target and labels.get(target.group(1), i) < i and i - labels[target.group(1)] > loop[1] - loop[0]:
-            loop = (labels[target.group(1)], i)
+        if target and labels.get(target.group(1), i) < i:
+            loops.append((labels[target.group(1)], i))
+    if holding is None:
+        loop = max(loops, key=lambda span: span[1] - span[0], default=(0, -1))
+    else:
+        spans = [(a, b) for a, b in loops if any(ins.startswith(holding) for ins in instructions[a : b + 1])]
+        loop = min(spans, key=lambda span: span[1] - span[0], default=(0, -1))
     ops = collections.Counter(
         re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] for ins in instructions[loop[0] : loop[1] + 1]
     )
@@ -217,6 +224,46 @@ def report_mma(block_m, row_tiles, k_warps, prefetch, group=128):
     return config | {"prefetch": prefetch} | summary(compiled, k_warps, 4 * 8 * 2 * row_tiles)
 
 
+WS_SIGNATURE = {
+    "lutw_ptr": "*i32",
+    "s_ptr": "*bf16",
+    "z_ptr": "*bf16",
+    "out_ptr": "*bf16",
+    **{name: "i32" for name in ("M", "N", "K", "stride_sn", "stride_om")},
+}
+
+
+def report_ws(block_m, block_n, stages, group=128, lookup_regs=152):
+    """The warp-specialised Gluon kernel as launch.lut_gemm_ws makes it (bf16, 64-column steps):
+    resources, and the lookup loop's SASS per weight (one W row per lookup thread, two at block_n 64)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    kernel = _kernel_module("lut_gemm_ws").lut_gemm_ws_kernel
+    x_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_layout = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    constexprs = dict(GROUP=group, BLOCK_N=block_n, STAGES=stages, FP16=False, LOOKUP_REGS=lookup_regs, num_warps=4)
+    sig = {
+        "x_desc": f"tensordesc<bf16[{block_m}, 64],{x_layout!r}>",
+        "q_desc": f"tensordesc<u8[{block_n}, 32],{q_layout!r}>",
+        **WS_SIGNATURE,
+    } | {name: "constexpr" for name in constexprs}
+    compiled = triton.compile(GluonASTSource(kernel, sig, constexprs), target=HOPPER, options={"num_warps": 4})
+    regs, stack = resources(compiled)
+    ops = loop_sass(compiled, holding="HFMA2")  # the lookup partition's loop (its pair FMAs)
+    per_thread = block_n * 64 / 128
+    return {
+        "kernel": "lut_gemm_ws",
+        "tile": f"{block_m}x{block_n}x{stages}",
+        "warps": compiled.metadata.num_warps,
+        "registers": regs,
+        "stack_bytes": stack,
+        "shared_bytes": compiled.metadata.shared,
+        "loop_instructions_per_weight": round(sum(ops.values()) / per_thread, 2),
+        "loop_prmt_per_weight": round(ops["PRMT"] / per_thread, 2),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiles", default="128x128x64x8x3,128x128x128x8x3,256x128x64x8x3,128x128x64x16x3,256x128x64x16x3")
@@ -228,6 +275,7 @@ def main():
     p.add_argument(
         "--mma", default="8x1x4x1,16x2x4x1,32x2x4x2", help="lut_mma: block_m x row_tiles x k_warps x prefetch"
     )
+    p.add_argument("--ws", default="", help="lut_gemm_ws (Gluon): block_m x block_n x stages, e.g. 128x128x4")
     p.add_argument("--out", default="", help="also write inspect-compile-sm90.json there")
     args = p.parse_args()
     choice = {"both": (False, True), "on": (True,), "off": (False,)}
@@ -260,6 +308,16 @@ def main():
         print(
             f"{'':8}{bm:>7} {rt:>9} {kw:>7} {pf:>8} {r['registers']:>4} {r['stack_bytes']:>5} {r['ctas_per_sm']:>7} "
             f"{r['loop_instructions_per_weight']:>7} {r['loop_alu_per_weight']:>6} {r['loop_prmt_per_weight']:>6}",
+            flush=True,
+        )
+    for spec in filter(None, args.ws.split(",")):
+        bm, bn, stages = (int(v) for v in spec.split("x"))
+        r = report_ws(bm, bn, stages)
+        rows.append(r)
+        print(
+            f"lut_gemm_ws {r['tile']}: {r['warps']} warps, {r['registers']} registers, {r['stack_bytes']} stack bytes, "
+            f"{r['shared_bytes'] // 1024} KB shared; lookup loop {r['loop_instructions_per_weight']} instructions "
+            f"and {r['loop_prmt_per_weight']} PRMT per weight",
             flush=True,
         )
     if args.out:
