@@ -23,7 +23,7 @@ import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -222,6 +222,23 @@ def _min_step(lut: torch.Tensor) -> torch.Tensor:
     return torch.diff(wide, dim=1).amin()
 
 
+def _value_summary(lut: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> Tuple[bool, bool]:
+    """(LUT rows sorted and scales >= 0, |lut * scale + zero_point| within the dtype's range by a bound
+    from the extremes), from a few reductions read back in one sync. NaN anywhere fails both (it
+    propagates through min / max and fails every comparison); a loose bound is not a failure:
+    dequant_range_ok then decides per group."""
+    dtype = lut.dtype  # one dtype for the three parts (check_structure)
+    stats = torch.stack(
+        [_min_step(lut).to(dtype), *torch.aminmax(scale), *torch.aminmax(zero_point)] + list(torch.aminmax(lut))
+    ).tolist()
+    min_step, s_min, s_max, z_min, z_max, l_min, l_max = stats
+    limit = torch.finfo(dtype).max
+    product_limit = max(limit, torch.finfo(torch.float32).max) if dtype != torch.float64 else float("inf")
+    product = max(abs(l_min), abs(l_max)) * s_max  # float64 (Python) arithmetic: no overflow
+    bounded = product <= product_limit and product + max(abs(z_min), abs(z_max)) <= limit
+    return min_step >= 0 and s_min >= 0, bounded
+
+
 def check_values(t, name: Optional[str] = None) -> None:
     """Value checks of an Any4Tensor `t` (see the module docstring); InvalidAny4TensorError naming
     the tensor, the problem and the first bad position. No-op on meta / fake tensors. A few
@@ -232,19 +249,9 @@ def check_values(t, name: Optional[str] = None) -> None:
     if qdata.shape[0] == 0:
         return
     _check_codes(t, name)  # 3-bit: bit 3 of each nibble clear (codes 0..7); padding codes zero
-    # The good path is a handful of reductions read back in one sync: LUT rows sorted (a NaN
-    # anywhere fails the comparison), the smallest scale, and a bound on |lut * scale + zero| from
-    # the extremes of LUT, scales and zero points (NaN propagates through max / min and fails
-    # every comparison). Only if the bound is too loose, the exact per-group check runs.
-    stats = torch.stack(
-        [_min_step(lut).to(lut.dtype), *torch.aminmax(scale), *torch.aminmax(zero_point)] + list(torch.aminmax(lut))
-    ).tolist()
-    min_step, s_min, s_max, z_min, z_max, l_min, l_max = stats
-    limit = torch.finfo(t.dtype).max
-    product_limit = max(limit, torch.finfo(torch.float32).max) if t.dtype != torch.float64 else float("inf")
-    product = max(abs(l_min), abs(l_max)) * s_max  # float64 (Python) arithmetic: no overflow
-    good = min_step >= 0 and s_min >= 0
-    if good and not (product <= product_limit and product + max(abs(z_min), abs(z_max)) <= limit):
+    # the good path: a few reductions in one sync; only if their bound is too loose, the exact per-group check
+    good, bounded = _value_summary(lut, scale, zero_point)
+    if good and not bounded:
         good = bool(dequant_range_ok(lut, scale, zero_point, t.dtype).all())
     if not good:
         _explain_values(t, name)
@@ -283,19 +290,11 @@ def check_all_values(tensors: Mapping[str, "torch.Tensor"], where: str = "") -> 
             continue
         named(_check_codes, t, name)
         groups.setdefault((t.dtype, t.lut.shape[1], t.lut.device), []).append((name, t))
-    for (dtype, _, _), members in groups.items():
+    for members in groups.values():
         lut = torch.cat([t.lut for _, t in members])
         scale = torch.cat([t.scale.reshape(-1) for _, t in members])
         zero = torch.cat([t.zero_point.reshape(-1) for _, t in members])
-        min_step, s_min, s_max, z_min, z_max, l_min, l_max = torch.stack(
-            [_min_step(lut).to(dtype), *torch.aminmax(scale), *torch.aminmax(zero)] + list(torch.aminmax(lut))
-        ).tolist()
-        limit = torch.finfo(dtype).max
-        product_limit = max(limit, torch.finfo(torch.float32).max) if dtype != torch.float64 else float("inf")
-        product = max(abs(l_min), abs(l_max)) * s_max
-        if not (
-            min_step >= 0 and s_min >= 0 and product <= product_limit and product + max(abs(z_min), abs(z_max)) <= limit
-        ):
+        if not all(_value_summary(lut, scale, zero)):
             for name, t in members:
                 named(check_values, t, name)
 
