@@ -236,12 +236,11 @@ WS_SIGNATURE = {
 def report_ws(block_m, block_n, stages, group=128, lookup_regs=152):
     """The warp-specialised Gluon kernel as launch.lut_gemm_ws makes it (bf16, 64-column steps):
     resources, and the lookup loop's SASS per weight (one W row per lookup thread, two at block_n 64)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    kernel = _kernel_module("lut_gemm_ws").lut_gemm_ws_kernel
-    x_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_layout = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
+    module = _kernel_module("lut_gemm_ws")
+    kernel = module.lut_gemm_ws_kernel
+    x_layout, q_layout = module.tile_layouts()
     constexprs = dict(GROUP=group, BLOCK_N=block_n, STAGES=stages, FP16=False, LOOKUP_REGS=lookup_regs, num_warps=4)
     sig = {
         "x_desc": f"tensordesc<bf16[{block_m}, 64],{x_layout!r}>",

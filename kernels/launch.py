@@ -19,7 +19,14 @@ from torch.library import wrap_triton
 from any4ao.kernels.dequant import dequant_kernel
 from any4ao.kernels.lut_gemm import lut_gemm_kernel
 from any4ao.kernels.lut_mma import lut_mma_kernel
-from any4ao.kernels.selector import GemmConfig, MmaConfig, block_k_within_group, permute_dequantize_applies
+from any4ao.kernels.selector import (
+    WS_BLOCK_K,
+    GemmConfig,
+    MmaConfig,
+    block_k_within_group,
+    permute_dequantize_applies,
+    ws_layout_problems,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -250,30 +257,21 @@ def lut_gemm_ws(
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) on the warp-specialised Gluon kernel (Hopper; lut_gemm_ws.py says
     which layouts it takes). Gluon is imported here: CPU machines never load it."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from any4ao.kernels.lut_gemm_ws import lut_gemm_ws_kernel
+    from any4ao.kernels.lut_gemm_ws import lut_gemm_ws_kernel, tile_layouts
 
-    m, k = x.shape
-    n = qdata.shape[0]
-    block_k = 64
-    problems = []
-    if not (x.dtype in (torch.bfloat16, torch.float16) and lut.dtype == scale.dtype == zero_point.dtype == x.dtype):
-        problems.append(f"x, LUT, scale and zero point of one 16-bit dtype (got {x.dtype}, {lut.dtype}, {scale.dtype})")
-    if lut.shape[1] != 16 or qdata.shape[1] * 2 != k:
-        problems.append(f"4-bit codes, two per byte (got a {lut.shape[1]}-entry LUT, {qdata.shape[1]} bytes per row)")
-    if k % block_k or group_size % block_k:
-        problems.append(f"K and the group size multiples of {block_k} (got K {k}, group {group_size})")
+    problems = ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
     if block_n not in (64, 128):
         problems.append(f"block_n 64 or 128 (got {block_n})")
     if problems:
         raise ValueError("lut_gemm_ws takes " + "; ".join(problems))
+    m, k = x.shape
+    n = qdata.shape[0]
     x = x.contiguous()
-    x_layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_layout = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=8, rank=2)
-    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout)
-    q_desc = TensorDescriptor.from_tensor(qdata, [block_n, block_k // 2], q_layout)
+    x_layout, q_layout = tile_layouts()
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, WS_BLOCK_K], x_layout)
+    q_desc = TensorDescriptor.from_tensor(qdata, [block_n, WS_BLOCK_K // 2], q_layout)
     out = _empty((m, n), x.device, x.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     lut_gemm_ws_kernel[grid](

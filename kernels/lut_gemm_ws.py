@@ -35,6 +35,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+CODE_SWIZZLE = gl.constexpr(32)  # bytes: a code tile's rows are BLOCK_K / 2 = 32 bytes
+
+
+def tile_layouts():
+    """The shared layouts TMA writes the x tile (bf16 / fp16 rows of 128 bytes) and the code tile
+    in; the kernel reads the code tile through a 32-bit view of the same swizzle."""
+    return (
+        gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2),
+        gl.NVMMASharedLayout(swizzle_byte_width=CODE_SWIZZLE.value, element_bitwidth=8, rank=2),
+    )
+
 
 @gluon.jit
 def _prmt(a, b, sel):
@@ -248,8 +259,7 @@ def lut_gemm_ws_kernel(
     # the same bytes as 32-bit pairs (same rows of 128 bytes, same swizzle) and the codes as words
     pair_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
     w_pairs = w_bufs._reinterpret(gl.uint32, [STAGES, BLOCK_N, BLOCK_K // 2], pair_layout)
-    # the launcher's code descriptor: rows of BLOCK_K / 2 = 32 bytes in the 32-byte swizzle
-    word_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=32, element_bitwidth=32, rank=2)
+    word_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=CODE_SWIZZLE, element_bitwidth=32, rank=2)
     q_words = q_bufs._reinterpret(gl.uint32, [STAGES, BLOCK_N, BLOCK_K // 8], word_layout)
 
     load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

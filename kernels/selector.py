@@ -22,7 +22,7 @@ SMs), and GPUs older than sm_80 (no bf16 mma.sync / fma.bf16x2) take dequantize 
 import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -400,6 +400,21 @@ WS_RULES = {}
 WS_BLOCK_K = 64
 
 
+def ws_layout_problems(x, qdata, lut, scale, zero_point, group_size: int) -> List[str]:
+    """What lut_gemm_ws cannot read in these parts, each said in a phrase (empty: it can): x, LUT,
+    scale and zero point of one 16-bit dtype, 4-bit codes two per byte, K and the group size
+    multiples of WS_BLOCK_K (it steps through K 64 columns at a time within a group)."""
+    k = x.shape[1]
+    problems = []
+    if not (x.dtype in (torch.bfloat16, torch.float16) and lut.dtype == scale.dtype == zero_point.dtype == x.dtype):
+        problems.append(f"x, LUT, scale and zero point of one 16-bit dtype (got {x.dtype}, {lut.dtype}, {scale.dtype})")
+    if lut.shape[1] != 16 or qdata.shape[1] * 2 != k:
+        problems.append(f"4-bit codes, two per byte (got a {lut.shape[1]}-entry LUT, {qdata.shape[1]} bytes per row)")
+    if k % WS_BLOCK_K or group_size % WS_BLOCK_K:
+        problems.append(f"K and the group size multiples of {WS_BLOCK_K} (got K {k}, group {group_size})")
+    return problems
+
+
 def ws_applies(
     x: torch.Tensor,
     qdata: torch.Tensor,
@@ -409,19 +424,13 @@ def ws_applies(
     nbits: int,
     group_size: int,
 ) -> bool:
-    """lut_gemm_ws reads x and the codes through TMA (16-byte aligned base and row stride,
-    contiguous rows), 4-bit codes two per byte, x / LUT / scale / zero point of one 16-bit dtype,
-    and steps through K 64 columns at a time within a group."""
-    k = x.shape[1]
+    """lut_gemm_ws takes these parts (ws_layout_problems) and reads x and the codes through TMA:
+    16-byte aligned base and row stride, contiguous rows."""
     return (
         nbits == 4
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and lut.dtype == scale.dtype == zero_point.dtype == x.dtype
+        and not ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
         and lut.is_contiguous()
         and lut.storage_offset() % 2 == 0
-        and k % WS_BLOCK_K == 0
-        and group_size % WS_BLOCK_K == 0
-        and qdata.shape[1] * 2 == k
         and qdata.stride(1) == 1
         and qdata.stride(0) % 16 == 0
         and qdata.data_ptr() % 16 == 0
