@@ -34,6 +34,7 @@ import torch
 from bench_kernels import result_meta
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
+from any4ao.kernels import selector
 
 CONFIGS = {
     "llama3-8b": dict(
@@ -140,8 +141,6 @@ def measure(model, config, batch, compiled=False):
 def set_ws_rules(gpu: str, spec: str, shipped: dict) -> None:
     """selector.WS_RULES: for this GPU the rules "min_m:max_m:min_n:block_m:block_n:stages,..." of
     `spec`, or (empty spec) the rules any4ao ships (`shipped`, a copy taken at start)."""
-    from any4ao.kernels import selector
-
     selector.WS_RULES.clear()
     if spec:
         selector.WS_RULES[gpu] = tuple(selector.WsRule(*(int(v) for v in r.split(":"))) for r in spec.split(","))
@@ -168,8 +167,6 @@ def main():
     args = p.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     gpu = torch.cuda.get_device_name()
-    from any4ao.kernels import selector
-
     shipped_ws_rules = dict(selector.WS_RULES)
     base, config = build(args.config, args.layers)
     rows = []
