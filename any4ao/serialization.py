@@ -180,7 +180,10 @@ _DTYPES = {
 }
 
 
-_READ_CHUNK = 1 << 22
+# 256 KiB: a piece the read just copied is still in the core's L1/L2 when it is hashed. With 4 MiB
+# pieces hashing a 55 MB checkpoint cost +48 % of the read, with 256 KiB +27 % (128 KiB: the same);
+# the read itself costs the same (benchmarks/results/load-validation-NOTE.md)
+_READ_CHUNK = 1 << 18
 
 
 def _read(path: Path, hash_tensors: bool = False):
@@ -191,7 +194,7 @@ def _read(path: Path, hash_tensors: bool = False):
     tensor is read with one readinto into its own storage, and the header is checked first:
     known dtype, shape matching the byte range, ranges inside the file, in order, not overlapping.
     hash_tensors: also return {key: checksum} (the algorithm the metadata names), each tensor read
-    in 4 MiB pieces and each piece hashed right after it is read, while it is still in the CPU's
+    in 256 KiB pieces and each piece hashed right after it is read, while it is still in the CPU's
     cache (hashing the finished tensors from memory cost a second pass: 1.1x the read)."""
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; load_quantized reads one .safetensors file")
@@ -350,9 +353,9 @@ def load_quantized(
     it, all or nothing: each quantized weight replaces the module's parameter in place (no module
     swap, on that parameter's device and in its dtype), the rest is copied by `load_state_dict`. Returns the state dict.
 
-    verify_checksums: compare every tensor's checksum with the file's (about 20 ms per 55 MB on a
-    2-core CPU, see benchmarks/bench_load.py); False skips only that, the structural and value
-    checks always run."""
+    verify_checksums: compare every tensor's checksum with the file's (each piece is hashed as it is
+    read: 3 to 5 ms per 55 MB on a 2-core CPU, see benchmarks/bench_load.py); False skips only
+    that, the structural and value checks always run."""
     path = Path(path)
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"load_quantized: device must be a str or torch.device, got {device!r}")

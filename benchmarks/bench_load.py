@@ -14,9 +14,11 @@ For the state dict alone and installed into a model, with the file in the page c
 evicted from it by posix_fadvise(DONTNEED) before each run ("cold": read from disk). The levels
 take turns (one run of each, --repeats times), so drift in the allocator's and the page cache's
 state falls on all of them alike.
+--chunk-sweep 128,256,1024,4096 also times the read alone (serialization._read, page cache) with
+and without hashing for each read piece size in KiB, the sizes taking turns.
 Writes benchmarks/results/load-validation-cpu.json.
 
-    python benchmarks/bench_load.py [--repeats 15] [--nbits 4]
+    python benchmarks/bench_load.py [--repeats 15] [--nbits 4] [--chunk-sweep 128,256,1024,4096]
 """
 
 import argparse
@@ -75,16 +77,49 @@ def timed(fn, repeats: int, cold_path=None):
     return statistics.median(times), times
 
 
+def chunk_sweep(path: Path, sizes_kib, repeats: int) -> dict:
+    """{size: read and read+hash medians} of serialization._read for each piece size, taking turns."""
+    shipped = serialization._READ_CHUNK
+    times = {(kib, hashed): [] for kib in sizes_kib for hashed in (False, True)}
+    try:
+        for _ in range(repeats):
+            for kib in sizes_kib:
+                serialization._READ_CHUNK = kib << 10
+                for hashed in (False, True):
+                    t0 = time.perf_counter()
+                    out = serialization._read(path, hash_tensors=hashed)
+                    times[(kib, hashed)].append(time.perf_counter() - t0)
+                    del out
+    finally:
+        serialization._READ_CHUNK = shipped
+    sweep = {}
+    for kib in sizes_kib:
+        read, hashed = (statistics.median(times[(kib, h)]) for h in (False, True))
+        sweep[f"{kib}KiB"] = {
+            "read_s": round(read, 5),
+            "read_and_hash_s": round(hashed, 5),
+            "hash_overhead": round(hashed / read - 1, 4),
+        }
+        print(
+            f"read pieces {kib:5d} KiB: read {read * 1e3:6.2f} ms, read + hash {hashed * 1e3:6.2f} ms (+{100 * (hashed / read - 1):.0f} %)"
+        )
+    return sweep
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--nbits", type=int, default=4, choices=(2, 3, 4))
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--chunk-sweep", default="", help="read piece sizes in KiB, comma-separated")
     args = p.parse_args(argv)
     layers, n, k, group = 24, 2048, 2048, 128
     work = Path(tempfile.mkdtemp(prefix="any4ao-bench-load-"))
     path = work / "model.safetensors"
     any4ao.save_quantized(build(layers, n, k, group, args.nbits), path)
+    # first, in a fresh heap: after the loads below, reads into new tensors page-fault more (26 ms
+    # against 8 ms for the same read on the CI machine)
+    sweep = chunk_sweep(path, [int(c) for c in args.chunk_sweep.split(",")], args.repeats) if args.chunk_sweep else None
     model = fresh_model(layers, n, k)
     real_check = serialization.check_all_values
 
@@ -139,7 +174,7 @@ def main(argv=None):
     state = any4ao.load_quantized(path, verify_checksums=False)
     any4 = {k: v for k, v in state.items() if isinstance(v, Any4Tensor)}
     parts = {f"{k}.{p}": getattr(v, p) for k, v in any4.items() for p in Any4Tensor.tensor_data_names}
-    components = {}
+    components = {"read_chunk_sweep": sweep} if sweep else {}
     for label, fn in {
         "value_checks": lambda: real_check(any4, str(path)),
         "checksums_all_tensors": lambda: hash_all(parts),
