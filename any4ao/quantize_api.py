@@ -2,13 +2,15 @@
 
 `quantize_(model, Any4WeightOnlyConfig(), filter_fn=any4ao.default_filter)` is the torchao way;
 torchao passes the handler a module but not its name, so its errors name a layer by type and
-shape. `quantize_model(model, config)` does the same through `quantize_` with three extras: it
-validates every selected layer before touching any (a NaN in layer 20 leaves the model
-unchanged), it restores the original weights if quantization fails midway, and its errors name
-the layer by its path in the model.
+shape (by path with default_filter). torchao's walk quantizes layer after layer and does not undo:
+an error in layer 20 leaves layers 0-19 quantized, and the error says so. `quantize_model(model,
+config)` does the same through `quantize_` with three extras: it validates every selected layer
+before touching any (a NaN in layer 20 leaves the model unchanged), it restores the original
+weights if quantization fails midway, and its errors name the layer by its path in the model.
 """
 
 import dataclasses
+import threading
 import warnings
 import weakref
 from typing import Callable, Optional
@@ -33,6 +35,8 @@ class LayerError(ValueError):
     """A layer could not be quantized; the message starts with the layer's name."""
 
 
+# set while quantize_model runs quantize_: it rolls back on error (plain quantize_ does not)
+_ALL_OR_NOTHING = threading.local()
 # module -> its path, while quantize_model runs quantize_ (torchao's handler gets no name)
 _NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 # module -> the config its weight was quantized with (save_pretrained stores it in config.json)
@@ -149,8 +153,13 @@ def _any4_weight_only_transform(
     try:
         new_weight = quantize_module_weight(module, config, parameter_name)
     except LayerError as e:
-        record_error(e)  # inside from_pretrained's weight conversion: re-raised instead of its RuntimeError
-        raise
+        if record_error(e) or getattr(_ALL_OR_NOTHING, "active", False):
+            raise  # from_pretrained re-raises it instead of its RuntimeError; quantize_model rolls back
+        raise LayerError(
+            f"{e} (torchao's quantize_ changes layers one at a time and does not undo: the layers it "
+            "reached before this one are quantized now; any4ao.quantize_model(model, config) checks every "
+            "layer first and leaves the model unchanged on an error)"
+        ) from e
     setattr(module, parameter_name, nn.Parameter(new_weight, requires_grad=False))
     # without its calibration: the statistics name (hold) the modules, and a value that holds its own
     # weak key keeps the entry, the model and any Hessians alive for good
@@ -328,6 +337,7 @@ def quantize_model(
         return False
 
     _NAMES.update({module: fqn for fqn, module in targets})
+    outer_walk, _ALL_OR_NOTHING.active = getattr(_ALL_OR_NOTHING, "active", False), True
     try:
         quantize_(model, config, filter_fn=selected)
     except BaseException as e:
@@ -338,6 +348,7 @@ def quantize_model(
             raise LayerError(f"layer {current[0]!r}: {e}") from e
         raise
     finally:
+        _ALL_OR_NOTHING.active = outer_walk
         bar.close()
         for _, module in targets:
             _NAMES.pop(module, None)

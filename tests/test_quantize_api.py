@@ -8,7 +8,7 @@ from torch import nn
 from torchao.quantization import quantize_
 
 import any4ao
-from any4ao import Any4Tensor, Any4WeightOnlyConfig, any4_weight_only, default_filter, quantize_model
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, LayerError, any4_weight_only, default_filter, quantize_model
 
 
 def _mlp():
@@ -177,6 +177,29 @@ def test_plain_quantize_names_the_layer_by_path_shape_or_calibration_path():
     stats = any4ao.calibrate(model, input_ids=torch.randint(0, 128, (1, 8)))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj.*NaN"):
         quantize_(model, any4_weight_only(group_size=32, calibration=stats), filter_fn=default_filter)
+
+
+def test_plain_quantize_says_the_layers_before_the_bad_one_are_already_quantized(monkeypatch):
+    model = tiny_llama()
+    _poison(model, "model.layers.1.mlp.up_proj", float("nan"))
+    with pytest.raises(LayerError, match=r"up_proj.*NaN.*does not undo.*quantize_model") as raised:
+        quantize_(model, any4_weight_only(group_size=32), filter_fn=default_filter)
+    assert isinstance(raised.value.__cause__, LayerError)
+    assert 0 < sum(isinstance(p, Any4Tensor) for p in model.parameters())  # what the message warns of
+    calls, real = [], Any4Tensor.from_hp.__func__
+
+    def failing_fifth(cls, *args, **kwargs):  # an error the up-front checks cannot see
+        calls.append(1)
+        if len(calls) == 5:
+            raise ValueError("k-means diverged")
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Any4Tensor, "from_hp", classmethod(failing_fifth))
+    model = tiny_llama()
+    with pytest.raises(LayerError, match="k-means diverged") as raised:
+        quantize_model(model, any4_weight_only(group_size=32), progress=False, calibration="none")
+    assert "does not undo" not in str(raised.value)  # quantize_model rolled back: nothing to warn of
+    assert not any(isinstance(p, Any4Tensor) for p in model.parameters())
 
 
 def test_wrong_shape_and_dtype_weights_are_rejected():

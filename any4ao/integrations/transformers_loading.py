@@ -80,11 +80,13 @@ VERIFY_CHECKSUMS = True
 _errors = threading.local()
 
 
-def record_error(error: Exception) -> None:
-    """Keep one of our errors for from_pretrained to re-raise (a no-op outside from_pretrained)."""
+def record_error(error: Exception) -> bool:
+    """Keep one of our errors for from_pretrained to re-raise; False (and a no-op) outside
+    from_pretrained."""
     pending = getattr(_errors, "pending", None)
     if pending is not None:
         pending.append(error)
+    return pending is not None
 
 
 def _any4_metadata_names(metadata) -> list:
