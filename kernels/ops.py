@@ -110,9 +110,17 @@ def _explain(op: str, qdata, lut, scale, zero_point, nbits, group_size, in_featu
             raise ValueError(f"any4ao.{op}: x is on {x.device}, the weight on {qdata.device}")
 
 
+def _check_in_features(x, in_features) -> None:
+    if in_features != -1 and (x.dim() < 1 or x.shape[-1] != in_features):
+        raise ValueError(
+            f"any4ao.lut_linear: x has shape {tuple(x.shape)}, but the weight has in_features={in_features}"
+        )
+
+
 torch.library.define(
     "any4ao::lut_linear",
-    "(Tensor x, Tensor qdata, Tensor lut, Tensor scale, Tensor zero_point, int nbits, int group_size) -> Tensor",
+    "(Tensor x, Tensor qdata, Tensor lut, Tensor scale, Tensor zero_point, int nbits, int group_size, "
+    "int in_features=-1) -> Tensor",
 )
 
 
@@ -124,12 +132,14 @@ def lut_linear(
     zero_point: torch.Tensor,
     nbits: int,
     group_size: int,
+    in_features: int = -1,
 ) -> torch.Tensor:
-    """x (M, K) @ W^T -> (M, N) in x's dtype. K is read off x: the packed parts cannot tell K = 63 from
-    64 where both pack to the same width and group count, so pass x with the weight's in_features
-    (F.linear on an Any4Tensor checks it against the tensor's own). Likewise a group size that gives
-    the same group count (96 for 64 at K = 128) cannot be told apart: pass the weight's own.
+    """x (M, K) @ W^T -> (M, N) in x's dtype. in_features: the weight's K, checked against x's (F.linear
+    on an Any4Tensor passes it). Without it K is read off x, and the packed parts cannot tell K = 63
+    from 64 where both pack to the same width and group count. A group size that gives the same group
+    count (96 for 64 at K = 128) cannot be told apart either: pass the weight's own.
     Differentiable in x only (the weight is frozen, QLoRA-style)."""
+    _check_in_features(x, in_features)
     _check("lut_linear", qdata, lut, scale, zero_point, nbits, group_size, x.shape[-1], x)
     x = x.contiguous()
     config = choose(x, qdata, lut, scale, zero_point, nbits, group_size)
@@ -168,13 +178,14 @@ def direct_call_applies(x: torch.Tensor) -> bool:
 
 
 @torch.library.register_fake("any4ao::lut_linear")
-def _(x, qdata, lut, scale, zero_point, nbits, group_size):
+def _(x, qdata, lut, scale, zero_point, nbits, group_size, in_features=-1):
+    _check_in_features(x, in_features)
     _check("lut_linear", qdata, lut, scale, zero_point, nbits, group_size, x.shape[-1], x)
     return x.new_empty(x.shape[0], qdata.shape[0])
 
 
 def _lut_linear_setup_context(ctx, inputs, output):
-    x, qdata, lut, scale, zero_point, nbits, group_size = inputs
+    x, qdata, lut, scale, zero_point, nbits, group_size = inputs[:7]
     if any(t.requires_grad for t in (lut, scale, zero_point)):
         warnings.warn(
             "any4ao::lut_linear: lut, scale or zero_point has requires_grad=True but gets no gradient (the op "
@@ -192,7 +203,7 @@ def _lut_linear_backward(ctx, grad_out):
     w = torch.ops.any4ao.dequantize(
         qdata, lut, scale, zero_point, ctx.nbits, ctx.group_size, ctx.in_features, grad_out.dtype
     )
-    return grad_out @ w, None, None, None, None, None, None
+    return (grad_out @ w,) + (None,) * 7
 
 
 torch.library.register_autograd("any4ao::lut_linear", _lut_linear_backward, setup_context=_lut_linear_setup_context)

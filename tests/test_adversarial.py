@@ -755,6 +755,11 @@ def test_custom_ops_check_their_arguments():
     bad = {
         "x K=128": (lambda: lut_linear(torch.randn(4, 128, dtype=torch.bfloat16), *args, 4, 32), "in_features=128"),
         "nbits 2": (lambda: lut_linear(x, *args, 2, 32), "in_features=64 at nbits=2"),
+        # K = 63 packs like 64: only the weight's own in_features tells them apart
+        "x K=63, weight 64": (
+            lambda: lut_linear(x[:, :63].contiguous(), *args, 4, 32, 64),
+            r"\(4, 63\).*in_features=64",
+        ),
         "nbits 5": (lambda: lut_linear(x, *args, 5, 32), "nbits=5"),
         "group 64": (lambda: lut_linear(x, *args, 4, 64), "scale has shape"),
         "group 20": (lambda: lut_linear(x, *args, 4, 20), "group_size=20"),

@@ -72,7 +72,16 @@ def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) ->
         x2 = x.reshape(-1, x.shape[-1])
         # eager inference: the op's body as a plain function, without the dispatcher (host time)
         op = ops.lut_linear if ops.direct_call_applies(x2) else torch.ops.any4ao.lut_linear
-        out = op(x2, weight.qdata, weight.lut, weight.scale, weight.zero_point, weight.nbits, weight.group_size)
+        out = op(
+            x2,
+            weight.qdata,
+            weight.lut,
+            weight.scale,
+            weight.zero_point,
+            weight.nbits,
+            weight.group_size,
+            weight.in_features,
+        )
         out = out.reshape(*x.shape[:-1], weight.out_features)
         return out if bias is None else out + bias
     return F.linear(x, weight.dequantize(x.dtype), bias)
