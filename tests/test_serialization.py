@@ -179,7 +179,7 @@ def test_quantize_on_load_refuses_a_calibration_recorded_on_another_model(tmp_pa
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=config)
 
 
-def test_save_pretrained_records_a_copied_models_layout_and_warns_when_layers_differ(tmp_path):
+def test_save_pretrained_records_a_copied_models_layout_and_each_layers_own_when_they_differ(tmp_path):
     import copy
 
     model = tiny_llama()
@@ -194,10 +194,18 @@ def test_save_pretrained_records_a_copied_models_layout_and_warns_when_layers_di
         filter_fn=lambda m, n: "mlp" in n and isinstance(m, torch.nn.Linear),
     )
     quantize_model(mixed, Any4WeightOnlyConfig(codebook="any3", group_size=32, kmeans_iterations=2))
-    with pytest.warns(UserWarning, match="differ in .bits, group size, kernel preference."):
-        mixed.save_pretrained(tmp_path / "mixed")
+    mixed.save_pretrained(tmp_path / "mixed")
+    saved = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]["quant_type"]
+    per_layer = saved["default"]["_data"]["fqn_to_config"]  # torchao's FqnToConfig: each layer its own
+    layouts = {n: (c["_data"]["codebook"]["_data"], c["_data"]["group_size"]) for n, c in per_layer.items()}
+    assert layouts["model.layers.0.mlp.down_proj"] == ("ANY4", 64)
+    assert layouts["model.layers.1.self_attn.q_proj"] == ("ANY3", 32)
+    assert len(layouts) == sum(isinstance(p, Any4Tensor) for p in mixed.parameters())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed", dtype=torch.float32)
     assert torch.equal(_logits(reloaded), _logits(mixed))  # every weight as stored
+    reloaded.save_pretrained(tmp_path / "again")  # a reloaded mixed model saves again, as it was
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=torch.float32)
+    assert torch.equal(_logits(again), _logits(mixed))
 
 
 def test_registration_is_idempotent():

@@ -298,14 +298,40 @@ def _patch_from_pretrained() -> None:
     PreTrainedModel.from_pretrained = classmethod(from_pretrained)
 
 
+def any4_configs_in(quant_type):
+    """The Any4WeightOnlyConfigs a torchao config holds: itself, or every config of an FqnToConfig
+    (what save_pretrained records for layers quantized differently); None if it holds another kind."""
+    from any4ao.config import Any4WeightOnlyConfig
+
+    if isinstance(quant_type, Any4WeightOnlyConfig):
+        return [quant_type]
+    if type(quant_type).__name__ == "FqnToConfig":
+        configs = [c for c in quant_type.fqn_to_config.values() if c is not None]
+        if configs and all(isinstance(c, Any4WeightOnlyConfig) for c in configs):
+            return configs
+    return None
+
+
+def _without_calibration(quant_type):
+    """quant_type with the calibration statistics of every Any4WeightOnlyConfig in it dropped."""
+    from any4ao.config import Any4WeightOnlyConfig
+
+    def drop(c):
+        return dataclasses.replace(c, calibration=None) if isinstance(c, Any4WeightOnlyConfig) else c
+
+    if type(quant_type).__name__ == "FqnToConfig":
+        return type(quant_type)(
+            type(quant_type.fqn_to_config)((k, drop(c)) for k, c in quant_type.fqn_to_config.items())
+        )
+    return drop(quant_type)
+
+
 def _check_no_calibration(quantization_config) -> None:
     """Calibration statistics name the layers of the model they were recorded on; the model
     from_pretrained builds is another one (and transformers serialises the config to JSON first,
     which failed with a bare TypeError)."""
-    from any4ao.config import Any4WeightOnlyConfig
-
-    quant_type = getattr(quantization_config, "quant_type", None)
-    if isinstance(quant_type, Any4WeightOnlyConfig) and quant_type.calibration is not None:
+    configs = any4_configs_in(getattr(quantization_config, "quant_type", None)) or []
+    if any(c.calibration is not None for c in configs):
         raise ValueError(
             "from_pretrained: TorchAoConfig(quant_type=Any4WeightOnlyConfig(calibration=...)): the statistics "
             "belong to the model they were recorded on, not the one being loaded. Load the model first, then "
@@ -330,11 +356,10 @@ def _requested_dtype(dtype):
 def _check_something_quantized(model, quantization_config, where) -> None:
     """Quantize-on-load with an Any4WeightOnlyConfig that selected no layer (GPT-2: its Conv1D
     layers are no nn.Linear) left a float model, silently: an error, as quantize_model's."""
-    from any4ao.config import Any4WeightOnlyConfig
     from any4ao.quantize_api import nothing_quantized_error
     from any4ao.tensor.any4_tensor import Any4Tensor
 
-    if not isinstance(getattr(quantization_config, "quant_type", None), Any4WeightOnlyConfig):
+    if any4_configs_in(getattr(quantization_config, "quant_type", None)) is None:
         return
     if not any(isinstance(p, Any4Tensor) for p in model.parameters()):
         raise nothing_quantized_error(
@@ -381,31 +406,42 @@ def _cast_any4_weights(model, dtype, where) -> None:
 
 
 def _any4_config_for_save(model):
-    """The Any4WeightOnlyConfig to record in config.json for a model quantized outside transformers:
-    the one quantize_model / quantize_ used (calibration dropped), else one matching the tensors."""
-    from any4ao.config import Any4WeightOnlyConfig
+    """What config.json records for a model quantized outside transformers: the Any4WeightOnlyConfig
+    of its quantized layers (the one quantize_model / quantize_ used, calibration dropped, else one
+    read off the tensors), or, where layers were quantized differently, a torchao FqnToConfig giving
+    each layer its own."""
+    from collections import OrderedDict
+
+    from torchao.quantization import FqnToConfig
+
     from any4ao.quantize_api import CONFIG_OF
     from any4ao.tensor.any4_tensor import Any4Tensor
 
-    weights = {n: p for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
-    layouts = {(w.nbits, w.group_size, w.kernel_preference) for w in weights.values()}
-    if len(layouts) > 1:  # each weight still loads as stored: only the recorded config cannot say it
-        warnings.warn(
-            f"save_pretrained: the quantized layers differ in (bits, group size, kernel preference): "
-            f"{sorted(layouts)}; config.json records one Any4WeightOnlyConfig, the weights keep their own",
-            stacklevel=3,
-        )
-    for module in model.modules():
-        config = CONFIG_OF.get(module)
-        if config is not None:
-            return dataclasses.replace(config, calibration=None)
-    # copied or loaded models: CONFIG_OF knows only the quantized originals; the LUTs tell a fixed grid
-    from any4ao.codebooks.fixed import fixed_codebook_of
+    per_layer = OrderedDict()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Any4Tensor):
+            recorded = CONFIG_OF.get(module)
+            per_layer[name] = (
+                dataclasses.replace(recorded, calibration=None) if recorded is not None else _config_read_off(weight)
+            )
+    distinct = []
+    for config in per_layer.values():
+        if config not in distinct:
+            distinct.append(config)
+    return distinct[0] if len(distinct) == 1 else FqnToConfig(per_layer)
 
-    w = next(iter(weights.values()))
-    grids = {fixed_codebook_of(v.lut, v.nbits) for v in weights.values()}
-    codebook = grids.pop() if len(grids) == 1 and None not in grids else f"any{w.nbits}"
-    return Any4WeightOnlyConfig(codebook=codebook, group_size=w.group_size, kernel_preference=w.kernel_preference)
+
+def _config_read_off(weight):
+    """An Any4WeightOnlyConfig matching a tensor whose own config is not known (a copied or loaded
+    model: CONFIG_OF knows only the quantized originals); the LUT tells a fixed grid."""
+    from any4ao.codebooks.fixed import fixed_codebook_of
+    from any4ao.config import Any4WeightOnlyConfig
+
+    codebook = fixed_codebook_of(weight.lut, weight.nbits) or f"any{weight.nbits}"
+    return Any4WeightOnlyConfig(
+        codebook=codebook, group_size=weight.group_size, kernel_preference=weight.kernel_preference
+    )
 
 
 def _is_torchao_deserialize(conversion) -> bool:
@@ -434,7 +470,6 @@ def _prepare_save(model):
     from transformers import TorchAoConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    from any4ao.config import Any4WeightOnlyConfig
     from any4ao.tensor.any4_tensor import Any4Tensor
 
     quantized = {n for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
@@ -469,13 +504,13 @@ def _prepare_save(model):
 
     if isinstance(hf_quantizer, TorchAoHfQuantizer):
         quant_type = hf_quantizer.quantization_config.quant_type
-        if not isinstance(quant_type, Any4WeightOnlyConfig):
+        if any4_configs_in(quant_type) is None:
             raise ValueError(
                 f"save_pretrained: the model holds Any4Tensor weights but its torchao quantization config is "
                 f"{type(quant_type).__name__}; save it with any4ao.save_quantized instead"
             )
-        if quant_type.calibration is not None:  # statistics of one run: not serialisable, not needed to load
-            hf_quantizer.quantization_config.quant_type = dataclasses.replace(quant_type, calibration=None)
+        # statistics of one run: not serialisable, not needed to load
+        hf_quantizer.quantization_config.quant_type = _without_calibration(quant_type)
         return restore
     method = getattr(getattr(hf_quantizer, "quantization_config", None), "quant_method", None)
     method = getattr(method, "value", method)
