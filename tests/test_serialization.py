@@ -208,6 +208,37 @@ def test_save_pretrained_records_a_copied_models_layout_and_each_layers_own_when
     assert torch.equal(_logits(again), _logits(mixed))
 
 
+def test_quantize_on_load_with_an_fqn_to_config_and_its_round_trip(tmp_path):
+    from collections import OrderedDict
+
+    from torchao.quantization import FqnToConfig
+
+    tiny_llama().save_pretrained(tmp_path / "float")
+    per_layer = FqnToConfig(
+        OrderedDict(
+            [
+                ("re:.*mlp.*", Any4WeightOnlyConfig(group_size=32, kmeans_iterations=2)),
+                ("re:.*self_attn.*", Any4WeightOnlyConfig(codebook="nf4", group_size=64)),
+            ]
+        )
+    )
+    q = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "float", quantization_config=TorchAoConfig(quant_type=per_layer), dtype=torch.float32
+    )
+    groups = {n.split(".")[-2]: p.group_size for n, p in q.named_parameters() if isinstance(p, Any4Tensor)}
+    assert groups == {
+        "q_proj": 64,
+        "k_proj": 64,
+        "v_proj": 64,
+        "o_proj": 64,
+        "gate_proj": 32,
+        "up_proj": 32,
+        "down_proj": 32,
+    }
+    q.save_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)), _logits(q))
+
+
 def test_registration_is_idempotent():
     any4ao.register_with_torchao()
     any4ao.register_with_transformers()
