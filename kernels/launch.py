@@ -26,6 +26,7 @@ from any4ao.kernels.selector import (
     block_k_within_group,
     permute_dequantize_applies,
     ws_layout_problems,
+    ws_tile_problems,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -261,14 +262,13 @@ def lut_gemm_ws(
 
     from any4ao.kernels.lut_gemm_ws import lut_gemm_ws_kernel, tile_layouts
 
+    x = x.contiguous()
     problems = ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
-    if block_n not in (64, 128):
-        problems.append(f"block_n 64 or 128 (got {block_n})")
+    problems += ws_tile_problems(block_m, block_n, stages)
     if problems:
         raise ValueError("lut_gemm_ws takes " + "; ".join(problems))
     m, k = x.shape
     n = qdata.shape[0]
-    x = x.contiguous()
     x_layout, q_layout = tile_layouts()
     x_desc = TensorDescriptor.from_tensor(x, [block_m, WS_BLOCK_K], x_layout)
     q_desc = TensorDescriptor.from_tensor(qdata, [block_n, WS_BLOCK_K // 2], q_layout)

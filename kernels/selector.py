@@ -380,6 +380,11 @@ class WsConfig:
     block_n: int
     stages: int
 
+    def __post_init__(self):
+        problems = ws_tile_problems(self.block_m, self.block_n, self.stages)
+        if problems:
+            raise ValueError("lut_gemm_ws takes " + "; ".join(problems))
+
 
 @dataclass(frozen=True)
 class WsRule:
@@ -392,6 +397,9 @@ class WsRule:
     block_n: int
     stages: int
 
+    def __post_init__(self):
+        WsConfig(self.block_m, self.block_n, self.stages)  # the same tile checks
+
 
 # device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py).
 # Empty: the kernel has not run on a GPU yet (sweep-gemm-NOTE.md, sixth round).
@@ -403,7 +411,10 @@ WS_BLOCK_K = 64
 def ws_layout_problems(x, qdata, lut, scale, zero_point, group_size: int) -> List[str]:
     """What lut_gemm_ws cannot read in these parts, each said in a phrase (empty: it can): x, LUT,
     scale and zero point of one 16-bit dtype, 4-bit codes two per byte, K and the group size
-    multiples of WS_BLOCK_K (it steps through K 64 columns at a time within a group)."""
+    multiples of WS_BLOCK_K (it steps through K 64 columns at a time within a group); x and the
+    codes read by TMA (unit-stride rows, 16-byte aligned base and row stride); the LUT read as
+    contiguous 32-bit words; scale and zero point unit-stride rows with one row stride (the kernel
+    takes one)."""
     k = x.shape[1]
     problems = []
     if not (x.dtype in (torch.bfloat16, torch.float16) and lut.dtype == scale.dtype == zero_point.dtype == x.dtype):
@@ -412,6 +423,31 @@ def ws_layout_problems(x, qdata, lut, scale, zero_point, group_size: int) -> Lis
         problems.append(f"4-bit codes, two per byte (got a {lut.shape[1]}-entry LUT, {qdata.shape[1]} bytes per row)")
     if k % WS_BLOCK_K or group_size % WS_BLOCK_K:
         problems.append(f"K and the group size multiples of {WS_BLOCK_K} (got K {k}, group {group_size})")
+    for name, t in (("x", x), ("qdata", qdata)):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            problems.append(f"{name} with unit-stride rows, 16-byte aligned (TMA; got strides {tuple(t.stride())})")
+    if not lut.is_contiguous() or lut.storage_offset() % 2:
+        problems.append("a contiguous LUT starting on a 32-bit boundary")
+    if scale.stride(1) != 1 or zero_point.stride(1) != 1 or scale.stride(0) != zero_point.stride(0):
+        problems.append(
+            f"scale and zero point with unit-stride rows and one row stride (got {tuple(scale.stride())}, "
+            f"{tuple(zero_point.stride())})"
+        )
+    return problems
+
+
+def ws_tile_problems(block_m: int, block_n: int, stages: int) -> List[str]:
+    """The lut_gemm_ws launches that compile without spills and cannot deadlock, as phrases: the
+    accumulator (block_m x block_n fp32 over 128 threads) at most 128 registers a thread (256 x 128
+    spilled), a wgmma-sized block_m, and a ring of at least 2 slots (with one, the wgmma warps hold
+    the only slot while they wait for the next step's W tile: a hang)."""
+    problems = []
+    if block_n not in (64, 128):
+        problems.append(f"block_n 64 or 128 (got {block_n})")
+    if block_m not in (64, 128, 256) or block_m * block_n > 128 * 128:
+        problems.append(f"block_m 64, 128 or 256 with block_m * block_n <= 128 * 128 (got {block_m} x {block_n})")
+    if not (isinstance(stages, int) and stages >= 2):
+        problems.append(f"stages >= 2 (got {stages})")
     return problems
 
 
@@ -424,20 +460,8 @@ def ws_applies(
     nbits: int,
     group_size: int,
 ) -> bool:
-    """lut_gemm_ws takes these parts (ws_layout_problems) and reads x and the codes through TMA:
-    16-byte aligned base and row stride, contiguous rows."""
-    return (
-        nbits == 4
-        and not ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
-        and lut.is_contiguous()
-        and lut.storage_offset() % 2 == 0
-        and qdata.stride(1) == 1
-        and qdata.stride(0) % 16 == 0
-        and qdata.data_ptr() % 16 == 0
-        and x.stride(1) == 1
-        and (x.stride(0) * x.element_size()) % 16 == 0
-        and x.data_ptr() % 16 == 0
-    )
+    """lut_gemm_ws takes these parts (ws_layout_problems)."""
+    return nbits == 4 and not ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
 
 
 @_cached

@@ -57,6 +57,11 @@ def test_ws_gemm_matches_float64(m, n, k_groups, group_size, dtype, tile, seed):
         ("lut-fp32", "one 16-bit dtype"),
         ("3-bit", "4-bit codes"),
         ("block-n", "block_n 64 or 128"),
+        ("block-m", r"block_m 64, 128 or 256 .*got 256 x 128"),  # the accumulator spills
+        ("one-stage", "stages >= 2"),  # would hang: the wgmma warps hold the only slot
+        ("zero-point-stride", "one row stride"),  # the kernel reads zero points with scale's stride
+        ("strided-lut", "contiguous LUT"),
+        ("misaligned-x", "x with unit-stride rows, 16-byte aligned"),
     ],
 )
 def test_ws_gemm_refuses_layouts_it_cannot_read(case, message):
@@ -67,8 +72,32 @@ def test_ws_gemm_refuses_layouts_it_cannot_read(case, message):
     w = torch.randn(8, 128, dtype=dtype)
     t = Any4Tensor.from_hp(w, codebook=f"any{nbits}", group_size=group_size, kmeans_iterations=1)
     x = torch.randn(2, 128, dtype=torch.bfloat16)
+    qdata, lut, scale, zero_point = _args(t)
+    tile = dict(block_m=128, block_n=128, stages=4)
+    if case == "block-n":
+        tile["block_n"] = 96
+    if case == "block-m":
+        tile["block_m"] = 256
+    if case == "one-stage":
+        tile["stages"] = 1
+    if case == "zero-point-stride":
+        zero_point = torch.zeros(8, 8, dtype=dtype)[:, :2].copy_(zero_point)
+    if case == "strided-lut":
+        lut = lut.t().contiguous().t()
+    if case == "misaligned-x":
+        x = torch.randn(2 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 128)
     with pytest.raises(ValueError, match=message):
-        lut_gemm_ws(x, *_args(t), group_size, block_n=96 if case == "block-n" else 128)
+        lut_gemm_ws(x, qdata, lut, scale, zero_point, group_size, **tile)
+
+
+def test_ws_rules_take_only_launches_that_compile_and_cannot_hang():
+    from any4ao.kernels.selector import WsConfig, WsRule
+
+    assert WsRule(129, 512, 0, 256, 64, 3).block_m == 256
+    with pytest.raises(ValueError, match="stages >= 2"):
+        WsRule(129, 512, 0, 128, 128, 1)
+    with pytest.raises(ValueError, match="block_m"):
+        WsConfig(256, 128, 4)
 
 
 def test_selector_takes_ws_only_where_a_rule_and_the_layout_allow(monkeypatch):
