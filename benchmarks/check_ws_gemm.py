@@ -1,5 +1,7 @@
-"""The warp-specialised Gluon LUT GEMM (kernels/lut_gemm_ws.py) on a Hopper GPU: its error against
-float64 (NaN-poisoned outputs; ragged M and N, fp16) for every config, then its time next to
+"""The warp-specialised Gluon LUT GEMM (kernels/lut_gemm_ws.py) on a Hopper GPU: first a small smoke
+launch of each config under a watchdog (a hang ends the run in --hang-s seconds, naming the config,
+instead of using up the device call; a config that raises is dropped, with its error), then its error
+against float64 (NaN-poisoned outputs; ragged M and N, fp16) for every config, then its time next to
 F.linear on the Any4Tensor (the selector's path today), dequantize + mm and bf16 cuBLAS, in one run
 (CUDA graphs, weights rotated past L2, medians of 20 replays).
 
@@ -7,6 +9,9 @@ F.linear on the Any4Tensor (the selector's path today), dequantize + mm and bf16
 """
 
 import argparse
+import os
+import threading
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +41,38 @@ def run(x, q, cfg):
     return lut_gemm_ws(x, q.qdata, q.lut, q.scale, q.zero_point, GROUP, block_m=bm, block_n=bn, stages=stages)
 
 
+def smoke(configs, hang_s: float):
+    """The configs that ran a small ragged problem (M 100, N 200, two K steps per group) within
+    hang_s seconds and matched float64; a hang exits the process."""
+    w = torch.randn(200, 2 * GROUP, device="cuda", dtype=torch.bfloat16) * 0.02
+    q = Any4Tensor.from_hp(w, group_size=GROUP)
+    x = torch.randn(100, 2 * GROUP, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ q.dequantize(torch.float64).t()
+    ok = []
+    for cfg in configs:
+
+        def hang(cfg=cfg):
+            print(f"smoke: config {cfg} did not finish in {hang_s} s: a hang; stopping", flush=True)
+            os._exit(3)
+
+        timer = threading.Timer(hang_s, hang)
+        timer.start()
+        try:
+            with Poison():
+                y = run(x, q, cfg)
+                torch.cuda.synchronize()
+            err = rel_err(y, ref)
+        except Exception:
+            print(f"smoke: config {cfg} raised, dropped:\n{traceback.format_exc()}", flush=True)
+            continue
+        finally:
+            timer.cancel()
+        print(f"smoke: config {cfg} rel err {err:.1e}", flush=True)
+        if err == err and err < 1e-2:  # bf16 (tests/test_kernels.TOLERANCE)
+            ok.append(cfg)
+    return ok
+
+
 def check_ragged(configs):
     """Every config on shapes no tile divides (M and N ragged, K = 33 groups), bf16 and fp16."""
     worst = 0.0
@@ -61,9 +98,12 @@ def main():
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--configs", default=CONFIGS)
     p.add_argument("--tag", default="")
+    p.add_argument("--hang-s", type=float, default=30.0)
     args = p.parse_args()
     torch.manual_seed(0)
-    configs = parse_configs(args.configs)
+    configs = smoke(parse_configs(args.configs), args.hang_s)
+    if not configs:
+        raise SystemExit("no config passed the smoke test")
     worst_ragged = check_ragged(configs)
     print(f"worst ragged rel err {worst_ragged:.1e}")
     rows = []
