@@ -6,6 +6,8 @@ codebooks can read settings from it without an import cycle.
 """
 
 import enum
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,7 +83,19 @@ def _enum(cls, value, field_name: str):
         raise ValueError(f"{field_name} must be one of {choices}; got {value!r}") from None
 
 
+def _integer(value):
+    """Integers of other types (numpy, torch scalars with __index__) as a Python int; anything else
+    (bool included) unchanged, for the caller's check to refuse by name."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 def _int_in(value, lo: int, hi: int, field_name: str) -> int:
+    value = _integer(value)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ValueError(f"{field_name} must be an int in [{lo}, {hi}], got {value!r}")
     return value
@@ -131,6 +145,8 @@ class Any4WeightOnlyConfig(AOBaseConfig):
         self.codebook = _enum(Codebook, self.codebook, "codebook")
         self.scaling = _enum(Scaling, self.scaling, "scaling")
         self.error_feedback = _enum(ErrorFeedback, self.error_feedback, "error_feedback")
+        if isinstance(self.gptq_damp, numbers.Real) and not isinstance(self.gptq_damp, bool):
+            self.gptq_damp = float(self.gptq_damp)  # numpy / torch scalars: stored (and saved) as a float
         if (
             isinstance(self.gptq_damp, bool)
             or not isinstance(self.gptq_damp, (int, float))
@@ -138,6 +154,7 @@ class Any4WeightOnlyConfig(AOBaseConfig):
         ):
             raise ValueError(f"gptq_damp must be a number in (0, 1], got {self.gptq_damp!r}")
         self.kernel_preference = _enum(KernelPreference, self.kernel_preference, "kernel_preference")
+        self.group_size = _integer(self.group_size)
         if (
             not isinstance(self.group_size, int)
             or isinstance(self.group_size, bool)
@@ -148,8 +165,8 @@ class Any4WeightOnlyConfig(AOBaseConfig):
                 f"group_size must be a multiple of {GROUP_MULTIPLE} between {MIN_GROUP} and {MAX_GROUP}, "
                 f"got {self.group_size!r}"
             )
-        _int_in(self.kmeans_iterations, 0, 10_000, "kmeans_iterations")
-        _int_in(self.refine_rounds, 0, MAX_REFINE_ROUNDS, "refine_rounds")
+        self.kmeans_iterations = _int_in(self.kmeans_iterations, 0, 10_000, "kmeans_iterations")
+        self.refine_rounds = _int_in(self.refine_rounds, 0, MAX_REFINE_ROUNDS, "refine_rounds")
         if self.lut_dtype is not None and self.lut_dtype not in FLOAT_DTYPES:
             raise ValueError(f"lut_dtype must be one of {FLOAT_DTYPES} or None, got {self.lut_dtype!r}")
         if self.calibration is not None and not isinstance(self.calibration, ChannelImportance):

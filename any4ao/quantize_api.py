@@ -275,7 +275,7 @@ def _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, 
 def quantize_model(
     model: nn.Module,
     config: Optional[Any4WeightOnlyConfig] = None,
-    filter_fn: Callable[[nn.Module, str], bool] = default_filter,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = default_filter,
     progress: bool = True,
     tokenizer=None,
     calibration_text: Optional[str] = None,
@@ -297,7 +297,17 @@ def quantize_model(
     Nothing is calibrated when no layer is left to quantize; calibration_text that would go unused
     is an error.
     With error_feedback="gptq" the Hessians are recorded too."""
-    config = config or Any4WeightOnlyConfig()
+    config = Any4WeightOnlyConfig() if config is None else config
+    if not isinstance(config, Any4WeightOnlyConfig):
+        raise TypeError(
+            f"quantize_model: config must be an any4ao.Any4WeightOnlyConfig, got {type(config).__name__} "
+            "(other torchao configs go through torchao's quantize_)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    filter_fn = default_filter if filter_fn is None else filter_fn  # None: the default, as in torchao's quantize_
+    if not callable(filter_fn):
+        raise TypeError(f"quantize_model: filter_fn must be callable (module, fqn) -> bool, got {filter_fn!r}")
     targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
     if not targets and not any(isinstance(p, Any4Tensor) for p in model.parameters()):
         raise nothing_quantized_error(

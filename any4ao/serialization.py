@@ -357,6 +357,8 @@ def load_quantized(
     read: 3 to 5 ms per 55 MB on a 2-core CPU, see benchmarks/bench_load.py); False skips only
     that, the structural and value checks always run."""
     path = Path(path)
+    if not isinstance(verify_checksums, bool):  # "no" would be truthy: verify, against the caller's wish
+        raise TypeError(f"load_quantized: verify_checksums must be a bool, got {verify_checksums!r}")
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"load_quantized: device must be a str or torch.device, got {device!r}")
     device = torch.device(device)  # ValueError/RuntimeError for a name that is no device, before reading
@@ -415,6 +417,28 @@ def _slot(model: nn.Module, name: str):
     return module, attr, "buffer"
 
 
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"  # FSDP2 / TP shards: load_state_dict copies into them
+
+
+def _check_fits(value: torch.Tensor, dtype: torch.dtype, where: str) -> None:
+    """A plain floating tensor cast to a narrower dtype must not overflow to Inf (fp32 values
+    beyond 65504 into an fp16 model): load_state_dict would cast them silently."""
+    if not value.is_floating_point() or not dtype.is_floating_point or value.numel() == 0:
+        return
+    if torch.finfo(dtype).max >= torch.finfo(value.dtype).max:
+        return
+    peak = float(value.abs().amax())
+    if peak != peak or peak == float("inf"):  # NaN / Inf stored as such are not this check's business
+        finite = value[torch.isfinite(value)]
+        peak = float(finite.abs().amax()) if finite.numel() else 0.0
+    if peak > torch.finfo(dtype).max:
+        raise CheckpointError(
+            f"{where}: values up to {peak:.4g} in the file become Inf in this model's {dtype} "
+            f"(largest finite {torch.finfo(dtype).max:.4g})"
+        )
+
+
 def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> None:
     """Check everything first, then change the model; a failure while changing it rolls back the
     parameters it replaced (the copies of plain tensors run last, after every check)."""
@@ -449,19 +473,30 @@ def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> No
             if target.dtype != value.dtype and value.is_floating_point():  # the model's dtype, as load_state_dict
                 try:
                     value = value.to(target.dtype)
-                except ValueError as e:
-                    raise CheckpointError(f"{path}: {name!r}: {e}") from None
+                except ValueError as e:  # (all or nothing here: without NarrowingError's note on model.to())
+                    raise CheckpointError(f"{path}: {name!r}: {getattr(e, 'reason', e)}") from None
             grad = target.requires_grad and not isinstance(value, Any4Tensor)
             replace.append((id(target), module, attr, value, device, grad))
         else:
             if value.is_floating_point() != target.is_floating_point():
                 raise CheckpointError(f"{path}: {name!r} is {value.dtype} in the file, {target.dtype} in the model")
+            if type(target) not in (torch.Tensor, nn.Parameter) and not _is_dtensor(target):
+                raise CheckpointError(
+                    f"{path}: {name!r} is a {type(target).__name__} in this {type(model).__name__} (quantized by "
+                    "another method?); the file holds plain values for it, which load_quantized copies into plain "
+                    "tensors only"
+                )
+            _check_fits(value, target.dtype, f"{path}: {name!r}")
             copy[name] = value
     # build everything that goes in before changing anything
-    made, new = {}, []  # one new parameter per parameter of the model: tied names stay tied
+    made, new, used = {}, [], set()  # one new parameter per parameter of the model: tied names stay tied
     for target_id, m, a, v, d, g in replace:
         if target_id not in made:
-            made[target_id] = nn.Parameter(v.to(d), requires_grad=g)
+            v = v.to(d)
+            if id(v) in used:  # tied in the file, two parameters in this model: each gets its own parts
+                v = v.clone()
+            used.add(id(v))
+            made[target_id] = nn.Parameter(v, requires_grad=g)
         new.append((m, a, made[target_id]))
     originals = [(m, a, m._parameters[a]) for m, a, _ in new]
     try:

@@ -70,6 +70,7 @@ def check_weight(layer: str, weight: torch.Tensor, lut_dtype: Optional[torch.dty
         )
     if _is_data_less(weight):
         raise ValueError(f"layer {layer!r}: cannot quantize a fake tensor (quantize outside torch.compile tracing)")
+    weight = weight.detach()  # a parameter made under inference_mode requires grad but cannot record it
     bad = ~torch.isfinite(weight)
     if bool(bad.any()):
         nan = int(torch.isnan(weight).sum())
@@ -449,12 +450,13 @@ def verify_checksums(
     only: Optional[Iterable[str]] = None,
     meta_keys: Optional[Iterable[str]] = None,
     computed: Optional[Mapping[str, str]] = None,
+    skip_hint: str = "pass verify_checksums=False to load it anyway",
 ) -> None:
     """ChecksumError naming `where` (the file) and the first tensor or metadata entry whose bytes
     differ from the stored checksum. `only`: check just these tensor keys; `meta_keys`: just these
     metadata entries (default: every one the checksums cover); `computed`: checksums of `tensors`
-    already taken (load_quantized hashes each tensor as it reads it). The algorithm is the one the
-    metadata names."""
+    already taken (load_quantized hashes each tensor as it reads it); `skip_hint`: how the caller's
+    users turn verification off. The algorithm is the one the metadata names."""
     algorithm = checksum_algorithm(metadata)
     if expected is None:
         expected = json.loads(metadata[CHECKSUM_KEY])
@@ -467,7 +469,7 @@ def verify_checksums(
         if got[k] != expected[k]:
             raise ChecksumError(
                 f"{where}: tensor {k!r} is corrupt: its {algorithm} is {got[k]}, the file's checksum says {expected[k]} "
-                "(truncated, edited or damaged file; pass verify_checksums=False to load it anyway)"
+                f"(truncated, edited or damaged file; {skip_hint})"
             )
     if meta_keys is None:
         meta_keys = [key[len("meta:") :] for key in expected if key.startswith("meta:")]

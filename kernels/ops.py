@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch.library import triton_op
 
-from any4ao.kernels.launch import dequantize_then_mm, lut_dequantize, lut_gemm, lut_gemm_ws, lut_mma
+from any4ao.kernels.launch import INTERPRET, dequantize_then_mm, lut_dequantize, lut_gemm, lut_gemm_ws, lut_mma
 from any4ao.kernels.selector import GemmConfig, WsConfig, choose
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -110,6 +110,16 @@ def _explain(op: str, qdata, lut, scale, zero_point, nbits, group_size, in_featu
             raise ValueError(f"any4ao.{op}: x is on {x.device}, the weight on {qdata.device}")
 
 
+def _check_triton_device(op: str, t: torch.Tensor) -> None:
+    """Triton launches need CUDA tensors (its interpreter takes CPU ones): a plain error, not the
+    driver's '0 active drivers'."""
+    if t.device.type != "cuda" and not (INTERPRET and t.device.type == "cpu"):
+        raise ValueError(
+            f"any4ao.{op} runs Triton kernels, on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); got "
+            f"{t.device} tensors. On the CPU, F.linear on an Any4Tensor and Any4Tensor.dequantize() compute in torch"
+        )
+
+
 def _check_in_features(x, in_features) -> None:
     if in_features != -1 and (x.dim() < 1 or x.shape[-1] != in_features):
         raise ValueError(
@@ -141,6 +151,7 @@ def lut_linear(
     Differentiable in x only (the weight is frozen, QLoRA-style)."""
     _check_in_features(x, in_features)
     _check("lut_linear", qdata, lut, scale, zero_point, nbits, group_size, x.shape[-1], x)
+    _check_triton_device("lut_linear", x)
     x = x.contiguous()
     config = choose(x, qdata, lut, scale, zero_point, nbits, group_size)
     if config is None:
@@ -225,4 +236,5 @@ def dequantize(
     if dtype not in _FLOATS:
         raise ValueError(f"any4ao.dequantize: output dtype {dtype} is not one of {_FLOATS}")
     _check("dequantize", qdata, lut, scale, zero_point, nbits, group_size, in_features)
+    _check_triton_device("dequantize", qdata)
     return lut_dequantize(qdata, lut, scale, zero_point, nbits, group_size, in_features, dtype)

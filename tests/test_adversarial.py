@@ -1230,3 +1230,152 @@ def test_torchao_quantize_with_the_default_filter_names_the_layer_by_path():
         model.model.layers[1].self_attn.o_proj.weight[2, 3] = float("nan")
     with pytest.raises(LayerError, match=r"layer 'model\.layers\.1\.self_attn\.o_proj': weight has 1 NaN"):
         quantize_(model, CONFIG, filter_fn=any4ao.default_filter)
+
+
+# ----- second hostile sweep (2026-12-07): cases an outside reader found -----
+def test_load_into_a_model_with_another_methods_weight_fails_before_anything_changes(tmp_path):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    save_quantized(tiny_llama(seed=1), tmp_path / "float.safetensors")  # plain values for every weight
+    model = tiny_llama(seed=2)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn == "model.layers.1.mlp.down_proj")
+    params = dict(model.named_parameters())
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r"float\.safetensors: 'model\.layers\.1\.mlp\.down_proj\.weight' is a"):
+        load_quantized(tmp_path / "float.safetensors", model)
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)  # they were copied first, and stayed
+
+
+def test_plain_values_that_overflow_the_models_dtype_are_refused(tmp_path):
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    with torch.no_grad():
+        model.model.norm.weight[3] = 1e6
+    save_quantized(model, tmp_path / "big.safetensors")
+    half = tiny_llama(seed=3).half()
+    before = _snapshot(half)
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight': values up to 1e\+06 .* become Inf"):
+        load_quantized(tmp_path / "big.safetensors", half)
+    _assert_unchanged(half, before)
+
+
+class _Pair(nn.Module):
+    def __init__(self, tie):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+        if tie:
+            self.b.weight = self.a.weight
+
+
+def test_a_tied_file_into_an_untied_model_gives_each_parameter_its_own_parts(tmp_path):
+    tied = _Pair(tie=True)
+    quantize_model(tied, CONFIG, progress=False, calibration="none")
+    save_quantized(tied, tmp_path / "t.safetensors")
+    untied = _Pair(tie=False)
+    load_quantized(tmp_path / "t.safetensors", untied)
+    a, b = untied.a.weight, untied.b.weight
+    assert torch.equal(a.dequantize(), b.dequantize())
+    assert all(getattr(a, p).data_ptr() != getattr(b, p).data_ptr() for p in Any4Tensor.tensor_data_names)
+    again = _Pair(tie=True)
+    load_quantized(tmp_path / "t.safetensors", again)
+    assert again.a.weight is again.b.weight  # a tied model stays tied
+
+
+def test_unpickling_refuses_a_tensor_whose_dtype_is_not_its_parts():
+    t = Any4Tensor.from_hp(torch.randn(16, 64), group_size=32, kmeans_iterations=1)
+    for part in ("lut", "scale", "zero_point"):
+        t.__dict__[part] = t.__dict__[part].bfloat16()
+    buffer = io.BytesIO()
+    torch.save({"w": t}, buffer)
+    buffer.seek(0)
+    with pytest.raises(InvalidAny4TensorError, match="says torch.float32 on cpu, its parts are torch.bfloat16"):
+        torch.load(buffer, weights_only=True)
+
+
+def test_weights_made_under_inference_mode_quantize():
+    with torch.inference_mode():
+        model = tiny_llama()
+        lone = nn.Linear(64, 32)
+    quantize_model(model, CONFIG, progress=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj.weight, Any4Tensor)
+    assert Any4Tensor.from_hp(lone.weight, CONFIG).shape == (32, 64)
+
+
+def test_casts_refuse_only_scales_they_would_change_and_say_so_only_in_model_to(tmp_path):
+    with pytest.warns(UserWarning, match="keep fewer bits"):  # fp16 weights ~1e-5: subnormal fp16 scales
+        native = Any4Tensor.from_hp((torch.randn(8, 64) * 1e-5).half(), CONFIG)
+    assert torch.equal(native.float().half().dequantize(), native.dequantize())  # lossless: allowed
+    tiny = Any4Tensor.from_hp(torch.randn(8, 64) * 1e-7, CONFIG)
+    with pytest.raises(ValueError, match=r"would change by up to .* %\. In model\.to\(\)"):
+        tiny.half()
+    with pytest.warns(UserWarning, match="group scales fall below torch.float16's normal range"):
+        Any4Tensor.from_hp(torch.randn(8, 64) * 3e-7, CONFIG, codebook="int4", lut_dtype=torch.float16)
+    model = nn.Sequential(nn.Linear(64, 8, bias=False))
+    model[0].weight = nn.Parameter(tiny, requires_grad=False)
+    save_quantized(model, tmp_path / "tiny.safetensors")
+    with pytest.raises(CheckpointError, match="would change by up to") as raised:  # all or nothing: no note
+        load_quantized(tmp_path / "tiny.safetensors", nn.Sequential(nn.Linear(64, 8, bias=False)).half())
+    assert "model.to()" not in str(raised.value)
+
+
+def test_the_triton_ops_say_they_need_cuda(monkeypatch):
+    from any4ao.kernels import ops
+
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    t = Any4Tensor.from_hp(torch.randn(32, 64), group_size=32, kmeans_iterations=1)
+    args = (t.qdata, t.lut, t.scale, t.zero_point, 4, 32)
+    with pytest.raises(ValueError, match="lut_linear runs Triton kernels, on CUDA tensors"):
+        ops.lut_linear(torch.randn(4, 64), *args, 64)
+    with pytest.raises(ValueError, match="dequantize runs Triton kernels, on CUDA tensors"):
+        ops.dequantize(*args, 64, torch.float32)
+
+
+def _edit_header(directory, edit):
+    path = directory / "model.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_damaged_save_pretrained_files_name_the_file_and_what_is_missing(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    for case in ("entry", "part", "config"):
+        hf = tmp_path / case
+        shutil.copytree(saved[1] / "hf", hf)
+        if case == "entry":
+            _edit_header(hf, lambda h: h["__metadata__"].pop(f"{LAYER}.weight"))
+            match = rf"{hf}/model\.safetensors: no metadata entry for \['{LAYER}\.weight'\]"
+        elif case == "part":
+            _edit_header(hf, lambda h: h.__setitem__(f"{LAYER}._weight_lutx", h.pop(f"{LAYER}._weight_lut")))
+            match = r"cannot be rebuilt from the parts \['_weight_qdata', '_weight_scale', '_weight_zero_point'\]"
+        else:  # config.json replaced by the base model's: the linears would load random
+            config = json.loads((hf / "config.json").read_text())
+            config.pop("quantization_config")
+            (hf / "config.json").write_text(json.dumps(config))
+            match = "holds any4-quantized weights, but the model's config.json has no quantization_config"
+        with pytest.raises(ValueError, match=match):
+            AutoModelForCausalLM.from_pretrained(hf)
+
+
+def test_wrong_argument_types_are_named():
+    import numpy as np
+
+    model = tiny_llama()
+    for config in ({"group_size": 32}, "any4"):
+        with pytest.raises(TypeError, match="config must be an any4ao.Any4WeightOnlyConfig"):
+            quantize_model(model, config)
+    assert not any(isinstance(p, Any4Tensor) for p in model.parameters())
+    quantize_model(model, CONFIG, filter_fn=None, progress=False, calibration="none")  # None: the default
+    assert not isinstance(model.lm_head.weight, Any4Tensor)
+    numpy_config = Any4WeightOnlyConfig(group_size=np.int64(64), gptq_damp=np.float32(0.05))
+    assert type(numpy_config.group_size) is int and type(numpy_config.gptq_damp) is float
+    with pytest.raises(TypeError, match="hessian must be a bool"):
+        any4ao.calibrate(tiny_llama(), input_ids=IDS, hessian="no")
+    with pytest.raises(TypeError, match="verify_checksums must be a bool"):
+        load_quantized("unused.safetensors", verify_checksums="no")

@@ -43,8 +43,10 @@ class ChannelImportance:
     def __init__(self, statistic: str = "square", hessian: bool = False):
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        if not isinstance(hessian, bool):  # "no" would be truthy: K x K matrices per layer, unasked for
+            raise TypeError(f"hessian must be a bool, got {hessian!r}")
         self.statistic = statistic
-        self.has_hessian = bool(hessian)
+        self.has_hessian = hessian
         self._second_moments: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
         self._fourth_moments: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
         self._sums: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()

@@ -75,6 +75,7 @@ def register_with_transformers_if_loaded() -> None:
 
 # from_pretrained verifies the checksums save_pretrained wrote (False: skip, for speed)
 VERIFY_CHECKSUMS = True
+_SKIP_CHECKSUMS = "set any4ao.integrations.transformers_loading.VERIFY_CHECKSUMS = False to load it anyway"
 # errors our checks raised inside transformers' weight conversion, which catches them and raises a
 # generic RuntimeError after its load report; from_pretrained re-raises the first of ours instead
 _errors = threading.local()
@@ -178,14 +179,21 @@ def _patch_deserialize() -> None:
         full = kwargs.get("full_layer_name") or (args[2] if len(args) > 2 else None)
         metadata = getattr(self.hf_quantizer, "metadata", None) or {}
         where = _where(self.hf_quantizer)
-        any4 = full in metadata and '"Any4Tensor"' in str(metadata.get(full))
+        # an Any4Tensor by its metadata entry, or (entry deleted) by its parts' names
+        any4 = '"Any4Tensor"' in str(metadata.get(full)) or any(str(k).endswith("_lut") for k in input_dict)
         try:
             out = original(self, input_dict, *args, **kwargs)
         except Exception as e:
             if not any4:
                 raise
             error = e if isinstance(e, ValueError) and where in str(e) else None
-            error = error or InvalidAny4TensorError(f"{where}: weight {full!r} cannot be rebuilt: {e}")
+            if error is None:
+                parts = sorted(str(k) for k in input_dict)
+                entry = "" if full in metadata else "; the file has no metadata entry for it (edited file?)"
+                error = InvalidAny4TensorError(
+                    f"{where}: weight {full!r} cannot be rebuilt from the parts {parts} (an Any4Tensor has "
+                    f"{[f'_weight_{p}' for p in Any4Tensor.tensor_data_names]}){entry}: {str(e) or type(e).__name__}"
+                )
             record_error(error)
             raise error from e
         try:
@@ -204,7 +212,7 @@ def _patch_deserialize() -> None:
                 # save_pretrained always writes them with Any4Tensor weights: a file without is edited
                 raise ChecksumError(
                     f"{where}: weight {name!r} is an Any4Tensor but the file holds no checksums (edited file?); "
-                    "set any4ao.integrations.transformers_loading.VERIFY_CHECKSUMS = False to load it anyway"
+                    + _SKIP_CHECKSUMS
                 )
             if VERIFY_CHECKSUMS:
                 parts = {}
@@ -216,7 +224,7 @@ def _patch_deserialize() -> None:
                     expected = json.loads(metadata[CHECKSUM_KEY])
                 except ValueError:
                     raise ChecksumError(f"{where}: the checksum metadata is damaged") from None
-                verify_checksums(parts, metadata, where, expected, meta_keys=[name])
+                verify_checksums(parts, metadata, where, expected, meta_keys=[name], skip_hint=_SKIP_CHECKSUMS)
             try:
                 value.validate_values()
             except InvalidAny4TensorError as e:
@@ -280,6 +288,7 @@ def _patch_from_pretrained() -> None:
             if isinstance(model, torch.nn.Module):
                 where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
                 _check_something_quantized(model, kwargs.get("quantization_config"), where)
+                _check_any4_files_loaded_as_any4(model, where)
                 if dtype is not None:
                     _cast_any4_weights(model, dtype, where)
                 _freeze_any4_weights(model)
@@ -288,6 +297,13 @@ def _patch_from_pretrained() -> None:
             pending = _errors.pending
             if outer and pending:
                 raise pending[0] from e
+            raise
+        except ValueError as e:
+            if str(e) == "Invalid torchao safetensors metadata":  # transformers' words: name file and entries
+                from any4ao.validation import CheckpointError
+
+                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+                raise CheckpointError(f"{e}: {_explain_torchao_metadata(where)}") from e
             raise
         finally:
             if outer:
@@ -324,6 +340,67 @@ def _without_calibration(quant_type):
             type(quant_type.fqn_to_config)((k, drop(c)) for k, c in quant_type.fqn_to_config.items())
         )
     return drop(quant_type)
+
+
+def _local_safetensors_metadata(where):
+    """{file: its safetensors __metadata__ (None if the header is unreadable)} of a local checkpoint
+    directory or file; empty for hub ids and other paths."""
+    import json
+    import struct
+    from pathlib import Path
+
+    path = Path(str(where))
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    found = {}
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            metadata = header.get("__metadata__") or {}
+            found[file] = metadata if isinstance(metadata, dict) else None
+        except (OSError, ValueError, struct.error, AttributeError):
+            found[file] = None
+    return found
+
+
+def _explain_torchao_metadata(where) -> str:
+    """Which safetensors file of a local checkpoint lists tensors in its torchao metadata
+    ("tensor_names") without an entry describing them, as torchao needs."""
+    import json
+
+    found = []
+    for file, metadata in _local_safetensors_metadata(where).items():
+        try:
+            names = json.loads(metadata.get("tensor_names", "[]"))
+        except (AttributeError, TypeError, ValueError):
+            found.append(f"{file}: unreadable header or tensor_names")
+            continue
+        lacking = [t for t in names if not isinstance(metadata.get(t), str)]
+        if lacking:
+            found.append(f"{file}: no metadata entry for {lacking[:5]} (edited file?)")
+    return "; ".join(found) or f"{where}: no file with a missing entry found"
+
+
+def _check_any4_files_loaded_as_any4(model, where) -> None:
+    """A checkpoint whose safetensors hold Any4Tensor weights, loaded without a torchao
+    quantization_config (config.json replaced by the base model's, say), gives a model whose
+    quantized linears are freshly random (transformers only warns of unexpected '_weight_*' keys):
+    an error naming the file."""
+    from any4ao.tensor.any4_tensor import Any4Tensor
+    from any4ao.validation import CheckpointError
+
+    if getattr(model.config, "quantization_config", None) is not None:
+        return
+    if any(isinstance(p, Any4Tensor) for p in model.parameters()):
+        return
+    for file, metadata in _local_safetensors_metadata(where).items():
+        if metadata and any('"Any4Tensor"' in v for v in metadata.values() if isinstance(v, str)):
+            raise CheckpointError(
+                f"{file} holds any4-quantized weights, but the model's config.json has no quantization_config, "
+                "so they were not loaded (its linears are random): restore the quantization_config that "
+                "save_pretrained wrote, or pass quantization_config=TorchAoConfig(quant_type=Any4WeightOnlyConfig(...))"
+            )
 
 
 def _check_no_calibration(quantization_config) -> None:
@@ -399,7 +476,10 @@ def _cast_any4_weights(model, dtype, where) -> None:
                     done[id(param)] = torch.nn.Parameter(param.to(dtype), requires_grad=False)
                 except ValueError as e:
                     name = f"{module_name}.{attr}" if module_name else attr
-                    raise ValueError(f"{where}: weight {name!r} cannot be cast to {dtype}: {e}") from None
+                    # (the load fails whole: without NarrowingError's note on model.to())
+                    raise ValueError(
+                        f"{where}: weight {name!r} cannot be cast to {dtype}: {getattr(e, 'reason', e)}"
+                    ) from None
             casts.append((module, attr, done[id(param)]))
     for module, attr, new in casts:
         module._parameters[attr] = new

@@ -9,6 +9,7 @@ in `any4ao.tensor.linear`, FSDP2's hooks in `any4ao.tensor.fsdp`.
 
 import dataclasses
 import hashlib
+import warnings
 from typing import List, Optional
 
 import torch
@@ -172,11 +173,13 @@ class Any4Tensor(TorchAOBaseTensor):
         E[x x^T], used when config.error_feedback is "gptq"."""
         config = dataclasses.replace(config or Any4WeightOnlyConfig(), **overrides)
         check_weight(name, weight, config.lut_dtype)
+        weight = weight.detach()  # the values only (a parameter made under inference_mode cannot record grad)
         if channel_weight is not None:
             check_channel_weight(name, channel_weight, weight)
         if config.error_feedback.value == "gptq" and hessian is None:
             raise ValueError(f"{name}: error_feedback='gptq' needs the layer's Hessian (hessian=...)")
         q = quantize_weight(weight, config, channel_weight, hessian if config.error_feedback.value == "gptq" else None)
+        _warn_if_scales_subnormal(q.scale, name)
         return cls.from_codes(
             q.codes,
             q.lut,
@@ -297,6 +300,23 @@ class Any4Tensor(TorchAOBaseTensor):
         return 8.0 * self.storage_bytes() / self.numel()
 
 
+def _warn_if_scales_subnormal(scale: torch.Tensor, name: str) -> None:
+    """Group scales below a 16-bit dtype's normal range (weights around 1e-5 in fp16, or fp32 weights
+    stored with lut_dtype=float16) keep only a few bits: say so rather than quantize worse in silence
+    (int4 on fp32 weights ~3e-7 stored in fp16: relative error 0.21 against 0.087 in fp32)."""
+    if scale.dtype not in (torch.float16, torch.bfloat16) or scale.device.type == "meta":
+        return
+    low = (scale != 0) & (scale.abs() < torch.finfo(scale.dtype).tiny)
+    count = int(low.sum())
+    if count:
+        warnings.warn(
+            f"{name}: {count} of {scale.numel()} group scales fall below {scale.dtype}'s normal range "
+            f"(down to {float(scale.abs()[low].min()):.3g}) and keep fewer bits, so those groups quantize with a "
+            f"larger error; lut_dtype=torch.float32 stores them exactly",
+            stacklevel=3,
+        )
+
+
 def _checked_setstate(self, state):
     """Unpickling (torch.load, also weights_only=True): torchao's __setstate__ fills the parts in
     without __init__, so the structural and value checks run here."""
@@ -312,6 +332,14 @@ def _checked_setstate(self, state):
     except ValueError:
         raise InvalidAny4TensorError(f"invalid Any4Tensor {what}: kernel_preference={self.kernel_preference!r}")
     self._check_consistency(what)
+    # the wrapper's dtype and device come from the pickle too: they must be the parts' (construction
+    # takes them from scale and qdata), or ops check x against one dtype and compute in another
+    dtype, device = torch.Tensor.dtype.__get__(self), torch.Tensor.device.__get__(self)
+    if dtype != self.scale.dtype or device != self.qdata.device:
+        raise InvalidAny4TensorError(
+            f"invalid Any4Tensor {what}: the tensor says {dtype} on {device}, its parts are "
+            f"{self.scale.dtype} on {self.qdata.device} (an edited file?)"
+        )
     self.validate_values(what)
 
 

@@ -240,35 +240,49 @@ def _(func, types, args, kwargs):
     return all(torch.equal(getattr(a, name), getattr(b, name)) for name in Any4Tensor.tensor_data_names)
 
 
-# torch converts a module's parameters one by one and cannot be asked to check them all first
-_PARTLY_CONVERTED = (
-    ". In model.to() / .half() the conversion stops at this weight: parameters converted before it are "
-    "already {dtype}, the rest are not"
-)
+class NarrowingError(ValueError):
+    """An Any4Tensor cast to a dtype that cannot hold its values. `reason` is the message without the
+    note on model.to(), for callers that convert all or nothing (the load paths)."""
+
+    def __init__(self, reason: str, dtype: torch.dtype):
+        # torch converts a module's parameters one by one and cannot be asked to check them all first
+        super().__init__(
+            f"{reason}. In model.to() / .half() the conversion stops at this weight: parameters converted "
+            f"before it are already {dtype}, the rest are not"
+        )
+        self.reason = reason
 
 
 def _check_narrowing(old: Any4Tensor, new: Any4Tensor, dtype: torch.dtype) -> None:
-    """`.to(float16)` of weights beyond fp16's range would give Inf weights, and of group scales
-    below its normal range (weights ~1e-8) would keep a few bits or none: refuse both (vectorised,
-    O(rows x groups); skipped on fake tensors while tracing)."""
+    """`.to(float16)` of weights beyond fp16's range would give Inf weights: refused. So are group
+    scales below its normal range (weights ~1e-8) that the cast would change by more than half of
+    fp16's relative step: kept as subnormals they keep a few bits or none. Scales that survive the
+    cast exactly (they came from fp16) pass. Vectorised, O(rows x groups); skipped on fake tensors
+    while tracing."""
     from any4ao.validation import _is_data_less, dequant_range_ok
 
     if _is_data_less(new.scale) or new.qdata.shape[0] == 0:
         return
     finite = all(bool(torch.isfinite(t).all()) for t in (new.lut, new.scale, new.zero_point))
     if not finite or not bool(dequant_range_ok(new.lut, new.scale, new.zero_point, dtype).all()):
-        raise ValueError(
+        raise NarrowingError(
             f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: its values "
-            f"exceed {dtype}'s range (largest finite {torch.finfo(dtype).max:.4g}) and would become Inf"
-            + _PARTLY_CONVERTED.format(dtype=dtype)
+            f"exceed {dtype}'s range (largest finite {torch.finfo(dtype).max:.4g}) and would become Inf",
+            dtype,
         )
     scale = old.scale.abs()
-    if bool(((scale != 0) & (scale < torch.finfo(dtype).tiny)).any()):
-        raise ValueError(
-            f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: group scales "
-            f"down to {float(scale[scale != 0].min()):.3g} fall below {dtype}'s normal range (smallest normal "
-            f"{torch.finfo(dtype).tiny:.3g}) and would lose their precision" + _PARTLY_CONVERTED.format(dtype=dtype)
-        )
+    low = (scale != 0) & (scale < torch.finfo(dtype).tiny)
+    if bool(low.any()):
+        wide = torch.promote_types(old.scale.dtype, torch.float32)
+        change = (new.scale.to(wide).abs() - scale.to(wide)).abs() / scale.to(wide)
+        worst = float(change[low].max())
+        if worst > torch.finfo(dtype).eps / 2:
+            raise NarrowingError(
+                f"Any4Tensor of shape {tuple(old.shape)} cannot be converted from {old.dtype} to {dtype}: group "
+                f"scales down to {float(scale[low].min()):.3g} fall below {dtype}'s normal range (smallest normal "
+                f"{torch.finfo(dtype).tiny:.3g}) and would change by up to {100 * worst:.2g} %",
+                dtype,
+            )
 
 
 # ----- row sharding: what FSDP2's fully_shard does to a parameter (see any4ao/tensor/fsdp.py) -----
