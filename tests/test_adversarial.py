@@ -1331,15 +1331,10 @@ def test_the_triton_ops_say_they_need_cuda(monkeypatch):
         ops.dequantize(*args, 64, torch.float32)
 
 
-def _edit_header(directory, edit):
-    path = directory / "model.safetensors"
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
+def _edit_whole_header(path, edit):
+    header, body = _read_header(path)
     edit(header)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    _write_header(path, header, body)
 
 
 def test_damaged_save_pretrained_files_name_the_file_and_what_is_missing(saved, tmp_path):
@@ -1349,10 +1344,11 @@ def test_damaged_save_pretrained_files_name_the_file_and_what_is_missing(saved, 
         hf = tmp_path / case
         shutil.copytree(saved[1] / "hf", hf)
         if case == "entry":
-            _edit_header(hf, lambda h: h["__metadata__"].pop(f"{LAYER}.weight"))
+            _edit_whole_header(hf / "model.safetensors", lambda h: h["__metadata__"].pop(f"{LAYER}.weight"))
             match = rf"{hf}/model\.safetensors: no metadata entry for \['{LAYER}\.weight'\]"
         elif case == "part":
-            _edit_header(hf, lambda h: h.__setitem__(f"{LAYER}._weight_lutx", h.pop(f"{LAYER}._weight_lut")))
+            rename = lambda h: h.__setitem__(f"{LAYER}._weight_lutx", h.pop(f"{LAYER}._weight_lut"))  # noqa: E731
+            _edit_whole_header(hf / "model.safetensors", rename)
             match = r"cannot be rebuilt from the parts \['_weight_qdata', '_weight_scale', '_weight_zero_point'\]"
         else:  # config.json replaced by the base model's: the linears would load random
             config = json.loads((hf / "config.json").read_text())

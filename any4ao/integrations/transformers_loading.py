@@ -509,6 +509,8 @@ def _any4_config_for_save(model):
     for config in per_layer.values():
         if config not in distinct:
             distinct.append(config)
+    if not distinct:  # Any4Tensors under other parameter names than weight (not quantize_'s): one config
+        return _config_read_off(next(p for p in model.parameters() if isinstance(p, Any4Tensor)))
     return distinct[0] if len(distinct) == 1 else FqnToConfig(per_layer)
 
 
