@@ -56,6 +56,26 @@ def _linear(func, types, args, kwargs):
     return any4_linear(x, w, bias)
 
 
+@implements_torch_function(
+    [torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__]
+    + [torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm]
+)
+def _matmul_under_autocast(func, types, args, kwargs):
+    """Under autocast to another dtype, the weight is dequantized once, to that dtype, as F.linear does
+    (any4_linear): left to autocast, its LUT, scale and zero point would each be rounded to the
+    autocast dtype first and the weight rounded again (x @ W.t() in bf16: 0.82 % max relative error
+    against F.linear's 0.28 %). Otherwise the matmul goes on to the aten ops below."""
+    weight = next(a for a in args if isinstance(a, Any4Tensor))
+    device = weight.qdata.device.type
+    if device != "meta" and torch.is_autocast_enabled(device):
+        cast = torch.get_autocast_dtype(device)
+        if weight.scale.dtype != cast:
+            args = tuple(a.dequantize(cast) if isinstance(a, Any4Tensor) else a for a in args)
+            return func(*args, **(kwargs or {}))
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **(kwargs or {}))
+
+
 def _mm(a, b):
     for name, m in (("mat1", a), ("mat2", b)):  # as torch.mm: matrices only (F.linear takes batched x)
         if m.dim() != 2:
