@@ -168,19 +168,38 @@ def _any4_weight_only_transform(
 
 
 def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
-    """A model already quantized and nothing left to quantize: a re-run with the same layout is a
-    no-op, but a config asking for another layout would be silently ignored, so it is an error."""
+    """A model already quantized and nothing left to quantize: a re-run with the config it was
+    quantized with is a no-op, but another config (layout, dtype, kernel preference, algorithm)
+    would be silently ignored, so it is an error. Calibration statistics are not compared (each
+    run records its own); without a record of the config (a loaded or copied model), the tensors'
+    bits, group size, dtype and kernel preference are."""
+    wanted = dataclasses.replace(config, calibration=None)
     for fqn, module in model.named_modules():
         w = getattr(module, "weight", None)
         if not isinstance(w, Any4Tensor):
             continue
         recorded = CONFIG_OF.get(module)
-        codebook = recorded.codebook if recorded is not None else None
-        if w.nbits != config.bits or w.group_size != config.group_size or codebook not in (None, config.codebook):
-            have = f"{codebook.value if codebook is not None else f'{w.nbits}-bit'} at group {w.group_size}"
+        if recorded is not None:
+            differ = [
+                f.name for f in dataclasses.fields(wanted) if getattr(recorded, f.name) != getattr(wanted, f.name)
+            ]
+            have = f"{recorded.codebook.value} at group {recorded.group_size}"
+        else:
+            differ = [
+                name
+                for name, mine, theirs in (
+                    ("bits", w.nbits, config.bits),
+                    ("group_size", w.group_size, config.group_size),
+                    ("lut_dtype", w.dtype, config.lut_dtype or w.dtype),
+                    ("kernel_preference", w.kernel_preference, config.kernel_preference.value),
+                )
+                if mine != theirs
+            ]
+            have = f"{w.nbits}-bit at group {w.group_size}, {w.dtype}"
+        if differ:
             raise LayerError(
-                f"layer {fqn!r} is already quantized ({have}); quantize_model does not re-quantize, so "
-                f"{config.codebook.value} at group {config.group_size} would be ignored: start from the unquantized model"
+                f"layer {fqn!r} is already quantized ({have}); quantize_model does not re-quantize, so a config "
+                f"that differs in {', '.join(differ)} would be ignored: start from the unquantized model"
             )
 
 
@@ -303,6 +322,7 @@ def quantize_model(
             f"quantize_model: config must be an any4ao.Any4WeightOnlyConfig, got {type(config).__name__} "
             "(other torchao configs go through torchao's quantize_)"
         )
+    config = dataclasses.replace(config)  # its checks again: fields assigned after construction ("nf4")
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
     filter_fn = default_filter if filter_fn is None else filter_fn  # None: the default, as in torchao's quantize_

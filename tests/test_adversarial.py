@@ -1402,3 +1402,92 @@ def test_every_matmul_form_under_autocast_rounds_the_weight_once_as_f_linear_doe
     for name, y in forms.items():
         assert err(y) <= 1.01 * once, name
     assert err(with_bias - bias) < 2 * once
+
+
+# ----- third hostile sweep (2026-12-07): tensor, module and CLI paths -----
+def test_share_memory_shares_the_packed_parts():
+    model = nn.Sequential(nn.Linear(64, 32))
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    x = torch.randn(3, 64)
+    before = model(x)
+    model.share_memory()  # torch reached for the wrapper's storage, which it has not: a segfault
+    w = model[0].weight
+    assert w.is_shared() and all(getattr(w, p).is_shared() for p in Any4Tensor.tensor_data_names)
+    assert torch.equal(model(x), before)
+
+
+def _weight_and_input():
+    torch.manual_seed(0)
+    w = Any4Tensor.from_hp(torch.randn(48, 96), CONFIG)
+    return w, w.dequantize(), torch.randn(5, 96)
+
+
+def test_f_linear_fills_out_and_takes_keywords():
+    w, dense, x = _weight_and_input()
+    out = torch.zeros(5, 48)
+    assert F.linear(x, w, out=out) is out  # out was left all zeros
+    torch.testing.assert_close(out, x @ dense.T)
+    want = x @ dense.T
+    for y in (
+        F.linear(x, weight=w),
+        F.linear(input=x, weight=w, bias=None),
+        torch.mm(x, mat2=w.t()),
+        torch.matmul(input=x, other=w.t()),
+        torch.addmm(input=torch.zeros(48), mat1=x, mat2=w.t()),
+    ):
+        torch.testing.assert_close(y, want)
+    with pytest.raises(RuntimeError, match="out=.* don't support automatic differentiation"):
+        F.linear(x.requires_grad_(), w, out=out)
+
+
+def test_no_matmul_form_gives_the_quantized_weight_a_gradient():
+    w, dense, x = _weight_and_input()
+    p = nn.Parameter(w, requires_grad=True)
+    x = x.requires_grad_()
+    forms = [lambda: x @ p.T, lambda: (p @ x.T).T, lambda: torch.addmm(torch.zeros(48), x, p.T), lambda: F.linear(x, p)]
+    for form in forms:
+        with pytest.warns(UserWarning, match="gets no gradient"):
+            y = form()
+        y.sum().backward()
+    assert p.grad is None  # a dense (48, 96) gradient was stored, which no optimizer step could apply
+    torch.testing.assert_close(x.grad, 4 * torch.ones(5, 48) @ dense)
+    torch.optim.SGD([p], lr=0.1).step()
+
+
+def test_batched_and_transposed_forms_match_dense():
+    w, dense, _ = _weight_and_input()
+    x3 = torch.randn(4, 2, 96).transpose(0, 1)  # non-contiguous: matmul folded it into an expanding bmm
+    torch.testing.assert_close(x3 @ w.T, x3 @ dense.T)
+    b3 = torch.randn(3, 96, 7)
+    torch.testing.assert_close(w @ b3, dense @ b3, rtol=1e-4, atol=1e-4)
+    y3 = torch.randn(2, 3, 48)
+    torch.testing.assert_close(y3 @ w, y3 @ dense, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # F.linear(x, W.T) refused bf16 x under autocast
+        y = F.linear(torch.randn(5, 48, dtype=torch.bfloat16), w.T)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 96)
+
+
+def test_quantize_model_again_with_another_config_is_an_error_and_mutated_configs_are_checked():
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    quantize_model(model, CONFIG, progress=False, calibration="none")  # the same config: a no-op
+    other = dataclasses.replace(CONFIG, lut_dtype=torch.bfloat16, kernel_preference="dequantize")
+    with pytest.raises(LayerError, match="differs in lut_dtype, kernel_preference would be ignored"):
+        quantize_model(model, other, progress=False, calibration="none")
+    config = Any4WeightOnlyConfig(group_size=32)
+    config.codebook = "nf4"  # assigned after construction: checked (and converted) when used
+    lone = nn.Sequential(nn.Linear(64, 32))
+    quantize_model(lone, config, progress=False, calibration="none")
+    assert isinstance(lone[0].weight, Any4Tensor)
+    config.codebook = "bogus"
+    with pytest.raises(ValueError, match="codebook must be one of"):
+        quantize_model(nn.Sequential(nn.Linear(64, 32)), config, progress=False, calibration="none")
+
+
+def test_paired_bootstrap_resolves_nothing_on_fewer_than_six_windows():
+    from any4ao.evaluation.stats import PairedBootstrap
+
+    few = PairedBootstrap({"a": [1.0, 1.1, 1.2], "b": [2.0, 2.1, 2.2]}, [10, 10, 10])
+    assert not few.compare("a", "b").resolved  # every resample of 3 agreeing windows agreed
+    six = PairedBootstrap({"a": [1.0, 1.1, 1.2] * 2, "b": [2.0, 2.1, 2.2] * 2}, [10] * 6)
+    assert six.compare("a", "b").resolved

@@ -53,6 +53,8 @@ def run_main(argv, capsys):
         (["eval", "--out", "/proc/any4ao-out"], "/proc is not writable"),
         (["eval", "--bogus-option"], "unrecognized arguments: --bogus-option"),
         (["eval", "--group-size", "x"], "invalid int value: 'x'"),
+        (["eval", "--kmeans-iterations", "-1"], "--kmeans-iterations must be an int in [0, 10000]"),
+        (["eval", "--methods", "nf4", "--calibration-text", "x.txt"], "none of --methods nf4 calibrates"),
         (["demo", "--group-size", "0"], "--group-size must be a multiple of 16"),
         (["demo", "--methods", "any4+calibration"], "unknown methods 'any4+calibration'"),
         (["demo", "--model", "/nonexistent"], "does not exist"),

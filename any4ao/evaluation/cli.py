@@ -331,7 +331,12 @@ def _check(args):
         raise UsageError("--random-calibration-tokens and --calibration-text are two calibration samples: pass one")
     text = read_text(args.text, "--text")
     calibrated = any(needs_calibration(m) for m in methods)
-    if args.calibration_text and calibrated:
+    if args.calibration_text and not calibrated:
+        raise UsageError(
+            f"--calibration-text {args.calibration_text}: none of --methods {','.join(methods)} calibrates, "
+            "so it would go unused"
+        )
+    if args.calibration_text:
         calibration_text = read_text(args.calibration_text, "--calibration-text")
     else:
         calibration_text = default_calibration_text()
@@ -443,7 +448,7 @@ def _main(argv: List[str]) -> List[EvalRow]:
             "dtype": args.dtype,
             "seed": args.seed,
             "calibration_text": None
-            if args.random_calibration_tokens
+            if args.random_calibration_tokens or not any(needs_calibration(m) for m in methods)
             else args.calibration_text or "any4ao/data/calibration.txt",
             "random_calibration_tokens": args.random_calibration_tokens,
         },

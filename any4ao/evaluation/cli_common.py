@@ -108,7 +108,10 @@ def check_settings(methods: Sequence[str], settings: MethodSettings) -> None:
     try:
         validate_settings(methods, settings)
     except ValueError as e:
-        raise UsageError(str(e).replace("group_size", "--group-size")) from None
+        message = str(e)
+        for field in ("group_size", "kmeans_iterations", "refine_rounds"):  # the options that set them
+            message = message.replace(field, "--" + field.replace("_", "-"))
+        raise UsageError(message) from None
 
 
 def check_positive(value: int, option: str, minimum: int = 1) -> None:

@@ -46,15 +46,20 @@ def _plain_linear_needed(x: torch.Tensor) -> bool:
     return _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None
 
 
-def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
+def warn_if_trainable(weight, stacklevel: int = 3) -> None:
+    """Warned where it matters, in a product, not on requires_grad_ (transformers' loading sets it):
+    the weight gets no gradient on any path."""
     if torch.is_grad_enabled() and weight.requires_grad:
-        # warned here, where it matters, not on requires_grad_ (transformers' loading sets it)
         warnings.warn(
             "an Any4Tensor weight has requires_grad=True but gets no gradient (the packed codes are not "
             "trainable): train adapters (e.g. LoRA) on top, or dequantize to fine-tune",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
+
+
+def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
+    warn_if_trainable(weight)
     if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # (autocast has no meta)
         cast = torch.get_autocast_dtype(x.device.type)
         if x.dtype != cast or weight.scale.dtype != cast:  # F.linear casts both, as for nn.Linear

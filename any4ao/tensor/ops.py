@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import fill_defaults
 
 from any4ao.tensor.any4_tensor import Any4Tensor
-from any4ao.tensor.linear import any4_linear, check_dtype
+from any4ao.tensor.linear import any4_linear, check_dtype, warn_if_trainable
 from any4ao.tensor.packing import codes_per_byte
 
 aten = torch.ops.aten
@@ -42,38 +42,92 @@ def _dense(t):
     return t.dequantize() if isinstance(t, Any4Tensor) else t
 
 
+def _arguments(args, kwargs, names):
+    """The call's arguments by position, keywords filled in (None where absent), and the keywords left."""
+    kwargs = dict(kwargs or {})
+    values = list(args) + [None] * (len(names) - len(args))
+    for i, name in enumerate(names):
+        if name in kwargs:
+            values[i] = kwargs.pop(name)
+    return values, kwargs
+
+
 @implements(aten.linear.default)
 @implements_torch_function(F.linear)
 def _linear(func, types, args, kwargs):
-    x, w, bias = fill_defaults(args, 3, [None])
-    bias = kwargs.get("bias", bias)
+    (x, w, bias), rest = _arguments(args, kwargs, ("input", "weight", "bias"))
+    out = rest.pop("out", None)
+    if rest:
+        raise TypeError(f"linear() got unexpected arguments {sorted(rest)}")
+    if out is None:
+        return _linear_of(func, x, w, bias)
+    # as torch: no autograd through out=, and out takes the result's shape
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, bias)):
+        raise RuntimeError(
+            "linear(): functions with out=... arguments don't support automatic differentiation, "
+            "but one of the arguments requires grad"
+        )
+    result = _linear_of(func, x, w, bias)
+    if out.shape != result.shape:
+        out.resize_(result.shape)
+    return out.copy_(result)
+
+
+def _linear_of(func, x, w, bias):
     if isinstance(x, Any4Tensor) or not isinstance(w, Any4Tensor):
         return func(_dense(x), _dense(w), bias)
     if w.transposed:
         # F.linear(x, W^T) = x @ W: the stored matrix is used without transpose.
+        warn_if_trainable(w, stacklevel=4)
+        device = w.qdata.device.type
+        if device != "meta" and torch.is_autocast_enabled(device):  # as any4_linear: dequantized once
+            return F.linear(x, w.dequantize(torch.get_autocast_dtype(device)), bias)
         check_dtype(x, w)
         return F.linear(x, w.dequantize(x.dtype), bias)
     return any4_linear(x, w, bias)
 
 
-@implements_torch_function(
-    [torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__]
-    + [torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm]
-)
-def _matmul_under_autocast(func, types, args, kwargs):
-    """Under autocast to another dtype, the weight is dequantized once, to that dtype, as F.linear does
-    (any4_linear): left to autocast, its LUT, scale and zero point would each be rounded to the
-    autocast dtype first and the weight rounded again (x @ W.t() in bf16: 0.82 % max relative error
-    against F.linear's 0.28 %). Otherwise the matmul goes on to the aten ops below."""
-    weight = next(a for a in args if isinstance(a, Any4Tensor))
+_MATMULS = [torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__]
+
+
+@implements_torch_function(_MATMULS + [torch.mm, torch.Tensor.mm, torch.addmm, torch.Tensor.addmm])
+def _matmul(func, types, args, kwargs):
+    """The matmul forms, before autograd and autocast see them:
+    - no gradient for the weight, as through F.linear (autograd would otherwise compute a dense
+      (N, K) gradient and store it on the Any4Tensor parameter, where no optimizer can use it);
+    - x @ W with a batched x (3-D and up) as F.linear: matmul would fold it into a bmm that expands
+      the weight, which an Any4Tensor cannot do;
+    - under autocast to another dtype, the weight dequantized once, to that dtype, as F.linear does:
+      left to autocast, its LUT, scale and zero point would each be rounded first and the weight
+      again (x @ W.t() in bf16: 0.79 % max relative error against 0.32 %).
+    Otherwise on to the aten ops below."""
+    kwargs = dict(kwargs or {})
+    operands = list(args) + list(kwargs.values())
+    weight = next(a for a in operands if isinstance(a, Any4Tensor))
+    if weight.requires_grad:
+        warn_if_trainable(weight, stacklevel=4)
+        frozen = weight.detach()
+        args = tuple(frozen if a is weight else a for a in args)
+        kwargs = {k: frozen if v is weight else v for k, v in kwargs.items()}
+        weight = frozen
+    if func in _MATMULS:
+        (a, b), rest = _arguments(args, kwargs, ("input", "other"))
+        if func is torch.Tensor.__rmatmul__:
+            a, b = b, a
+        if not rest and not (isinstance(a, Any4Tensor) and isinstance(b, Any4Tensor)):
+            if isinstance(b, Any4Tensor) and b.dim() == 2 and a.dim() >= 3:
+                return F.linear(a, b.t())  # a @ B = F.linear(a, B^T)
+            if isinstance(a, Any4Tensor) and a.dim() == 2 and b.dim() >= 3:
+                return F.linear(b.mT, a).mT  # W @ b = (b^T @ W^T)^T
     device = weight.qdata.device.type
     if device != "meta" and torch.is_autocast_enabled(device):
         cast = torch.get_autocast_dtype(device)
         if weight.scale.dtype != cast:
             args = tuple(a.dequantize(cast) if isinstance(a, Any4Tensor) else a for a in args)
-            return func(*args, **(kwargs or {}))
+            kwargs = {k: v.dequantize(cast) if isinstance(v, Any4Tensor) else v for k, v in kwargs.items()}
+            return func(*args, **kwargs)
     with torch._C.DisableTorchFunctionSubclass():
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _mm(a, b):
@@ -132,6 +186,21 @@ def _(func, types, args, kwargs):
         "assigning .data of an Any4Tensor would not change the quantized weight; assign a new parameter "
         "(module.weight = nn.Parameter(...)) or load a state dict instead"
     )
+
+
+@implements_torch_function(torch.Tensor.share_memory_)
+def _(func, types, args, kwargs):
+    """Shares the packed parts (torch would reach for the wrapper's own storage, which it does not
+    have, and crash the process)."""
+    w = args[0]
+    for name in Any4Tensor.tensor_data_names:
+        getattr(w, name).share_memory_()
+    return w
+
+
+@implements_torch_function(torch.Tensor.is_shared)
+def _(func, types, args, kwargs):
+    return all(getattr(args[0], name).is_shared() for name in Any4Tensor.tensor_data_names)
 
 
 @implements(aten.transpose.int)
