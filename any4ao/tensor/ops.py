@@ -55,6 +55,8 @@ def _arguments(args, kwargs, names):
 @implements(aten.linear.default)
 @implements_torch_function(F.linear)
 def _linear(func, types, args, kwargs):
+    if not kwargs and len(args) >= 2:  # nn.Linear's call: no keyword handling (host time per call)
+        return _linear_of(func, args[0], args[1], args[2] if len(args) > 2 else None)
     (x, w, bias), rest = _arguments(args, kwargs, ("input", "weight", "bias"))
     out = rest.pop("out", None)
     if rest:
