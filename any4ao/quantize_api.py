@@ -102,8 +102,9 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
         channel_weight = config.calibration.for_module(module, normalized=True)
         if channel_weight is None:
             raise LayerError(
-                f"layer {name!r} has no calibration statistics: it was not called during calibration "
-                f"(or the statistics belong to another model)"
+                f"layer {name!r} has no calibration statistics: it was not called during calibration, or on no "
+                "token (an MoE expert no token was routed to), or the statistics belong to another model; "
+                "calibrate on more text, or leave the layer out with filter_fn"
             )
         check_channel_weight(name, channel_weight, weight)
     hessian = None
@@ -139,7 +140,8 @@ def quantize_module_weight(
     try:
         return Any4Tensor.from_hp(weight.detach(), config, channel_weight, name=name, hessian=hessian)
     except ValueError as e:
-        raise LayerError(f"layer {name!r}: {e}") from e
+        message = str(e)  # from_hp's own errors name the layer already
+        raise LayerError(message if message.startswith(f"layer {name!r}") else f"layer {name!r}: {message}") from e
 
 
 @register_quantize_module_handler(Any4WeightOnlyConfig)
@@ -281,12 +283,11 @@ def _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, 
     try:
         stats = calibrate(model, input_ids=ids, hessian=gptq, filter_fn=filter_fn)
     except Exception as e:
-        if calibration != "auto":
-            raise
+        how = "the default without a tokenizer" if calibration == "auto" else "calibration='random-ids'"
         raise ValueError(
-            f"quantize_model: calibrating the {type(model).__name__} on random token ids (the default without "
-            f"a tokenizer) failed: {type(e).__name__}: {e}. Pass a tokenizer, calibration='none' (plain weight "
-            "error), or Any4WeightOnlyConfig(calibration=any4ao.calibrate(model, input_ids=...))"
+            f"quantize_model: calibrating the {type(model).__name__} on random token ids ({how}) failed: "
+            f"{type(e).__name__}: {e}. Pass a tokenizer, calibration='none' (plain weight error), or "
+            "Any4WeightOnlyConfig(calibration=any4ao.calibrate(model, input_ids=...))"
         ) from e
     return dataclasses.replace(config, calibration=stats)
 
@@ -348,6 +349,12 @@ def quantize_model(
                 stacklevel=2,
             )
     config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
+    sharers = {}  # layers that share one weight: one quantized copy, fitted to all their inputs
+    for fqn, module in targets:
+        sharers.setdefault(id(module.weight), []).append(module)
+    shared = [group for group in sharers.values() if len(group) > 1]
+    if shared and config.calibration is not None:
+        config = dataclasses.replace(config, calibration=config.calibration.merged(shared))
     for fqn, module in targets:  # validate everything before changing anything
         try:
             _checked_inputs(module, config, "weight", fqn)

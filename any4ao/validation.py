@@ -88,8 +88,36 @@ def check_weight(layer: str, weight: torch.Tensor, lut_dtype: Optional[torch.dty
             )
 
 
+def _check_real_tensor(layer: str, what: str, t) -> None:
+    """A real-valued tensor with data (not complex, bool, meta or fake); from_hp moves it to the
+    weight's device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"layer {layer!r}: {what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"layer {layer!r}: {what} must be real-valued, got {t.dtype}")
+    if t.device.type == "meta" or _is_data_less(t):
+        raise ValueError(f"layer {layer!r}: {what} has no values (a meta or fake tensor)")
+
+
+def check_hessian(layer: str, hessian, weight: torch.Tensor) -> None:
+    """GPTQ's layer-input Hessian E[x x^T]: real, (K, K), finite, with a non-negative diagonal (a
+    second moment's; zero marks an unused input)."""
+    _check_real_tensor(layer, "hessian", hessian)
+    k = weight.shape[1]
+    if hessian.shape != (k, k):
+        raise ValueError(f"layer {layer!r}: hessian has shape {tuple(hessian.shape)}, expected ({k}, {k})")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"layer {layer!r}: hessian has NaN or Inf entries")
+    if bool((torch.diagonal(hessian) < 0).any()):
+        raise ValueError(
+            f"layer {layer!r}: hessian has negative diagonal entries, which no E[x x^T] has (first at "
+            f"{int((torch.diagonal(hessian) < 0).nonzero()[0])})"
+        )
+
+
 def check_channel_weight(layer: str, channel_weight: torch.Tensor, weight: torch.Tensor) -> None:
     """Calibration statistics must fit the layer they are applied to and carry information."""
+    _check_real_tensor(layer, "calibration statistics (channel_weight)", channel_weight)
     if channel_weight.shape != (weight.shape[1],):
         raise ValueError(
             f"layer {layer!r}: calibration statistics have shape {tuple(channel_weight.shape)}, "

@@ -1491,3 +1491,77 @@ def test_paired_bootstrap_resolves_nothing_on_fewer_than_six_windows():
     assert not few.compare("a", "b").resolved  # every resample of 3 agreeing windows agreed
     six = PairedBootstrap({"a": [1.0, 1.1, 1.2] * 2, "b": [2.0, 2.1, 2.2] * 2}, [10] * 6)
     assert six.compare("a", "b").resolved
+
+
+# ----- fourth hostile sweep (2026-12-07): calibration and GPTQ inputs -----
+class _SharedWeight(nn.Module):
+    """One weight used by two layers on different inputs (a tied embedding / LM head, in small)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, xa, xb):
+        return self.a(xa) + self.b(xb)
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_a_shared_weight_is_calibrated_on_every_sharers_inputs(gptq):
+    from any4ao.calibration.activation_stats import record_channel_importance
+
+    torch.manual_seed(0)
+    xa, xb = torch.randn(256, 64), torch.randn(256, 64)
+    xa[:, 32:] *= 1e-3  # a sees the first half of the channels, b the second
+    xb[:, :32] *= 1e-3
+    model = _SharedWeight()
+    w = model.a.weight.detach().clone()
+    with record_channel_importance(model, hessian=gptq) as stats:
+        model(xa, xb)
+    config = Any4WeightOnlyConfig(group_size=32, calibration=stats, error_feedback="gptq" if gptq else "none")
+    quantize_model(model, config, progress=False)
+    assert model.a.weight is model.b.weight
+
+    def output_error(q):
+        return sum(float((x @ (w - q).T).square().mean()) for x in (xa, xb))
+
+    plain = Any4Tensor.from_hp(w, group_size=32).dequantize()
+    # calibrated on a's inputs only, b's error was 2.1x plain any4's and the total 1.4x
+    assert output_error(model.a.weight.dequantize()) <= output_error(plain)
+
+
+def test_a_layer_that_saw_no_token_is_named_as_such():
+    class Experts(nn.Module):  # an MoE whose second expert no token is routed to
+        def __init__(self):
+            super().__init__()
+            self.emb, self.experts = nn.Embedding(50, 32), nn.ModuleList([nn.Linear(32, 32) for _ in range(2)])
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, ids, **kwargs):
+            x = self.emb(ids)
+            route = x[..., 0] > 100
+            out = torch.zeros_like(x)
+            out[~route], out[route] = self.experts[0](x[~route]), self.experts[1](x[route])
+            return out
+
+    with pytest.raises(LayerError, match=r"'experts\.1' has no calibration statistics: .* on no token"):
+        quantize_model(Experts(), Any4WeightOnlyConfig(group_size=32), progress=False)
+
+
+def test_from_hp_checks_its_calibration_and_hessian_arguments():
+    torch.manual_seed(4)
+    w, x = torch.randn(16, 96), torch.randn(20, 96) @ torch.randn(96, 96)
+    name = "layer7.q_proj"
+    bad = {
+        "must be a torch.Tensor, got list": dict(channel_weight=[1.0] * 96),
+        "must be real-valued, got torch.complex64": dict(channel_weight=torch.ones(96, dtype=torch.complex64)),
+        "has no values": dict(channel_weight=torch.ones(96, device="meta")),
+        "negative diagonal": dict(error_feedback="gptq", hessian=-torch.eye(96)),  # was taken as the identity
+        "hessian must be real-valued": dict(error_feedback="gptq", hessian=torch.eye(96, dtype=torch.complex64)),
+        "raise gptq_damp \\(now 1e-12\\)": dict(error_feedback="gptq", gptq_damp=1e-12, hessian=x.T @ x / 20),
+    }
+    for message, kwargs in bad.items():
+        with pytest.raises(ValueError, match=rf"layer '{name}': .*{message}"):
+            Any4Tensor.from_hp(w, group_size=32, name=name, **kwargs)

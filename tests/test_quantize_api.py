@@ -342,7 +342,7 @@ class _NeedsMoreInputs(nn.Module):
     "model, kwargs, error, message",
     [
         (_NeedsMoreInputs, {}, ValueError, "on random token ids .* failed: TypeError.*calibration='none'"),
-        (_NeedsMoreInputs, {"calibration": "random-ids"}, TypeError, "decoder_input_ids"),
+        (_NeedsMoreInputs, {"calibration": "random-ids"}, ValueError, "calibration='random-ids'.*decoder_input_ids"),
         (tiny_llama, {"calibration": "text"}, ValueError, "calibration='text' needs a tokenizer"),
         (tiny_llama, {"calibration_text": "some words"}, ValueError, "calibration_text needs the tokenizer"),
         (tiny_llama, {"calibration": "random"}, ValueError, "calibration='random', expected one of"),

@@ -77,6 +77,27 @@ class ChannelImportance:
         self._sums[module] = self._sums.get(module, 0) + stat.sum(0)
         self._counts[module] = self._counts.get(module, 0) + x.shape[0]
 
+    def merged(self, groups) -> "ChannelImportance":
+        """A copy in which every module of each group (layers sharing one weight, e.g. a tied
+        embedding and LM head called on different inputs) holds the group's pooled statistics:
+        the shared weight is quantized once, for all of its inputs, not for the first layer's."""
+        out = ChannelImportance(self.statistic, self.has_hessian)
+        out.names = dict(self.names)
+        tables = ("_second_moments", "_fourth_moments", "_sums", "_counts")
+        for table in tables:
+            getattr(out, table).update(getattr(self, table))
+        for group in groups:
+            for table in tables:
+                mine = getattr(self, table)
+                values = [mine[m] for m in group if m in mine]
+                if values:
+                    total = values[0]
+                    for v in values[1:]:
+                        total = total + v
+                    for m in group:
+                        getattr(out, table)[m] = total
+        return out
+
     def shrinkage_for(self, module: nn.Module) -> Optional[float]:
         """The intensity l in [0, 1] with which hessian_for shrinks E[x x^T] toward its diagonal."""
         if module not in self._second_moments:
@@ -101,18 +122,18 @@ class ChannelImportance:
         """(in_features, in_features) float32 E[x x^T] of the module's inputs shrunk toward its
         diagonal (see the module docstring), or None if the module was never called or the
         statistics were recorded without hessian=True."""
-        if module not in self._second_moments:
+        if module not in self._second_moments or not self._counts.get(module):  # never called, or on no token
             return None
         s = self._second_moments[module] / self._counts[module]
         shrink = self.shrinkage_for(module)
         return (1 - shrink) * s + shrink * torch.diag(torch.diagonal(s))
 
     def for_module(self, module: nn.Module, normalized: bool = False) -> Optional[torch.Tensor]:
-        """(in_features,) float32 mean statistic, or None if the module was never called.
+        """(in_features,) float32 mean statistic, or None if the module was never called (or on no token).
         normalized: divided by its maximum in float64 first (what quantization uses: the k-means
         objective does not depend on the scale, and mean x^2 of activations near 1e-25 underflows
         float32 to all zeros). All-zero statistics stay all zero (and are rejected by quantization)."""
-        if module not in self._sums:
+        if module not in self._sums or not self._counts.get(module):  # never called, or on no token (MoE)
             return None
         mean = self._sums[module] / self._counts[module]
         if normalized:

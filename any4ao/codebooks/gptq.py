@@ -37,7 +37,10 @@ def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0:
                 return upper
-    raise ValueError(f"the layer-input Hessian is not positive definite even with dampening {damp * 10**attempt:g}")
+    raise ValueError(
+        f"the layer-input Hessian is not positive definite even with dampening {damp * 10**attempt:g}: "
+        f"raise gptq_damp (now {damp:g})"
+    )
 
 
 def _row_output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from any4ao.tensor.packing import pack_codes, packed_width, unpack_codes
 from any4ao.validation import (
     InvalidAny4TensorError,
     check_channel_weight,
+    check_hessian,
     check_structure,
     check_values,
     check_weight,
@@ -176,9 +177,18 @@ class Any4Tensor(TorchAOBaseTensor):
         weight = weight.detach()  # the values only (a parameter made under inference_mode cannot record grad)
         if channel_weight is not None:
             check_channel_weight(name, channel_weight, weight)
-        if config.error_feedback.value == "gptq" and hessian is None:
-            raise ValueError(f"{name}: error_feedback='gptq' needs the layer's Hessian (hessian=...)")
-        q = quantize_weight(weight, config, channel_weight, hessian if config.error_feedback.value == "gptq" else None)
+        gptq = config.error_feedback.value == "gptq"
+        if gptq and hessian is None:
+            raise ValueError(f"layer {name!r}: error_feedback='gptq' needs the layer's Hessian (hessian=...)")
+        if gptq:
+            check_hessian(name, hessian, weight)
+            hessian = hessian.to(weight.device)
+        if channel_weight is not None:
+            channel_weight = channel_weight.to(weight.device)
+        try:
+            q = quantize_weight(weight, config, channel_weight, hessian if gptq else None)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from e
         _warn_if_scales_subnormal(q.scale, name)
         return cls.from_codes(
             q.codes,
