@@ -17,12 +17,14 @@ from any4ao.config import (
     any4_weight_only,
 )
 from any4ao.integrations import register_with_torchao, register_with_transformers
+from any4ao.integrations import transformers_loading as _transformers_loading
 from any4ao.quantize_api import LayerError, default_filter, quantize_model
 from any4ao.serialization import load_quantized, save_quantized
 from any4ao.tensor import Any4Tensor
 from any4ao.validation import CheckpointError, ChecksumError, InvalidAny4TensorError
 
 register_with_torchao()
+_transformers_loading.register_when_transformers_loads()
 
 __all__ = [
     "Any4KernelPreference",
@@ -46,6 +48,7 @@ __all__ = [
     "CheckpointError",
     "ChecksumError",
     "InvalidAny4TensorError",
+    "register_with_torchao",
     "register_with_transformers",
 ]
 __version__ = "0.2.0"

@@ -123,8 +123,9 @@ class Any4WeightOnlyConfig(AOBaseConfig):
             back through the inverse of the layer-input Hessian (needs calibration recorded with
             `calibrate(..., hessian=True)`). Learned codebooks only.
         gptq_damp: GPTQ's dampening, a fraction of the Hessian's mean diagonal added to it.
-        lut_dtype: dtype of LUT, scales and zero points (default: the weight's). The quantized layer
-            then takes inputs of this dtype, as nn.Linear takes its weight's.
+        lut_dtype: dtype of LUT, scales and zero points (default: the weight's). The quantized weight
+            then takes inputs of this dtype, as nn.Linear takes its weight's; the layer's bias and the
+            rest of the model keep theirs, so run the model in this dtype (model.to(lut_dtype)).
         kernel_preference: "auto" (fused LUT kernels where they apply) or "dequantize".
         version: format version of the tensors this config makes (torchao's convention).
     """

@@ -111,7 +111,8 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
     if config.error_feedback == ErrorFeedback.GPTQ:
         if config.calibration is None:
             raise LayerError(
-                f"layer {name!r}: error_feedback='gptq' needs calibration=any4ao.calibrate(model, tokenizer, hessian=True)"
+                f"layer {name!r}: error_feedback='gptq' needs the layer inputs' Hessians: pass tokenizer= to "
+                "quantize_model, or calibration=any4ao.calibrate(model, tokenizer, hessian=True) in the config"
             )
         hessian = config.calibration.hessian_for(module)
         if hessian is None:
@@ -203,6 +204,26 @@ def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
                 f"layer {fqn!r} is already quantized ({have}); quantize_model does not re-quantize, so a config "
                 f"that differs in {', '.join(differ)} would be ignored: start from the unquantized model"
             )
+
+
+def _warn_of_ties_broken(model: nn.Module, targets) -> None:
+    """A selected layer whose weight another module also holds (a tied LM head and its input
+    embedding) gets its own quantized copy: the tie ends, and a checkpoint of the model loads only
+    into an untied one. Said, not refused: it is what a filter that selects lm_head asks for."""
+    selected = {id(m.weight): fqn for fqn, m in targets if getattr(m, "weight", None) is not None}
+    chosen = {id(m) for _, m in targets}
+    for fqn, module in model.named_modules():
+        if id(module) in chosen:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in selected:
+                warnings.warn(
+                    f"quantize_model: {selected[id(param)]!r} shares its weight with {fqn}.{pname} "
+                    f"({type(module).__name__}), which is not quantized: the tie ends. Its checkpoint loads "
+                    "into untied models only (e.g. config.tie_word_embeddings=False); the default filter leaves "
+                    "the LM head out",
+                    stacklevel=3,
+                )
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
@@ -349,6 +370,7 @@ def quantize_model(
                 stacklevel=2,
             )
     config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
+    _warn_of_ties_broken(model, targets)
     sharers = {}  # layers that share one weight: one quantized copy, fitted to all their inputs
     for fqn, module in targets:
         sharers.setdefault(id(module.weight), []).append(module)

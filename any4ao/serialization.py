@@ -86,6 +86,12 @@ def _flatten(state: Dict[str, torch.Tensor], path):
         else:
             raise CheckpointError(
                 f"{path}: {name!r} is a {type(value).__name__}; save_quantized stores plain tensors and Any4Tensor only"
+                + (
+                    " (a model sharded by fully_shard: save it before sharding; gathering sharded Any4Tensor "
+                    "weights is not supported)"
+                    if type(value).__name__ == "DTensor"
+                    else ""
+                )
             )
         if key in seen:
             aliases[name] = seen[key]
@@ -454,7 +460,8 @@ def _install(model: nn.Module, state: Dict[str, torch.Tensor], path: Path) -> No
         if first != name and state[first] is not state[name] and not torch.equal(state[first], state[name]):
             raise CheckpointError(
                 f"{path}: {first!r} and {name!r} are one tied parameter in this {type(model).__name__}, "
-                "but the file holds different values for them (saved from an untied model?)"
+                "but the file holds different values for them (saved from an untied model, or from a tied one whose "
+                "LM head alone was quantized, which unties it: load into an untied model)"
             )
     replace, copy = [], {}
     for name, value in state.items():

@@ -1565,3 +1565,22 @@ def test_from_hp_checks_its_calibration_and_hessian_arguments():
     for message, kwargs in bad.items():
         with pytest.raises(ValueError, match=rf"layer '{name}': .*{message}"):
             Any4Tensor.from_hp(w, group_size=32, name=name, **kwargs)
+
+
+# ----- fifth sweep (2026-12-07): the documentation against behaviour -----
+def test_w_times_a_vector_runs_on_the_quantized_weight():
+    w, dense, _ = _weight_and_input()
+    v = torch.randn(96)
+    torch.testing.assert_close(w @ v, dense @ v)  # matmul took aten.mv, which an Any4Tensor lacks
+
+
+def test_quantizing_a_tied_lm_head_alone_says_the_tie_ends(tmp_path):
+    model = tiny_llama(tie=True)
+    every_linear = lambda m, fqn: isinstance(m, nn.Linear)  # noqa: E731  (selects lm_head)
+    with pytest.warns(
+        UserWarning, match=r"'lm_head' shares its weight with model\.embed_tokens\.weight .* the tie ends"
+    ):
+        quantize_model(model, CONFIG, filter_fn=every_linear, progress=False, calibration="none")
+    save_quantized(model, tmp_path / "q.safetensors")
+    with pytest.raises(CheckpointError, match="LM head alone was quantized, which unties it"):
+        load_quantized(tmp_path / "q.safetensors", tiny_llama(tie=True))

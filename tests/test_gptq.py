@@ -125,7 +125,7 @@ def test_gptq_needs_hessians():
     stats = calibrate(model, input_ids=torch.randint(0, 128, (1, 16)))
     with pytest.raises(ValueError, match="hessian=True"):
         Any4WeightOnlyConfig(error_feedback="gptq", calibration=stats)
-    with pytest.raises(LayerError, match="needs calibration"):
+    with pytest.raises(LayerError, match="needs the layer inputs. Hessians"):
         quantize_model(model, Any4WeightOnlyConfig(group_size=32, error_feedback="gptq"), progress=False)
 
 

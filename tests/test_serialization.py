@@ -265,7 +265,7 @@ reloaded = AutoModelForCausalLM.from_pretrained({path!r} + "/any4", dtype=torch.
 assert isinstance(reloaded.model.layers[1].mlp.gate_proj.weight, any4ao.Any4Tensor)
 ids = torch.arange(12).reshape(1, 12)
 assert torch.equal(reloaded(ids).logits, model(ids).logits)
-assert transformers_loading._registered  # done when from_pretrained imported the torchao quantizer
+assert transformers_loading._registered  # done when transformers' models loaded
 print("ok")
 """
 
@@ -279,6 +279,57 @@ def test_import_defers_transformers_and_registers_when_it_loads(tmp_path):
     from pathlib import Path
 
     code = LAZY_REGISTRATION.format(tests=str(Path(__file__).parent), path=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+FIRST_LOAD = """
+import sys, torch
+import any4ao
+from transformers import AutoModelForCausalLM
+assert "transformers.modeling_utils" not in sys.modules or any4ao.integrations.transformers_loading._registered
+path, case = {path!r}, {case!r}
+if case == "dtype":
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(w, any4ao.Any4Tensor) and w.dtype == torch.bfloat16 and not w.requires_grad, (w.dtype, w.requires_grad)
+else:
+    try:
+        AutoModelForCausalLM.from_pretrained(path)
+    except any4ao.ChecksumError as e:
+        assert "is corrupt" in str(e)
+    else:
+        raise AssertionError("a corrupt checkpoint loaded")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("case", ["dtype", "corrupt"])
+def test_the_first_from_pretrained_in_a_process_is_checked_and_cast(tmp_path, case):
+    """Registration used to happen inside the first from_pretrained (when the checkpoint's config
+    built an Any4WeightOnlyConfig), too late for that call: its dtype= left the Any4Tensors fp32
+    (the first forward failed) and a corrupt file gave transformers' generic RuntimeError. Now
+    `import any4ao` registers as soon as transformers' models load."""
+    import os
+    import subprocess
+    import sys
+
+    model = _quantized()
+    model.save_pretrained(tmp_path / "hf")
+    if case == "corrupt":
+        path = tmp_path / "hf" / "model.safetensors"
+        data = bytearray(path.read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        start = json.loads(data[8 : 8 + n])["model.layers.0.mlp.up_proj._weight_qdata"]["data_offsets"][0]
+        data[8 + n + start] ^= 0x10
+        path.write_bytes(bytes(data))
+    code = FIRST_LOAD.format(path=str(tmp_path / "hf"), case=case)
     done = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

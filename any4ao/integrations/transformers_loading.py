@@ -6,10 +6,10 @@ quantized weight by a fixed list of suffixes (`_weight_qdata`, `_weight_scale`,
 `lut` to that list, so `AutoModelForCausalLM.from_pretrained(path)` rebuilds the Any4Tensor weights
 without re-quantizing.
 
-When: every HF flow builds an Any4WeightOnlyConfig after importing transformers (the user's
-`TorchAoConfig(quant_type=Any4WeightOnlyConfig())`, or transformers parsing a checkpoint's
-config.json), so the config calls `register_with_transformers_if_loaded()`. `import any4ao` alone
-never imports transformers; `register_with_transformers()` can also be called explicitly.
+When: `import any4ao` registers at once if transformers' models are loaded, else right after they
+load (`register_when_transformers_loads`, an import hook: `import any4ao` alone never imports
+transformers). Every Any4WeightOnlyConfig also calls `register_with_transformers_if_loaded()`, and
+`register_with_transformers()` can be called explicitly.
 
 Two shapes of transformers are handled (both verified by tests/test_serialization.py):
   - newer releases (5.23+) list the suffixes in the quantizer's `serialized_names` property;
@@ -71,6 +71,73 @@ def register_with_transformers_if_loaded() -> None:
     """Register if transformers has been imported (never imports it otherwise)."""
     if not _registered and "transformers" in sys.modules:
         register_with_transformers()
+
+
+# PreTrainedModel (whose from_pretrained / save_pretrained registration wraps) lives here
+_MODELING = "transformers.modeling_utils"
+
+
+def register_when_transformers_loads() -> None:
+    """Register now if transformers' models are loaded, else right after they are (an import hook;
+    `import any4ao` still imports no transformers). Without it, the first from_pretrained of an any4
+    checkpoint in a process ran unwrapped: registration happened inside it, when the checkpoint's
+    config built an Any4WeightOnlyConfig, too late for its dtype cast and its errors."""
+    if _registered:
+        return
+    if _MODELING in sys.modules:
+        register_with_transformers_if_loaded()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_MODELING, register_with_transformers))
+
+
+class _AfterImport:
+    """A meta-path finder that lets the normal finders find module `name`, and runs `callback` once
+    the module has executed (a post-import hook, as wrapt's). Failures of the callback only warn:
+    the user's import must not break."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback, self._finding = name, callback, False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name or self._finding:
+            return None
+        import importlib.util
+
+        self._finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._finding = False
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _LoaderThenCall(spec.loader, self)
+        return spec
+
+    def done(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        try:
+            self.callback()
+        except Exception as e:  # (registration must never break the user's import of transformers)
+            warnings.warn(f"any4ao: registering with transformers failed ({type(e).__name__}: {e})", stacklevel=2)
+
+
+class _LoaderThenCall:
+    """The module's own loader, with the hook's callback after exec_module; everything else (get_source
+    for inspect, ...) is the loader's."""
+
+    def __init__(self, loader, hook: _AfterImport):
+        self._loader, self._hook = loader, hook
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._hook.done()
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
 
 
 # from_pretrained verifies the checksums save_pretrained wrote (False: skip, for speed)

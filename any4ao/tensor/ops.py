@@ -121,6 +121,8 @@ def _matmul(func, types, args, kwargs):
                 return F.linear(a, b.t())  # a @ B = F.linear(a, B^T)
             if isinstance(a, Any4Tensor) and a.dim() == 2 and b.dim() >= 3:
                 return F.linear(b.mT, a).mT  # W @ b = (b^T @ W^T)^T
+            if isinstance(a, Any4Tensor) and a.dim() == 2 and b.dim() == 1:
+                return F.linear(b, a)  # W @ v (matmul would take aten.mv)
     device = weight.qdata.device.type
     if device != "meta" and torch.is_autocast_enabled(device):
         cast = torch.get_autocast_dtype(device)
