@@ -176,16 +176,15 @@ def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
     would be silently ignored, so it is an error. Calibration statistics are not compared (each
     run records its own); without a record of the config (a loaded or copied model), the tensors'
     bits, group size, dtype and kernel preference are."""
-    wanted = dataclasses.replace(config, calibration=None)
     for fqn, module in model.named_modules():
         w = getattr(module, "weight", None)
         if not isinstance(w, Any4Tensor):
             continue
         recorded = CONFIG_OF.get(module)
-        if recorded is not None:
-            differ = [
-                f.name for f in dataclasses.fields(wanted) if getattr(recorded, f.name) != getattr(wanted, f.name)
-            ]
+        if recorded is not None:  # (lut_dtype None means the weight's: compared as what it resolved to)
+            have = dataclasses.replace(recorded, lut_dtype=recorded.lut_dtype or w.dtype)
+            wanted = dataclasses.replace(config, calibration=None, lut_dtype=config.lut_dtype or w.dtype)
+            differ = [f.name for f in dataclasses.fields(wanted) if getattr(have, f.name) != getattr(wanted, f.name)]
             have = f"{recorded.codebook.value} at group {recorded.group_size}"
         else:
             differ = [
@@ -370,13 +369,6 @@ def quantize_model(
                 stacklevel=2,
             )
     config = _calibrated(model, config, targets, filter_fn, tokenizer, calibration_text, calibration)
-    _warn_of_ties_broken(model, targets)
-    sharers = {}  # layers that share one weight: one quantized copy, fitted to all their inputs
-    for fqn, module in targets:
-        sharers.setdefault(id(module.weight), []).append(module)
-    shared = [group for group in sharers.values() if len(group) > 1]
-    if shared and config.calibration is not None:
-        config = dataclasses.replace(config, calibration=config.calibration.merged(shared))
     for fqn, module in targets:  # validate everything before changing anything
         try:
             _checked_inputs(module, config, "weight", fqn)
@@ -384,6 +376,13 @@ def quantize_model(
             raise
         except ValueError as e:
             raise LayerError(str(e)) from e
+    _warn_of_ties_broken(model, targets)
+    sharers = {}  # layers that share one weight: one quantized copy, fitted to all their inputs
+    for fqn, module in targets:
+        sharers.setdefault(id(module.weight), []).append(module)
+    shared = [group for group in sharers.values() if len(group) > 1]
+    if shared and config.calibration is not None:
+        config = dataclasses.replace(config, calibration=config.calibration.merged(shared))
     originals = {module: module.weight for _, module in targets}
     bar = _progress_bar(len(targets), f"any4ao {config.codebook.value}", progress)
     current = []  # the layer quantize_ is working on, for the error message

@@ -438,7 +438,9 @@ def _check_fits(value: torch.Tensor, dtype: torch.dtype, where: str) -> None:
     if peak != peak or peak == float("inf"):  # NaN / Inf stored as such are not this check's business
         finite = value[torch.isfinite(value)]
         peak = float(finite.abs().amax()) if finite.numel() else 0.0
-    if peak > torch.finfo(dtype).max:
+    top = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+    step = float(top) - float(torch.nextafter(top, torch.zeros((), dtype=dtype)))
+    if peak >= float(top) + step / 2:  # round to nearest: below max + half a step still rounds to max
         raise CheckpointError(
             f"{where}: values up to {peak:.4g} in the file become Inf in this model's {dtype} "
             f"(largest finite {torch.finfo(dtype).max:.4g})"

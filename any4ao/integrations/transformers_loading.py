@@ -355,7 +355,7 @@ def _patch_from_pretrained() -> None:
             if isinstance(model, torch.nn.Module):
                 where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
                 _check_something_quantized(model, kwargs.get("quantization_config"), where)
-                _check_any4_files_loaded_as_any4(model, where)
+                _check_any4_files_loaded_as_any4(model, where, kwargs)
                 if dtype is not None:
                     _cast_any4_weights(model, dtype, where)
                 _freeze_any4_weights(model)
@@ -370,7 +370,7 @@ def _patch_from_pretrained() -> None:
                 from any4ao.validation import CheckpointError
 
                 where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-                raise CheckpointError(f"{e}: {_explain_torchao_metadata(where)}") from e
+                raise CheckpointError(f"{e}: {_explain_torchao_metadata(where, kwargs)}") from e
             raise
         finally:
             if outer:
@@ -409,15 +409,46 @@ def _without_calibration(quant_type):
     return drop(quant_type)
 
 
-def _local_safetensors_metadata(where):
-    """{file: its safetensors __metadata__ (None if the header is unreadable)} of a local checkpoint
-    directory or file; empty for hub ids and other paths."""
+def _with_variant(name: str, variant) -> str:
+    """transformers' naming of a variant's file: model.safetensors -> model.fp16.safetensors."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join(parts[:-1] + [variant, parts[-1]])
+
+
+def _checkpoint_files(where, kwargs):
+    """The safetensors files from_pretrained reads for a local checkpoint: model.safetensors or the
+    shards its index names (with subfolder= and variant=); [] for hub ids. Not every file in the
+    folder: a save_quantized file kept beside a float checkpoint is none of its weights."""
     import json
-    import struct
     from pathlib import Path
 
     path = Path(str(where))
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    if path.is_file():
+        return [path] if path.suffix == ".safetensors" else []
+    base = path / (kwargs.get("subfolder") or "")
+    if not base.is_dir():
+        return []
+    variant = kwargs.get("variant")
+    index = base / _with_variant("model.safetensors.index.json", variant)
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+        except (OSError, ValueError, KeyError, AttributeError):
+            return []
+        return sorted({base / shard for shard in shards})
+    single = base / _with_variant("model.safetensors", variant)
+    return [single] if single.is_file() else []
+
+
+def _local_safetensors_metadata(where, kwargs):
+    """{file: its safetensors __metadata__ (None if the header is unreadable)} of the files
+    from_pretrained reads (_checkpoint_files)."""
+    import json
+    import struct
+
+    files = _checkpoint_files(where, kwargs)
     found = {}
     for file in files:
         try:
@@ -431,13 +462,13 @@ def _local_safetensors_metadata(where):
     return found
 
 
-def _explain_torchao_metadata(where) -> str:
+def _explain_torchao_metadata(where, kwargs) -> str:
     """Which safetensors file of a local checkpoint lists tensors in its torchao metadata
     ("tensor_names") without an entry describing them, as torchao needs."""
     import json
 
     found = []
-    for file, metadata in _local_safetensors_metadata(where).items():
+    for file, metadata in _local_safetensors_metadata(where, kwargs).items():
         try:
             names = json.loads(metadata.get("tensor_names", "[]"))
         except (AttributeError, TypeError, ValueError):
@@ -449,7 +480,7 @@ def _explain_torchao_metadata(where) -> str:
     return "; ".join(found) or f"{where}: no file with a missing entry found"
 
 
-def _check_any4_files_loaded_as_any4(model, where) -> None:
+def _check_any4_files_loaded_as_any4(model, where, kwargs) -> None:
     """A checkpoint whose safetensors hold Any4Tensor weights, loaded without a torchao
     quantization_config (config.json replaced by the base model's, say), gives a model whose
     quantized linears are freshly random (transformers only warns of unexpected '_weight_*' keys):
@@ -461,7 +492,7 @@ def _check_any4_files_loaded_as_any4(model, where) -> None:
         return
     if any(isinstance(p, Any4Tensor) for p in model.parameters()):
         return
-    for file, metadata in _local_safetensors_metadata(where).items():
+    for file, metadata in _local_safetensors_metadata(where, kwargs).items():
         if metadata and any('"Any4Tensor"' in v for v in metadata.values() if isinstance(v, str)):
             raise CheckpointError(
                 f"{file} holds any4-quantized weights, but the model's config.json has no quantization_config, "

@@ -345,10 +345,15 @@ def _checked_setstate(self, state):
     # the wrapper's dtype and device come from the pickle too: they must be the parts' (construction
     # takes them from scale and qdata), or ops check x against one dtype and compute in another
     dtype, device = torch.Tensor.dtype.__get__(self), torch.Tensor.device.__get__(self)
-    if dtype != self.scale.dtype or device != self.qdata.device:
+    if dtype != self.scale.dtype:
         raise InvalidAny4TensorError(
-            f"invalid Any4Tensor {what}: the tensor says {dtype} on {device}, its parts are "
-            f"{self.scale.dtype} on {self.qdata.device} (an edited file?)"
+            f"invalid Any4Tensor {what}: the tensor says {dtype}, its parts are {self.scale.dtype} (an edited file?)"
+        )
+    if device != self.qdata.device:  # torch.load's dict map_location moves the parts, not the wrapper
+        raise InvalidAny4TensorError(
+            f"Any4Tensor {what}: its parts were loaded to {self.qdata.device} but the tensor itself stays on "
+            f"{device}: torch.load's map_location as a dict (e.g. {{'cuda:0': 'cpu'}}) does not reach tensor "
+            "subclasses; pass map_location as a device ('cpu', torch.device('cuda:1')) instead"
         )
     self.validate_values(what)
 
