@@ -1611,13 +1611,9 @@ print("ok")
 def test_meta_tensors_run_the_ops_shape_inference_forward_and_backward():
     """Shape inference on meta tensors (memory / FLOP estimates): without the Triton interpreter, which
     the test session runs under and which cannot read meta tensors, so in a fresh process."""
-    import os
-    import subprocess
-    import sys
+    from helpers import run_in_fresh_process
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-c", META_OPS], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_in_fresh_process(META_OPS, unset=("TRITON_INTERPRET",))
 
 
 def test_review_regressions_in_quantize_model_and_loading(tmp_path):

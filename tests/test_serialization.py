@@ -5,6 +5,7 @@ import struct
 
 import pytest
 import torch
+from helpers import run_in_fresh_process
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
@@ -273,20 +274,9 @@ print("ok")
 def test_import_defers_transformers_and_registers_when_it_loads(tmp_path):
     """A fresh process: `import any4ao` leaves transformers unloaded (it costs ~1.5 s to import), and
     the torchao quantizer is still extended when transformers loads, so the round trip works."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    code = LAZY_REGISTRATION.format(tests=str(Path(__file__).parent), path=str(tmp_path))
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_in_fresh_process(LAZY_REGISTRATION.format(tests=str(Path(__file__).parent), path=str(tmp_path)))
 
 
 FIRST_LOAD = """
@@ -316,10 +306,6 @@ def test_the_first_from_pretrained_in_a_process_is_checked_and_cast(tmp_path, ca
     built an Any4WeightOnlyConfig), too late for that call: its dtype= left the Any4Tensors fp32
     (the first forward failed) and a corrupt file gave transformers' generic RuntimeError. Now
     `import any4ao` registers as soon as transformers' models load."""
-    import os
-    import subprocess
-    import sys
-
     model = _quantized()
     model.save_pretrained(tmp_path / "hf")
     if case == "corrupt":
@@ -329,15 +315,7 @@ def test_the_first_from_pretrained_in_a_process_is_checked_and_cast(tmp_path, ca
         start = json.loads(data[8 : 8 + n])["model.layers.0.mlp.up_proj._weight_qdata"]["data_offsets"][0]
         data[8 + n + start] ^= 0x10
         path.write_bytes(bytes(data))
-    code = FIRST_LOAD.format(path=str(tmp_path / "hf"), case=case)
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_in_fresh_process(FIRST_LOAD.format(path=str(tmp_path / "hf"), case=case))
 
 
 def test_quantize_on_load_errors_name_the_layer(tmp_path):
