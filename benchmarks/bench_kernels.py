@@ -112,6 +112,27 @@ def rotated_any4(n: int, k: int):
     return w, q, w_copies, q_copies, q.dequantize(torch.float64)
 
 
+def rel_err(y, ref) -> float:
+    """‖y - ref‖ / ‖ref‖ against a float64 reference; NaN if y has any NaN (an unwritten element of a
+    NaN-poisoned output)."""
+    if torch.isnan(y).any():
+        return float("nan")
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def reference_times(x, q_copies, w_copies):
+    """(F.linear on the Any4Tensor as the selector routes it, dequantize + mm, bf16 cuBLAS) in us,
+    each over rotated copies (graph_time_us): the baselines every kernel check times beside its own."""
+    from any4ao.kernels.launch import dequantize_then_mm
+
+    today = graph_time_us([lambda c=c: F.linear(x, c) for c in q_copies])
+    dq = graph_time_us(
+        [lambda c=c: dequantize_then_mm(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c in q_copies]
+    )
+    bf = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in w_copies])
+    return today, dq, bf
+
+
 def check_any4(w_q, m, k, dtype, poison):
     """Relative error of the any4 kernel path vs float64, NaN-poisoned outputs."""
     x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -119,9 +140,7 @@ def check_any4(w_q, m, k, dtype, poison):
     with poison():
         out = F.linear(x, w_q)
     torch.cuda.synchronize()
-    if torch.isnan(out).any():
-        return float("nan")
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return rel_err(out, ref)
 
 
 class Poison:

@@ -9,10 +9,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, graph_time_us, result_meta, rotated_any4, write_rows
+from bench_kernels import GROUP, Poison, reference_times, rel_err, result_meta, rotated_any4, write_rows
 
 from any4ao.kernels import ops, selector  # noqa: F401  (ops registers torch.ops.any4ao.*)
-from any4ao.kernels.launch import dequantize_then_mm
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
 MS = [65, 128, 256, 512]
@@ -35,12 +34,8 @@ def main():
             with Poison():
                 y = F.linear(x, q)
             ref = x.double() @ w64.t()
-            err = float("nan") if torch.isnan(y).any() else ((y.double() - ref).norm() / ref.norm()).item()
-            op = graph_time_us([lambda c=c: F.linear(x, c) for c in copies])
-            dq = graph_time_us(
-                [lambda c=c: dequantize_then_mm(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c in copies]
-            )
-            bf = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb])
+            err = rel_err(y, ref)
+            op, dq, bf = reference_times(x, copies, wb)
             path = "lut_gemm" if isinstance(cfg, selector.GemmConfig) else "dequantize + mm"
             rows.append(
                 dict(N=n, K=k, M=m, path=path, config=str(cfg), rel_err=err, us=op, dequant_mm_us=dq, bf16_us=bf)

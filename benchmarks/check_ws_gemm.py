@@ -15,11 +15,11 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from bench_kernels import GROUP, Poison, graph_time_us, result_meta, rotated_any4, write_rows
+from bench_kernels import GROUP, Poison, graph_time_us, reference_times, rel_err, result_meta, rotated_any4, write_rows
 
 from any4ao import Any4Tensor
 from any4ao.kernels import ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
-from any4ao.kernels.launch import dequantize_then_mm, lut_gemm_ws
+from any4ao.kernels.launch import lut_gemm_ws
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
 MS = [128, 256, 512, 2048]
@@ -28,12 +28,6 @@ CONFIGS = "64x64x6,128x64x4,128x128x4,128x128x5,256x64x4"  # block_m x block_n x
 
 def parse_configs(spec):
     return [tuple(int(v) for v in c.split("x")) for c in spec.split(",")]
-
-
-def rel_err(y, ref):
-    if torch.isnan(y).any():
-        return float("nan")
-    return ((y.double() - ref).norm() / ref.norm()).item()
 
 
 def run(x, q, cfg):
@@ -116,11 +110,7 @@ def main():
             ref = x.double() @ w64.t()
             with Poison():
                 today_err = rel_err(F.linear(x, q), ref)
-            today = graph_time_us([lambda c=c: F.linear(x, c) for c in copies])
-            dq = graph_time_us(
-                [lambda c=c: dequantize_then_mm(x, c.qdata, c.lut, c.scale, c.zero_point, 4, GROUP) for c in copies]
-            )
-            bf = graph_time_us([lambda w_=w_: F.linear(x, w_) for w_ in wb])
+            today, dq, bf = reference_times(x, copies, wb)
             ws = {}
             errs = {}
             for cfg in configs:
