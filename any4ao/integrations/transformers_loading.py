@@ -344,6 +344,7 @@ def _patch_from_pretrained() -> None:
     def from_pretrained(cls, *args, **kwargs):
         _check_no_calibration(kwargs.get("quantization_config"))
         outer = getattr(_errors, "pending", None) is None
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if outer:
             _errors.pending = []
         try:
@@ -353,7 +354,6 @@ def _patch_from_pretrained() -> None:
             dtype = _requested_dtype(kwargs.get("dtype", kwargs.get("torch_dtype")))
             model = result[0] if isinstance(result, tuple) else result  # output_loading_info=True
             if isinstance(model, torch.nn.Module):
-                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
                 _check_something_quantized(model, kwargs.get("quantization_config"), where)
                 _check_any4_files_loaded_as_any4(model, where, kwargs)
                 if dtype is not None:
@@ -369,7 +369,6 @@ def _patch_from_pretrained() -> None:
             if str(e) == "Invalid torchao safetensors metadata":  # transformers' words: name file and entries
                 from any4ao.validation import CheckpointError
 
-                where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
                 raise CheckpointError(f"{e}: {_explain_torchao_metadata(where, kwargs)}") from e
             raise
         finally:
@@ -445,19 +444,14 @@ def _checkpoint_files(where, kwargs):
 def _local_safetensors_metadata(where, kwargs):
     """{file: its safetensors __metadata__ (None if the header is unreadable)} of the files
     from_pretrained reads (_checkpoint_files)."""
-    import json
-    import struct
+    from safetensors import safe_open
 
-    files = _checkpoint_files(where, kwargs)
     found = {}
-    for file in files:
+    for file in _checkpoint_files(where, kwargs):
         try:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            metadata = header.get("__metadata__") or {}
-            found[file] = metadata if isinstance(metadata, dict) else None
-        except (OSError, ValueError, struct.error, AttributeError):
+            with safe_open(str(file), framework="pt") as handle:
+                found[file] = handle.metadata() or {}
+        except Exception:  # (safetensors' own error types vary by version)
             found[file] = None
     return found
 
