@@ -25,7 +25,7 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 from any4ao.calibration.activation_stats import calibrate, input_embeddings, random_token_ids, vocabulary_size
 from any4ao.config import Any4WeightOnlyConfig, ErrorFeedback
 from any4ao.tensor import Any4Tensor
-from any4ao.validation import check_channel_weight, check_weight
+from any4ao.validation import check_channel_weight, check_hessian, check_weight
 
 # Output projections the paper leaves in high precision (transformers names them lm_head).
 SKIPPED_BY_DEFAULT = ("lm_head", "output", "embed_out")
@@ -117,11 +117,7 @@ def _checked_inputs(module: nn.Module, config: Any4WeightOnlyConfig, parameter_n
         hessian = config.calibration.hessian_for(module)
         if hessian is None:
             raise LayerError(f"layer {name!r} has no Hessian: calibrate with any4ao.calibrate(..., hessian=True)")
-        if hessian.shape != (weight.shape[1], weight.shape[1]) or not bool(torch.isfinite(hessian).all()):
-            raise LayerError(
-                f"layer {name!r}: the Hessian has shape {tuple(hessian.shape)} or non-finite entries "
-                f"(expected finite, {weight.shape[1]} x {weight.shape[1]})"
-            )
+        check_hessian(name, hessian, weight)
     return weight, channel_weight, hessian
 
 
@@ -182,9 +178,11 @@ def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
             continue
         recorded = CONFIG_OF.get(module)
         if recorded is not None:  # (lut_dtype None means the weight's: compared as what it resolved to)
-            have = dataclasses.replace(recorded, lut_dtype=recorded.lut_dtype or w.dtype)
+            resolved = dataclasses.replace(recorded, lut_dtype=recorded.lut_dtype or w.dtype)
             wanted = dataclasses.replace(config, calibration=None, lut_dtype=config.lut_dtype or w.dtype)
-            differ = [f.name for f in dataclasses.fields(wanted) if getattr(have, f.name) != getattr(wanted, f.name)]
+            differ = [
+                f.name for f in dataclasses.fields(wanted) if getattr(resolved, f.name) != getattr(wanted, f.name)
+            ]
             have = f"{recorded.codebook.value} at group {recorded.group_size}"
         else:
             differ = [

@@ -95,7 +95,7 @@ def _check_real_tensor(layer: str, what: str, t) -> None:
         raise ValueError(f"layer {layer!r}: {what} must be a torch.Tensor, got {type(t).__name__}")
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"layer {layer!r}: {what} must be real-valued, got {t.dtype}")
-    if t.device.type == "meta" or _is_data_less(t):
+    if _is_data_less(t):
         raise ValueError(f"layer {layer!r}: {what} has no values (a meta or fake tensor)")
 
 
@@ -108,10 +108,11 @@ def check_hessian(layer: str, hessian, weight: torch.Tensor) -> None:
         raise ValueError(f"layer {layer!r}: hessian has shape {tuple(hessian.shape)}, expected ({k}, {k})")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError(f"layer {layer!r}: hessian has NaN or Inf entries")
-    if bool((torch.diagonal(hessian) < 0).any()):
+    negative = torch.diagonal(hessian) < 0
+    if bool(negative.any()):
         raise ValueError(
             f"layer {layer!r}: hessian has negative diagonal entries, which no E[x x^T] has (first at "
-            f"{int((torch.diagonal(hessian) < 0).nonzero()[0])})"
+            f"{int(negative.nonzero()[0])})"
         )
 
 
