@@ -112,12 +112,13 @@ def _explain(op: str, qdata, lut, scale, zero_point, nbits, group_size, in_featu
 
 def _check_triton_device(op: str, t: torch.Tensor) -> None:
     """Triton launches need CUDA tensors (its interpreter takes CPU ones): a plain error, not the
-    driver's '0 active drivers'."""
+    driver's '0 active drivers'. The device test first: it is all an eager GPU call pays."""
+    device = t.device.type
+    if device == "cuda" or (INTERPRET and device == "cpu"):
+        return
     from any4ao.validation import _is_data_less
 
-    if _is_data_less(t):  # meta / fake tensors: shape inference (a triton_op's body is its fake too)
-        return
-    if t.device.type != "cuda" and not (INTERPRET and t.device.type == "cpu"):
+    if not _is_data_less(t):  # (meta / fake tensors: shape inference; a triton_op's body is its fake too)
         raise ValueError(
             f"any4ao.{op} runs Triton kernels, on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1); got "
             f"{t.device} tensors. On the CPU, F.linear on an Any4Tensor and Any4Tensor.dequantize() compute in torch"
