@@ -24,6 +24,7 @@ import torch
 from bench_kernels import result_meta
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, quantize_model
+from any4ao.kernels import ops  # noqa: F401  (registers torch.ops.any4ao.*, which section 3 calls)
 
 
 def small_llama():

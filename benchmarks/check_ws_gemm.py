@@ -5,7 +5,7 @@ against float64 (NaN-poisoned outputs; ragged M and N, fp16) for every config, t
 F.linear on the Any4Tensor (the selector's path today), dequantize + mm and bf16 cuBLAS, in one run
 (CUDA graphs, weights rotated past L2, medians of 20 replays).
 
-    python benchmarks/check_ws_gemm.py [--out DIR] [--ms 128,256,512,2048] [--configs 128x128x4,...]
+    python benchmarks/check_ws_gemm.py [--out DIR] [--ms 128,256,512,2048] [--configs 128x128x4,128x128x4x2,...]
 """
 
 import argparse
@@ -23,7 +23,8 @@ from any4ao.kernels.launch import lut_gemm_ws
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
 MS = [128, 256, 512, 2048]
-CONFIGS = "64x64x6,128x64x4,128x128x4,128x128x5,256x64x4"  # block_m x block_n x stages
+# block_m x block_n x stages [x split_k]
+CONFIGS = "64x64x6,128x64x4,128x128x4,128x128x5,256x64x4,128x128x4x2,128x128x4x4,128x64x4x2"
 
 
 def parse_configs(spec):
@@ -31,8 +32,10 @@ def parse_configs(spec):
 
 
 def run(x, q, cfg):
-    bm, bn, stages = cfg
-    return lut_gemm_ws(x, q.qdata, q.lut, q.scale, q.zero_point, GROUP, block_m=bm, block_n=bn, stages=stages)
+    bm, bn, stages, split_k = (cfg + (1,))[:4]
+    return lut_gemm_ws(
+        x, q.qdata, q.lut, q.scale, q.zero_point, GROUP, block_m=bm, block_n=bn, stages=stages, split_k=split_k
+    )
 
 
 def smoke(configs, hang_s: float):
@@ -68,10 +71,10 @@ def smoke(configs, hang_s: float):
 
 
 def check_ragged(configs):
-    """Every config on shapes no tile divides (M and N ragged, K = 33 groups), bf16 and fp16."""
+    """Every config on shapes no tile divides (M and N ragged, K = 34 groups, which split 4 divides mid-group), bf16 and fp16."""
     worst = 0.0
     for dtype in (torch.bfloat16, torch.float16):
-        n, k = 4160, 4224
+        n, k = 4160, 4352  # 34 groups, 68 steps: split 4 starts mid-group
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         q = Any4Tensor.from_hp(w, group_size=GROUP)
         w64 = q.dequantize(torch.float64)
@@ -141,7 +144,7 @@ def main():
     meta = result_meta(
         timing="median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
         worst_ragged_rel_err=worst_ragged,
-        configs="block_m x block_n x stages",
+        configs="block_m x block_n x stages [x split_k]",
     )
     write_rows(args.out, "ws-gemm" + (f"-{args.tag}" if args.tag else ""), meta, rows)
 

@@ -3,7 +3,7 @@ spills, shared memory, CTAs per SM, the TTGIR operations that say how the K loop
 loop's SASS per looked-up weight (all instructions, ALU-pipe ones, byte permutes).
 
     python benchmarks/inspect_compile.py [--tiles 128x128x64x8x3,...] [--swap both] [--prefetch both]
-        [--mma 8x1x4x1,...] [--ws 128x128x4,...] [--out DIR]
+        [--mma 8x1x4x1,...] [--ws 128x128x4,128x128x4x2,...] [--out DIR]
 
 Triton compiles and ptxas assembles here without a GPU, so a config's resource use costs no device
 time. Integer arguments and pointers carry the divisibility-by-16 hint the GPU launcher gives them
@@ -229,11 +229,11 @@ WS_SIGNATURE = {
     "s_ptr": "*bf16",
     "z_ptr": "*bf16",
     "out_ptr": "*bf16",
-    **{name: "i32" for name in ("M", "N", "K", "stride_sn", "stride_om")},
+    **{name: "i32" for name in ("M", "N", "K", "stride_sn", "stride_om", "stride_os")},
 }
 
 
-def report_ws(block_m, block_n, stages, group=128, lookup_regs=152):
+def report_ws(block_m, block_n, stages, split_k=1, group=128, lookup_regs=152):
     """The warp-specialised Gluon kernel as launch.lut_gemm_ws makes it (bf16, 64-column steps):
     resources, and the lookup loop's SASS per weight (one W row per lookup thread, two at block_n 64)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -241,11 +241,14 @@ def report_ws(block_m, block_n, stages, group=128, lookup_regs=152):
     module = _kernel_module("lut_gemm_ws")
     kernel = module.lut_gemm_ws_kernel
     x_layout, q_layout = module.tile_layouts()
-    constexprs = dict(GROUP=group, BLOCK_N=block_n, STAGES=stages, FP16=False, LOOKUP_REGS=lookup_regs, num_warps=4)
+    constexprs = dict(
+        GROUP=group, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split_k, FP16=False, LOOKUP_REGS=lookup_regs, num_warps=4
+    )
     sig = {
         "x_desc": f"tensordesc<bf16[{block_m}, 64],{x_layout!r}>",
         "q_desc": f"tensordesc<u8[{block_n}, 32],{q_layout!r}>",
         **WS_SIGNATURE,
+        **({"out_ptr": "*fp32"} if split_k > 1 else {}),  # float32 partial sums
     } | {name: "constexpr" for name in constexprs}
     compiled = triton.compile(GluonASTSource(kernel, sig, constexprs), target=HOPPER, options={"num_warps": 4})
     regs, stack = resources(compiled)
@@ -253,7 +256,7 @@ def report_ws(block_m, block_n, stages, group=128, lookup_regs=152):
     per_thread = block_n * 64 / 128
     return {
         "kernel": "lut_gemm_ws",
-        "tile": f"{block_m}x{block_n}x{stages}",
+        "tile": f"{block_m}x{block_n}x{stages}" + (f"x{split_k}" if split_k > 1 else ""),
         "warps": compiled.metadata.num_warps,
         "registers": regs,
         "stack_bytes": stack,
@@ -310,8 +313,7 @@ def main():
             flush=True,
         )
     for spec in filter(None, args.ws.split(",")):
-        bm, bn, stages = (int(v) for v in spec.split("x"))
-        r = report_ws(bm, bn, stages)
+        r = report_ws(*(int(v) for v in spec.split("x")))
         rows.append(r)
         print(
             f"lut_gemm_ws {r['tile']}: {r['warps']} warps, {r['registers']} registers, {r['stack_bytes']} stack bytes, "

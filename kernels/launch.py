@@ -254,26 +254,29 @@ def dequantize_then_mm(x, qdata, lut, scale, zero_point, nbits: int, group_size:
 
 
 def lut_gemm_ws(
-    x, qdata, lut, scale, zero_point, group_size: int, block_m=128, block_n=128, stages=4, lookup_regs=152
+    x, qdata, lut, scale, zero_point, group_size: int, block_m=128, block_n=128, stages=4, split_k=1, lookup_regs=152
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) on the warp-specialised Gluon kernel (Hopper; lut_gemm_ws.py says
-    which layouts it takes). Gluon is imported here: CPU machines never load it."""
+    which layouts it takes). split_k > 1: each program sums K / split_k columns into float32 partial
+    sums, added here. Gluon is imported here: CPU machines never load it."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from any4ao.kernels.lut_gemm_ws import lut_gemm_ws_kernel, tile_layouts
 
     x = x.contiguous()
     problems = ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
-    problems += ws_tile_problems(block_m, block_n, stages)
+    problems += ws_tile_problems(block_m, block_n, stages, split_k)
+    m, k = x.shape
+    if not problems and k % (WS_BLOCK_K * split_k):
+        problems.append(f"K a multiple of {WS_BLOCK_K} x split_k (got K {k}, split_k {split_k})")
     if problems:
         raise ValueError("lut_gemm_ws takes " + "; ".join(problems))
-    m, k = x.shape
     n = qdata.shape[0]
     x_layout, q_layout = tile_layouts()
     x_desc = TensorDescriptor.from_tensor(x, [block_m, WS_BLOCK_K], x_layout)
     q_desc = TensorDescriptor.from_tensor(qdata, [block_n, WS_BLOCK_K // 2], q_layout)
-    out = _empty((m, n), x.device, x.dtype)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    out = _empty((split_k, m, n), x.device, torch.float32 if split_k > 1 else x.dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     lut_gemm_ws_kernel[grid](
         x_desc,
         q_desc,
@@ -285,12 +288,14 @@ def lut_gemm_ws(
         n,
         k,
         scale.stride(0),
+        out.stride(1),
         out.stride(0),
         GROUP=group_size,
         BLOCK_N=block_n,
         STAGES=stages,
+        SPLIT_K=split_k,
         FP16=x.dtype == torch.float16,
         LOOKUP_REGS=lookup_regs,
         num_warps=4,
     )
-    return out
+    return out[0] if split_k == 1 else out.sum(0).to(x.dtype)

@@ -17,8 +17,8 @@ the mma has read x), w_ready (W tile stored), w_empty (the mma that read it is d
 pairs are stored as uint32 through a reinterpreted view of the W buffer: 128-byte rows in the same
 128-byte swizzle, so the bytes land where the bf16 view expects them.
 
-Takes: 4-bit codes, x / LUT / scale / zero of one 16-bit dtype, K % BLOCK_K == 0, the group a multiple
-of BLOCK_K, BLOCK_K = 64 (one 128-byte swizzled row per W row). Hopper only: no interpreter path
+Takes: 4-bit codes, x / LUT / scale / zero of one 16-bit dtype, K % (BLOCK_K * SPLIT_K) == 0, the group
+a multiple of BLOCK_K, BLOCK_K = 64 (one 128-byte swizzled row per W row). Hopper only: no interpreter path
 (the tests run it where a GPU is present; benchmarks/check_ws_gemm.py checks it against float64).
 
 Status: compiled for sm_90a with triton 3.6 on the CPU, not yet run on a GPU, and routed nowhere
@@ -109,7 +109,7 @@ def _lookup_pairs(word, P0, P1, P2, P3, P4, P5, P6, P7):
 
 
 @gluon.jit
-def _loader(x_desc, q_desc, x_bufs, q_bufs, load_ready, load_empty, steps, off_m, off_n, BLOCK_K: gl.constexpr):
+def _loader(x_desc, q_desc, x_bufs, q_bufs, load_ready, load_empty, step0, steps, off_m, off_n, BLOCK_K: gl.constexpr):
     STAGES: gl.constexpr = x_bufs.shape[0]
     for i in range(steps):
         slot = i % STAGES
@@ -117,8 +117,8 @@ def _loader(x_desc, q_desc, x_bufs, q_bufs, load_ready, load_empty, steps, off_m
         mbarrier.wait(load_empty.index(slot), phase ^ 1)  # a fresh barrier passes parity 1
         bar = load_ready.index(slot)
         mbarrier.expect(bar, x_desc.block_type.nbytes + q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(x_desc, [off_m, i * BLOCK_K], bar, x_bufs.index(slot))
-        tma.async_copy_global_to_shared(q_desc, [off_n, i * (BLOCK_K // 2)], bar, q_bufs.index(slot))
+        tma.async_copy_global_to_shared(x_desc, [off_m, (step0 + i) * BLOCK_K], bar, x_bufs.index(slot))
+        tma.async_copy_global_to_shared(q_desc, [off_n, (step0 + i) * (BLOCK_K // 2)], bar, q_bufs.index(slot))
 
 
 @gluon.jit
@@ -134,6 +134,7 @@ def _lookup(
     z_ptr,
     N,
     stride_sn,
+    step0,
     steps,
     off_n,
     GROUP: gl.constexpr,
@@ -155,7 +156,7 @@ def _lookup(
     for i in range(steps):
         slot = i % STAGES
         phase = (i // STAGES) & 1
-        g = (i * BLOCK_K) // GROUP
+        g = ((step0 + i) * BLOCK_K) // GROUP
         s = gl.load(s_rows + g, mask=nmask, other=0.0).to(gl.uint16, bitcast=True).to(gl.uint32) * 65537
         z = gl.load(z_rows + g, mask=nmask, other=0.0).to(gl.uint16, bitcast=True).to(gl.uint32) * 65537
         mbarrier.wait(load_ready.index(slot), phase)
@@ -236,9 +237,11 @@ def lut_gemm_ws_kernel(
     K,
     stride_sn,
     stride_om,
+    stride_os,
     GROUP: gl.constexpr,
     BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr,
+    SPLIT_K: gl.constexpr,
     FP16: gl.constexpr,
     LOOKUP_REGS: gl.constexpr,
     num_warps: gl.constexpr,
@@ -250,7 +253,11 @@ def lut_gemm_ws_kernel(
     pid = gl.program_id(0)
     off_m = (pid % tiles_m) * BLOCK_M
     off_n = (pid // tiles_m) * BLOCK_N
-    steps = K // BLOCK_K
+    # split K: program (pid, s) sums K steps s * steps .. (s + 1) * steps - 1 into its own float32
+    # slice of out (SPLIT_K, M, N), for grids too small to fill the GPU; the launcher adds the slices
+    steps = K // BLOCK_K // SPLIT_K
+    step0 = gl.program_id(1) * steps
+    out_ptr = out_ptr + gl.program_id(1) * stride_os
 
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
     q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_N, BLOCK_K // 2], q_desc.layout)
@@ -307,6 +314,7 @@ def lut_gemm_ws_kernel(
                     z_ptr,
                     N,
                     stride_sn,
+                    step0,
                     steps,
                     off_n,
                     GROUP,
@@ -314,7 +322,7 @@ def lut_gemm_ws_kernel(
                     FP16,
                 ),
             ),
-            (_loader, (x_desc, q_desc, x_bufs, q_bufs, load_ready, load_empty, steps, off_m, off_n, BLOCK_K)),
+            (_loader, (x_desc, q_desc, x_bufs, q_bufs, load_ready, load_empty, step0, steps, off_m, off_n, BLOCK_K)),
         ],
         [4, 1],
         [LOOKUP_REGS, 24],

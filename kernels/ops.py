@@ -164,7 +164,9 @@ def lut_linear(
     if isinstance(config, GemmConfig):
         return lut_gemm(x, qdata, lut, scale, zero_point, nbits, group_size, config)
     if isinstance(config, WsConfig):
-        return lut_gemm_ws(x, qdata, lut, scale, zero_point, group_size, config.block_m, config.block_n, config.stages)
+        return lut_gemm_ws(
+            x, qdata, lut, scale, zero_point, group_size, config.block_m, config.block_n, config.stages, config.split_k
+        )
     return lut_mma(x, qdata, lut, scale, zero_point, nbits, group_size, config)
 
 

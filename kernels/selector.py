@@ -374,14 +374,16 @@ def gemm_config(
 @dataclass(frozen=True)
 class WsConfig:
     """A lut_gemm_ws launch: block_m rows of x by block_n rows of W per program, a ring of `stages`
-    shared-memory buffers between its loader, lookup and wgmma warps."""
+    shared-memory buffers between its loader, lookup and wgmma warps; K split over split_k programs
+    (float32 partial sums, added after) where the tiles alone would leave SMs idle."""
 
     block_m: int
     block_n: int
     stages: int
+    split_k: int = 1
 
     def __post_init__(self):
-        problems = ws_tile_problems(self.block_m, self.block_n, self.stages)
+        problems = ws_tile_problems(self.block_m, self.block_n, self.stages, self.split_k)
         if problems:
             raise ValueError("lut_gemm_ws takes " + "; ".join(problems))
 
@@ -396,9 +398,10 @@ class WsRule:
     block_m: int
     block_n: int
     stages: int
+    split_k: int = 1
 
     def __post_init__(self):
-        WsConfig(self.block_m, self.block_n, self.stages)  # the same tile checks
+        WsConfig(self.block_m, self.block_n, self.stages, self.split_k)  # the same tile checks
 
 
 # device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py).
@@ -436,7 +439,7 @@ def ws_layout_problems(x, qdata, lut, scale, zero_point, group_size: int) -> Lis
     return problems
 
 
-def ws_tile_problems(block_m: int, block_n: int, stages: int) -> List[str]:
+def ws_tile_problems(block_m: int, block_n: int, stages: int, split_k: int = 1) -> List[str]:
     """The lut_gemm_ws launches that compile without spills and cannot deadlock, as phrases: the
     accumulator (block_m x block_n fp32 over 128 threads) at most 128 registers a thread (256 x 128
     spilled), a wgmma-sized block_m, and a ring of at least 2 slots (with one, the wgmma warps hold
@@ -448,6 +451,8 @@ def ws_tile_problems(block_m: int, block_n: int, stages: int) -> List[str]:
         problems.append(f"block_m 64, 128 or 256 with block_m * block_n <= 128 * 128 (got {block_m} x {block_n})")
     if not (isinstance(stages, int) and stages >= 2):
         problems.append(f"stages >= 2 (got {stages})")
+    if not (isinstance(split_k, int) and split_k >= 1):
+        problems.append(f"split_k >= 1 (got {split_k})")
     return problems
 
 
@@ -473,7 +478,10 @@ def ws_config(
         return None
     rules = next((r for key, r in WS_RULES.items() if key in name), ())
     rule = next((r for r in rules if r.min_m <= m <= r.max_m and n >= r.min_n), None)
-    return None if rule is None else WsConfig(rule.block_m, rule.block_n, rule.stages)
+    if rule is None:
+        return None
+    split_k = rule.split_k if k % (WS_BLOCK_K * rule.split_k) == 0 else 1  # each split takes whole steps
+    return WsConfig(rule.block_m, rule.block_n, rule.stages, split_k)
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:

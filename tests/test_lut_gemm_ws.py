@@ -36,16 +36,20 @@ def _cuda_problem(m, n, k, group_size, dtype, seed):
     k_groups=st.integers(1, 4),
     group_size=st.sampled_from([64, 128, 256]),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
-    tile=st.sampled_from([(64, 64, 6), (128, 64, 4), (128, 128, 4), (256, 64, 3)]),
+    tile=st.sampled_from(
+        [(64, 64, 6, 1), (128, 64, 4, 1), (128, 128, 4, 1), (256, 64, 3, 1), (128, 128, 4, 2), (64, 64, 3, 3)]
+    ),
     seed=st.integers(0, 2**16),
 )
 def test_ws_gemm_matches_float64(m, n, k_groups, group_size, dtype, tile, seed):
     """Ragged M and N (TMA zero-fills the rows past M and N, the store masks them), 1-16 K steps,
-    every ring depth wrapping around several times."""
+    every ring depth wrapping around several times; split K where it divides the steps (a split may
+    start mid-group)."""
     k = k_groups * group_size
     t, x, ref = _cuda_problem(m, n, k, group_size, dtype, seed)
-    bm, bn, stages = tile
-    out = lut_gemm_ws(x, *_args(t), group_size, block_m=bm, block_n=bn, stages=stages)
+    bm, bn, stages, split_k = tile
+    split_k = split_k if k % (64 * split_k) == 0 else 1
+    out = lut_gemm_ws(x, *_args(t), group_size, block_m=bm, block_n=bn, stages=stages, split_k=split_k)
     assert out.shape == (m, n) and out.dtype == dtype
     assert _rel(out, ref) < TOLERANCE[dtype]
 
@@ -62,6 +66,8 @@ def test_ws_gemm_matches_float64(m, n, k_groups, group_size, dtype, tile, seed):
         ("zero-point-stride", "one row stride"),  # the kernel reads zero points with scale's stride
         ("strided-lut", "contiguous LUT"),
         ("misaligned-x", "x with unit-stride rows, 16-byte aligned"),
+        ("split-k-zero", "split_k >= 1"),
+        ("split-k-ragged", r"K a multiple of 64 x split_k \(got K 128, split_k 4\)"),  # a split of half a step
     ],
 )
 def test_ws_gemm_refuses_layouts_it_cannot_read(case, message):
@@ -86,6 +92,10 @@ def test_ws_gemm_refuses_layouts_it_cannot_read(case, message):
         lut = lut.t().contiguous().t()
     if case == "misaligned-x":
         x = torch.randn(2 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 128)
+    if case == "split-k-zero":
+        tile["split_k"] = 0
+    if case == "split-k-ragged":
+        tile["split_k"] = 4
     with pytest.raises(ValueError, match=message):
         lut_gemm_ws(x, qdata, lut, scale, zero_point, group_size, **tile)
 
@@ -98,6 +108,9 @@ def test_ws_rules_take_only_launches_that_compile_and_cannot_hang():
         WsRule(129, 512, 0, 128, 128, 1)
     with pytest.raises(ValueError, match="block_m"):
         WsConfig(256, 128, 4)
+    with pytest.raises(ValueError, match="split_k >= 1"):
+        WsRule(129, 512, 0, 128, 128, 4, 0)
+    assert WsRule(129, 512, 0, 128, 128, 4).split_k == 1
 
 
 def test_selector_takes_ws_only_where_a_rule_and_the_layout_allow(monkeypatch):
@@ -114,6 +127,10 @@ def test_selector_takes_ws_only_where_a_rule_and_the_layout_allow(monkeypatch):
     assert ws_config.__wrapped__(256, 4096, 4096, 128, *facts) is None  # below min_n
     assert ws_config.__wrapped__(256, 14336, 4096, 128, "NVIDIA A100", 108, (8, 0), True) is None
     assert ws_config.__wrapped__(256, 14336, 4096, 128, "NVIDIA H100", 132, (9, 0), True) is None  # no rules
+    monkeypatch.setitem(selector.WS_RULES, "H200", (WsRule(129, 512, 0, 128, 128, 4, 4),))
+    assert ws_config.__wrapped__(256, 4096, 4096, 128, *facts) == WsConfig(128, 128, 4, 4)
+    # K = 4160 is 65 steps of 64: 4 splits cannot each take whole steps, so the rule runs unsplit
+    assert ws_config.__wrapped__(256, 4096, 4160, 64, *facts) == WsConfig(128, 128, 4, 1)
 
     def parts(nbits=4, dtype=torch.bfloat16, group_size=128, k=256):
         w = torch.randn(8, k, dtype=dtype)
