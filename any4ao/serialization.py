@@ -16,8 +16,11 @@ and the tensor: a bad file never loads as a silently wrong model.
 """
 
 import dataclasses
+import heapq
 import json
 import os
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -191,6 +194,40 @@ _DTYPES = {
 # the read itself costs the same (benchmarks/results/load-validation-NOTE.md)
 _READ_CHUNK = 1 << 18
 
+LOAD_THREADS_ENV = "ANY4AO_LOAD_THREADS"
+
+
+def _read_workers(total_bytes: int) -> int:
+    """Threads that read (and hash) a file's tensors: $ANY4AO_LOAD_THREADS if set, else half the cores,
+    at most 8. But 1 on fewer than 4 cores (on the 2-core CI machine a second hashing thread did not
+    pay) or under 16 MiB (a few ms of reading). On a 16-core host, 4-8 threads read a 55 MB
+    checkpoint from the page cache in 18-19 ms against 30 ms for one thread
+    (benchmarks/results/load-validation-NOTE.md)."""
+    value = os.environ.get(LOAD_THREADS_ENV)
+    if value is not None:
+        try:
+            workers = int(value)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise ValueError(f"{LOAD_THREADS_ENV}={value!r}: expected an integer >= 1 (threads that read a checkpoint)")
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores < 4 or total_bytes < 16 << 20:
+        return 1
+    return min(8, cores // 2)
+
+
+def _shards(entries, workers: int):
+    """`entries` in `workers` lists balanced by bytes (greedy, largest first), each in file order."""
+    loads = [(0, i) for i in range(workers)]
+    shards = [[] for _ in range(workers)]
+    for entry in sorted(entries, key=lambda e: e[0] - e[1]):  # largest first; stable, so ties keep file order
+        load, i = heapq.heappop(loads)
+        shards[i].append(entry)
+        heapq.heappush(loads, (load + entry[1] - entry[0], i))
+    return [sorted(shard) for shard in shards if shard]
+
 
 def _read(path: Path, hash_tensors: bool = False):
     """(tensors, metadata) of a safetensors file, read into memory owned by the tensors.
@@ -201,7 +238,9 @@ def _read(path: Path, hash_tensors: bool = False):
     known dtype, shape matching the byte range, ranges inside the file, in order, not overlapping.
     hash_tensors: also return {key: checksum} (the algorithm the metadata names), each tensor read
     in 256 KiB pieces and each piece hashed right after it is read, while it is still in the CPU's
-    cache (hashing the finished tensors from memory cost a second pass: 1.1x the read)."""
+    cache (hashing the finished tensors from memory cost a second pass: 1.1x the read).
+    With _read_workers(...) > 1 threads, the tensors are split into that many shards balanced by
+    bytes, each read and hashed by its own thread through its own handle; the result is the same."""
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; load_quantized reads one .safetensors file")
     if not path.is_file():
@@ -251,8 +290,8 @@ def _read(path: Path, hash_tensors: bool = False):
             if start < end:
                 raise bad(f"tensors {key!r} and {nxt!r} overlap")
         algorithm = checksum_algorithm(metadata) if hash_tensors else None
-        tensors, sums = {}, {}
-        for start, end, key, dtype, shape in entries:
+
+        def load(f, start, end, key, dtype, shape):
             t = torch.empty(shape, dtype=dtype)
             hasher = tensor_hasher(algorithm, dtype, shape) if hash_tensors else None
             if end > start:
@@ -264,10 +303,44 @@ def _read(path: Path, hash_tensors: bool = False):
                         raise bad(f"tensor {key!r}: short read (file changed while loading?)")
                     if hasher is not None:
                         hasher.update(piece)
-            tensors[key] = t
-            if hasher is not None:
-                sums[key] = hasher.hexdigest()
-    return tensors, metadata, (sums if hash_tensors else None)
+            return t, (hasher.hexdigest() if hasher is not None else None)
+
+        workers = min(_read_workers(data_size), sum(end > start for start, end, *_ in entries))
+        if workers <= 1:
+            loaded = {entry[2]: load(f, *entry) for entry in entries}
+        else:
+            loaded = _load_threaded(path, f, _shards(entries, workers), load, bad)
+        tensors = {key: loaded[key][0] for _, _, key, _, _ in entries}
+        sums = {key: loaded[key][1] for _, _, key, _, _ in entries} if hash_tensors else None
+    return tensors, metadata, sums
+
+
+def _load_threaded(path: Path, f, shards, load, bad):
+    """{key: load(...)} of every entry, one thread per shard, each with its own handle. readinto and
+    the hashers release the GIL, so reads and hashes of different shards run on different cores."""
+    stop = threading.Event()
+    same = os.fstat(f.fileno())
+
+    def run(shard):
+        out = {}
+        with open(path, "rb") as g:
+            st = os.fstat(g.fileno())
+            if (st.st_dev, st.st_ino) != (same.st_dev, same.st_ino):  # replaced since its header was read
+                raise bad("the file was replaced while loading")
+            for entry in shard:
+                if stop.is_set():  # another shard failed: its error is the one raised
+                    break
+                out[entry[2]] = load(g, *entry)
+        return out
+
+    with ThreadPoolExecutor(len(shards), thread_name_prefix="any4ao-load") as pool:
+        futures = [pool.submit(run, shard) for shard in shards]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            stop.set()  # on an error (or an interrupt while waiting) the other shards stop at their next tensor
+        # result() raises the error of the first failed shard (in shard order); the pool's exit waits for the rest
+        return {key: value for future in futures for key, value in future.result().items()}
 
 
 def _json(metadata, key, path, default=None, shape=None):
@@ -361,7 +434,8 @@ def load_quantized(
 
     verify_checksums: compare every tensor's checksum with the file's (each piece is hashed as it is
     read: 3 to 5 ms per 55 MB on a 2-core CPU, see benchmarks/bench_load.py); False skips only
-    that, the structural and value checks always run."""
+    that, the structural and value checks always run. On 4 or more cores the file is read and
+    hashed on several threads (half the cores, at most 8; $ANY4AO_LOAD_THREADS sets the count)."""
     path = Path(path)
     if not isinstance(verify_checksums, bool):  # "no" would be truthy: verify, against the caller's wish
         raise TypeError(f"load_quantized: verify_checksums must be a bool, got {verify_checksums!r}")

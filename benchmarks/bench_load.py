@@ -8,7 +8,7 @@ Timed, each the median (and the minimum) of --repeats runs:
              bytes could then change after they were verified), unflattening, and the structural
              checks every construction runs
   values     + the value checks (verify_checksums=False)
-  checksums  + the checksum (xxh3_64) of every tensor and metadata entry (the default; each 4 MiB
+  checksums  + the checksum (xxh3_64) of every tensor and metadata entry (the default; each 256 KiB
              piece is hashed right after it is read, while it is in the CPU's cache)
 For the state dict alone and installed into a model, with the file in the page cache ("warm") and
 evicted from it by posix_fadvise(DONTNEED) before each run ("cold": read from disk). The levels
@@ -16,9 +16,13 @@ take turns (one run of each, --repeats times), so drift in the allocator's and t
 state falls on all of them alike.
 --chunk-sweep 128,256,1024,4096 also times the read alone (serialization._read, page cache) with
 and without hashing for each read piece size in KiB, the sizes taking turns.
+--threads 1,4,8 repeats every measurement with ANY4AO_LOAD_THREADS set to each count (threads that
+read and hash the file's tensors, each its own shard; the variable overrides the automatic choice),
+the counts taking turns with the levels. Without it the loads use the automatic choice
+(serialization._read_workers: 1 on fewer than 4 cores, else half the cores, at most 8).
 Writes benchmarks/results/load-validation-cpu.json.
 
-    python benchmarks/bench_load.py [--repeats 15] [--nbits 4] [--chunk-sweep 128,256,1024,4096]
+    python benchmarks/bench_load.py [--repeats 15] [--nbits 4] [--chunk-sweep 128,256,1024,4096] [--threads 1,4,8]
 """
 
 import argparse
@@ -112,7 +116,11 @@ def main(argv=None):
     p.add_argument("--nbits", type=int, default=4, choices=(2, 3, 4))
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--chunk-sweep", default="", help="read piece sizes in KiB, comma-separated")
+    p.add_argument("--threads", default="", help="ANY4AO_LOAD_THREADS values to compare, comma-separated")
     args = p.parse_args(argv)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [None]  # None: automatic
+    if any(t is not None and t < 1 for t in thread_counts):
+        p.error("--threads: counts must be >= 1")
     layers, n, k, group = 24, 2048, 2048, 128
     work = Path(tempfile.mkdtemp(prefix="any4ao-bench-load-"))
     path = work / "model.safetensors"
@@ -123,50 +131,75 @@ def main(argv=None):
     model = fresh_model(layers, n, k)
     real_check = serialization.check_all_values
 
-    def load(values: bool, checksums: bool, into_model: bool):
+    env = serialization.LOAD_THREADS_ENV
+    user_threads = os.environ.get(env)
+
+    def load(values: bool, checksums: bool, into_model: bool, threads):
         def run():
             serialization.check_all_values = real_check if values else (lambda tensors, where="": None)
+            if threads is not None:
+                os.environ[env] = str(threads)
             try:
                 any4ao.load_quantized(path, model if into_model else None, verify_checksums=checksums)
             finally:
                 serialization.check_all_values = real_check
+                if user_threads is None:
+                    os.environ.pop(env, None)
+                else:
+                    os.environ[env] = user_threads
 
         return run
 
+    def row_key(cache, target, threads):
+        return f"{cache}/{target}" if threads is None else f"{cache}/{target}/threads={threads}"
+
+    def summarise(row, cache, target):
+        base = row["none"]["median_s"]
+        row["values_overhead"] = round(row["values"]["median_s"] / base - 1, 4)
+        row["values_and_checksums_overhead"] = round(row["checksums"]["median_s"] / base - 1, 4)
+        low = row["none"]["min_s"]
+        row["values_overhead_of_min"] = round(row["values"]["min_s"] / low - 1, 4)
+        row["values_and_checksums_overhead_of_min"] = round(row["checksums"]["min_s"] / low - 1, 4)
+        print(
+            f"{cache:4s} {target:10s} threads {row['threads']:2d}  none {base * 1e3:7.1f} ms  values "
+            f"{row['values']['median_s'] * 1e3:7.1f} ms (+{100 * row['values_overhead']:.1f} %)  checksums "
+            f"{row['checksums']['median_s'] * 1e3:7.1f} ms (+{100 * row['values_and_checksums_overhead']:.1f} %);  "
+            f"min: none {low * 1e3:.1f}, values +{100 * row['values_overhead_of_min']:.1f} %, checksums "
+            f"+{100 * row['values_and_checksums_overhead_of_min']:.1f} %"
+        )
+        return row
+
+    # the threads of the loads without --threads: the automatic choice (or the caller's ANY4AO_LOAD_THREADS)
+    auto_threads = serialization._read_workers(path.stat().st_size)
     results = {}
     for cache in ("warm", "cold"):
         for target in ("state_dict", "model"):
             levels = {"none": (False, False), "values": (True, False), "checksums": (True, True)}
-            fns = {level: load(values, sums, target == "model") for level, (values, sums) in levels.items()}
+            fns = {
+                (threads, level): load(values, sums, target == "model", threads)
+                for threads in thread_counts
+                for level, (values, sums) in levels.items()
+            }
             for fn in fns.values():
                 fn()  # warm-up (and page cache for "warm")
-            # the levels take turns, run after run: the allocator's and page cache's state drifts
-            # over a run of loads (blocks of one level measured 8 to 29 ms for the same load)
-            times = {level: [] for level in fns}
+            # the levels (and thread counts) take turns, run after run: the allocator's and page cache's
+            # state drifts over a run of loads (blocks of one level measured 8 to 29 ms for the same load)
+            times = {run: [] for run in fns}
             for _ in range(args.repeats):
-                for level, fn in fns.items():
-                    times[level].append(timed(fn, 1, path if cache == "cold" else None)[0])
-            row = {
-                level: {
-                    "median_s": round(statistics.median(ts), 5),
-                    "min_s": round(min(ts), 5),
-                    "runs_s": [round(t, 5) for t in ts],
+                for run, fn in fns.items():
+                    times[run].append(timed(fn, 1, path if cache == "cold" else None)[0])
+            for threads in thread_counts:
+                row = {
+                    level: {
+                        "median_s": round(statistics.median(ts), 5),
+                        "min_s": round(min(ts), 5),
+                        "runs_s": [round(t, 5) for t in ts],
+                    }
+                    for (t, level), ts in times.items()
+                    if t == threads
                 }
-                for level, ts in times.items()
-            }
-            base = row["none"]["median_s"]
-            row["values_overhead"] = round(row["values"]["median_s"] / base - 1, 4)
-            row["values_and_checksums_overhead"] = round(row["checksums"]["median_s"] / base - 1, 4)
-            low = row["none"]["min_s"]
-            row["values_overhead_of_min"] = round(row["values"]["min_s"] / low - 1, 4)
-            row["values_and_checksums_overhead_of_min"] = round(row["checksums"]["min_s"] / low - 1, 4)
-            results[f"{cache}/{target}"] = row
-            print(
-                f"{cache:4s} {target:10s} none {base * 1e3:7.1f} ms  values {row['values']['median_s'] * 1e3:7.1f} ms "
-                f"(+{100 * row['values_overhead']:.1f} %)  checksums {row['checksums']['median_s'] * 1e3:7.1f} ms "
-                f"(+{100 * row['values_and_checksums_overhead']:.1f} %);  min: none {low * 1e3:.1f}, values "
-                f"+{100 * row['values_overhead_of_min']:.1f} %, checksums +{100 * row['values_and_checksums_overhead_of_min']:.1f} %"
-            )
+                row["threads"] = threads if threads is not None else auto_threads
+                results[row_key(cache, target, threads)] = summarise(row, cache, target)
     # the checks alone, on one loaded state dict (free of the allocator's page-fault noise that
     # dominates the end-to-end spread on this shared 2-core machine)
     from any4ao.validation import checksums as hash_all
@@ -183,8 +216,9 @@ def main(argv=None):
         median, times = timed(fn, args.repeats)
         components[label] = {"median_s": round(median, 5), "min_s": round(min(times), 5)}
         print(f"{label:22s} {median * 1e3:6.1f} ms (min {min(times) * 1e3:.1f})")
+    reference = 1 if 1 in thread_counts else thread_counts[0]  # the serial read when it was measured
     for key in ("warm/model", "cold/model"):
-        base = results[key]["none"]["median_s"]
+        base = results[row_key(*key.split("/"), reference)]["none"]["median_s"]
         components[f"value_checks_over_{key.replace('/', '_')}_load"] = round(
             components["value_checks"]["median_s"] / base, 4
         )
@@ -217,6 +251,9 @@ def main(argv=None):
         },
         "machine": {
             "cpu_count": os.cpu_count(),
+            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "load_threads": [t if t is not None else "auto" for t in thread_counts],
+            "auto_load_threads": auto_threads,
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
         },

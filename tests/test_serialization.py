@@ -386,3 +386,150 @@ def test_load_quantized_refuses_a_device_that_is_no_device(tmp_path):
     save_quantized(_quantized(), path)
     with pytest.raises(TypeError, match="device must be a str or torch.device"):
         load_quantized(path, device=torch.float16)
+
+
+# ----- _read with several threads (ANY4AO_LOAD_THREADS): the same tensors, checksums and errors -----
+
+
+def _several_tensors(path):
+    """A checkpoint of tensors of several dtypes and sizes (one over several 256 KiB read pieces, one
+    empty, one Any4Tensor), saved to `path`."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8, generator=g)
+    lut = torch.randn(64, 16, generator=g).sort(1).values.bfloat16()
+    scale = (torch.rand(64, 4, generator=g) + 0.01).bfloat16()
+    zero = torch.randn(64, 4, generator=g).bfloat16()
+    state = {
+        "big": torch.randn(200_000, generator=g),  # 800 kB: four pieces
+        "half": torch.randn(3000, generator=g).half(),
+        "ints": torch.randint(-9, 9, (17, 5), dtype=torch.int64, generator=g),
+        "mask": torch.rand(333, generator=g) > 0.5,
+        "empty": torch.empty(0, 4),
+        "q.weight": Any4Tensor.from_codes(codes, lut, scale, zero, 4, 32),
+    }
+    save_quantized(state, path)
+
+
+def _bits(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def test_threaded_read_gives_the_serial_tensors_order_and_checksums(tmp_path, monkeypatch):
+    import threading
+
+    from any4ao import serialization
+
+    path = tmp_path / "q.safetensors"
+    _several_tensors(path)
+    monkeypatch.setenv("ANY4AO_LOAD_THREADS", "1")
+    serial, meta, serial_sums = serialization._read(path, hash_tensors=True)
+    hashed_on, real_hasher = [], serialization.tensor_hasher
+
+    def hasher(*args):
+        hashed_on.append(threading.current_thread().name)
+        return real_hasher(*args)
+
+    monkeypatch.setattr(serialization, "tensor_hasher", hasher)
+    monkeypatch.setenv("ANY4AO_LOAD_THREADS", "3")
+    threaded, threaded_meta, threaded_sums = serialization._read(path, hash_tensors=True)
+    # three worker threads did the reading (not the calling thread)
+    assert len(set(hashed_on)) == 3 and threading.current_thread().name not in hashed_on
+    assert list(threaded) == list(serial) and list(threaded_sums) == list(serial_sums)  # file order
+    assert threaded_sums == serial_sums and threaded_meta == meta
+    for key, t in serial.items():
+        assert threaded[key].dtype == t.dtype and threaded[key].shape == t.shape
+        assert torch.equal(_bits(threaded[key]), _bits(t)), key
+    loaded = load_quantized(path)  # the checksums verify (threads still 3)
+    assert torch.equal(_bits(loaded["big"]), _bits(serial["big"]))
+    assert torch.equal(loaded["q.weight"].qdata, serial["q._weight_qdata"])
+
+
+def test_a_file_cut_short_fails_the_same_with_threads(tmp_path, monkeypatch):
+    import os
+
+    from any4ao import serialization
+
+    path = tmp_path / "q.safetensors"
+    _several_tensors(path)
+    data = path.read_bytes()
+    real_workers = serialization._read_workers
+
+    def cut_after_the_header_check(total):  # the file shrinks while it loads: a worker's short read
+        os.truncate(path, len(data) - 100)
+        return real_workers(total)
+
+    monkeypatch.setattr(serialization, "_read_workers", cut_after_the_header_check)
+    errors = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("ANY4AO_LOAD_THREADS", threads)
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match="short read") as e:
+            load_quantized(path)
+        errors[threads] = str(e.value)
+    assert errors["1"] == errors["3"]
+    monkeypatch.setattr(serialization, "_read_workers", real_workers)
+    for threads in ("1", "3"):  # cut before the load: the header check, on the calling thread
+        monkeypatch.setenv("ANY4AO_LOAD_THREADS", threads)
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ValueError, match="truncated") as e:
+            load_quantized(path)
+        errors[threads] = str(e.value)
+    assert errors["1"] == errors["3"]
+
+
+def test_a_file_replaced_while_threads_load_it_is_refused(tmp_path, monkeypatch):
+    """The serial read keeps reading the file whose header it checked (one handle); each thread opens
+    the path again, so it must find that same file, not one save_quantized renamed over it since."""
+    import os
+
+    from any4ao import serialization
+
+    path, other = tmp_path / "q.safetensors", tmp_path / "other.safetensors"
+    _several_tensors(path)
+    real_workers = serialization._read_workers
+
+    def replace_after_the_header_check(total):
+        other.write_bytes(path.read_bytes())
+        os.replace(other, path)
+        return real_workers(total)
+
+    monkeypatch.setattr(serialization, "_read_workers", replace_after_the_header_check)
+    monkeypatch.setenv("ANY4AO_LOAD_THREADS", "1")
+    load_quantized(path)  # the old file, through the handle that read its header
+    monkeypatch.setenv("ANY4AO_LOAD_THREADS", "3")
+    with pytest.raises(ValueError, match="q.safetensors: not a readable .* replaced while loading"):
+        load_quantized(path)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5", ""])
+def test_a_bad_load_threads_value_is_refused_by_name(tmp_path, monkeypatch, value):
+    path = tmp_path / "q.safetensors"
+    _several_tensors(path)
+    monkeypatch.setenv("ANY4AO_LOAD_THREADS", value)
+    with pytest.raises(ValueError, match=f"ANY4AO_LOAD_THREADS={value!r}: expected an integer >= 1"):
+        load_quantized(path)
+
+
+def test_read_threads_follow_cores_and_size_and_shards_balance_bytes(monkeypatch):
+    from any4ao import serialization
+
+    monkeypatch.delenv("ANY4AO_LOAD_THREADS", raising=False)
+    mib = 1 << 20
+    for cores, total, expected in [(2, 1 << 30, 1), (3, 1 << 30, 1), (16, 15 * mib, 1), (16, 16 * mib, 8)]:
+        monkeypatch.setattr(serialization.os, "sched_getaffinity", lambda pid, c=cores: set(range(c)), raising=False)
+        assert serialization._read_workers(total) == expected, (cores, total)
+    monkeypatch.setattr(serialization.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert serialization._read_workers(1 << 30) == 8
+    monkeypatch.setattr(serialization.os, "sched_getaffinity", lambda pid: {0, 5, 6, 7, 9, 11}, raising=False)
+    assert serialization._read_workers(1 << 30) == 3
+    monkeypatch.setenv("ANY4AO_LOAD_THREADS", "5")
+    assert serialization._read_workers(10) == 5  # the override bypasses the size floor
+    # one large tensor and many small ones: the large one is a shard alone, the small ones share the rest
+    sizes = [10, 10, 100, 10, 10, 10, 10]
+    entries, start = [], 0
+    for i, size in enumerate(sizes):
+        entries.append((start, start + size, f"t{i}", torch.uint8, [size]))
+        start += size
+    shards = serialization._shards(entries, 3)
+    assert sorted(sum(e[1] - e[0] for e in s) for s in shards) == [30, 30, 100]
+    assert all(s == sorted(s) for s in shards) and sorted(e for s in shards for e in s) == entries
