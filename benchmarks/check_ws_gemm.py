@@ -5,7 +5,7 @@ against float64 (NaN-poisoned outputs; ragged M and N, fp16) for every config, t
 F.linear on the Any4Tensor (the selector's path today), dequantize + mm and bf16 cuBLAS, in one run
 (CUDA graphs, weights rotated past L2, medians of 20 replays).
 
-    python benchmarks/check_ws_gemm.py [--out DIR] [--ms 128,256,512,2048] [--configs 128x128x4,128x128x4x2,...]
+    python benchmarks/check_ws_gemm.py [--out DIR] [--ms 128,256,512,2048] [--configs 128x128x4,128x128x4x2,128x128x4x1x8,...]
 """
 
 import argparse
@@ -23,7 +23,7 @@ from any4ao.kernels.launch import lut_gemm_ws
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
 MS = [128, 256, 512, 2048]
-# block_m x block_n x stages [x split_k]
+# block_m x block_n x stages [x split_k [x lookup warps]]
 CONFIGS = "64x64x6,128x64x4,128x128x4,128x128x5,256x64x4,128x128x4x2,128x128x4x4,128x64x4x2"
 
 
@@ -32,9 +32,19 @@ def parse_configs(spec):
 
 
 def run(x, q, cfg):
-    bm, bn, stages, split_k = (cfg + (1,))[:4]
+    bm, bn, stages, split_k, lookup_warps = (cfg + (1, 4)[len(cfg) - 3 :])[:5]
     return lut_gemm_ws(
-        x, q.qdata, q.lut, q.scale, q.zero_point, GROUP, block_m=bm, block_n=bn, stages=stages, split_k=split_k
+        x,
+        q.qdata,
+        q.lut,
+        q.scale,
+        q.zero_point,
+        GROUP,
+        block_m=bm,
+        block_n=bn,
+        stages=stages,
+        split_k=split_k,
+        lookup_warps=lookup_warps,
     )
 
 
@@ -144,7 +154,7 @@ def main():
     meta = result_meta(
         timing="median of 20 CUDA-graph replays; weights rotated over >3x L2 per replay",
         worst_ragged_rel_err=worst_ragged,
-        configs="block_m x block_n x stages [x split_k]",
+        configs="block_m x block_n x stages [x split_k [x lookup warps]]",
     )
     write_rows(args.out, "ws-gemm" + (f"-{args.tag}" if args.tag else ""), meta, rows)
 

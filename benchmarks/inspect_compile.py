@@ -233,16 +233,25 @@ WS_SIGNATURE = {
 }
 
 
-def report_ws(block_m, block_n, stages, split_k=1, group=128, lookup_regs=152):
+def report_ws(block_m, block_n, stages, split_k=1, lookup_warps=4, lookup_regs=None, group=128):
     """The warp-specialised Gluon kernel as launch.lut_gemm_ws makes it (bf16, 64-column steps):
     resources, and the lookup loop's SASS per weight (one W row per lookup thread, two at block_n 64)."""
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    lookup_regs = lookup_regs or (96 if lookup_warps == 8 else 152)  # as launch.lut_gemm_ws
 
     module = _kernel_module("lut_gemm_ws")
     kernel = module.lut_gemm_ws_kernel
     x_layout, q_layout = module.tile_layouts()
     constexprs = dict(
-        GROUP=group, BLOCK_N=block_n, STAGES=stages, SPLIT_K=split_k, FP16=False, LOOKUP_REGS=lookup_regs, num_warps=4
+        GROUP=group,
+        BLOCK_N=block_n,
+        STAGES=stages,
+        SPLIT_K=split_k,
+        FP16=False,
+        LOOKUP_REGS=lookup_regs,
+        LOOKUP_WARPS=lookup_warps,
+        num_warps=4,
     )
     sig = {
         "x_desc": f"tensordesc<bf16[{block_m}, 64],{x_layout!r}>",
@@ -253,10 +262,10 @@ def report_ws(block_m, block_n, stages, split_k=1, group=128, lookup_regs=152):
     compiled = triton.compile(GluonASTSource(kernel, sig, constexprs), target=HOPPER, options={"num_warps": 4})
     regs, stack = resources(compiled)
     ops = loop_sass(compiled, holding="HFMA2")  # the lookup partition's loop (its pair FMAs)
-    per_thread = block_n * 64 / 128
+    per_thread = block_n * 64 / (32 * lookup_warps)
     return {
         "kernel": "lut_gemm_ws",
-        "tile": f"{block_m}x{block_n}x{stages}" + (f"x{split_k}" if split_k > 1 else ""),
+        "tile": f"{block_m}x{block_n}x{stages}x{split_k}, lookup {lookup_warps} warps / {lookup_regs} registers",
         "warps": compiled.metadata.num_warps,
         "registers": regs,
         "stack_bytes": stack,
@@ -277,7 +286,11 @@ def main():
     p.add_argument(
         "--mma", default="8x1x4x1,16x2x4x1,32x2x4x2", help="lut_mma: block_m x row_tiles x k_warps x prefetch"
     )
-    p.add_argument("--ws", default="", help="lut_gemm_ws (Gluon): block_m x block_n x stages, e.g. 128x128x4")
+    p.add_argument(
+        "--ws",
+        default="",
+        help="lut_gemm_ws (Gluon): block_m x block_n x stages [x split_k [x lookup warps [x lookup registers]]], e.g. 128x128x4",
+    )
     p.add_argument("--out", default="", help="also write inspect-compile-sm90.json there")
     args = p.parse_args()
     choice = {"both": (False, True), "on": (True,), "off": (False,)}

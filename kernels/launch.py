@@ -254,18 +254,30 @@ def dequantize_then_mm(x, qdata, lut, scale, zero_point, nbits: int, group_size:
 
 
 def lut_gemm_ws(
-    x, qdata, lut, scale, zero_point, group_size: int, block_m=128, block_n=128, stages=4, split_k=1, lookup_regs=152
+    x,
+    qdata,
+    lut,
+    scale,
+    zero_point,
+    group_size: int,
+    block_m=128,
+    block_n=128,
+    stages=4,
+    split_k=1,
+    lookup_warps=4,
+    lookup_regs=None,
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) on the warp-specialised Gluon kernel (Hopper; lut_gemm_ws.py says
     which layouts it takes). split_k > 1: each program sums K / split_k columns into float32 partial
-    sums, added here. Gluon is imported here: CPU machines never load it."""
+    sums, added here. lookup_warps 8 halves each lookup thread's share of a W tile (registers: 96 a
+    thread, so that 16 warps fit; 152 with 4). Gluon is imported here: CPU machines never load it."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from any4ao.kernels.lut_gemm_ws import lut_gemm_ws_kernel, tile_layouts
 
     x = x.contiguous()
     problems = ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
-    problems += ws_tile_problems(block_m, block_n, stages, split_k)
+    problems += ws_tile_problems(block_m, block_n, stages, split_k, lookup_warps)
     m, k = x.shape
     if not problems and k % (WS_BLOCK_K * split_k):
         problems.append(f"K a multiple of {WS_BLOCK_K} x split_k (got K {k}, split_k {split_k})")
@@ -295,7 +307,8 @@ def lut_gemm_ws(
         STAGES=stages,
         SPLIT_K=split_k,
         FP16=x.dtype == torch.float16,
-        LOOKUP_REGS=lookup_regs,
+        LOOKUP_REGS=lookup_regs or (96 if lookup_warps == 8 else 152),
+        LOOKUP_WARPS=lookup_warps,
         num_warps=4,
     )
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)

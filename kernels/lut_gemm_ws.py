@@ -140,12 +140,13 @@ def _lookup(
     GROUP: gl.constexpr,
     BLOCK_K: gl.constexpr,
     FP16: gl.constexpr,
+    WARPS: gl.constexpr,
 ):
     STAGES: gl.constexpr = q_words.shape[0]
     BLOCK_N: gl.constexpr = q_words.shape[1]
     WORDS: gl.constexpr = BLOCK_K // 8
-    TPR: gl.constexpr = 128 // BLOCK_N  # threads per row (4 warps)
-    layout: gl.constexpr = gl.BlockedLayout([1, WORDS // TPR], [32 // TPR, TPR], [4, 1], [1, 0])
+    TPR: gl.constexpr = WARPS * 32 // BLOCK_N  # threads per row
+    layout: gl.constexpr = gl.BlockedLayout([1, WORDS // TPR], [32 // TPR, TPR], [WARPS, 1], [1, 0])
     rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     nmask = rows < N
     P0, P1, P2, P3, P4, P5, P6, P7 = _byte_planes(lutw_ptr, rows, nmask)
@@ -244,6 +245,7 @@ def lut_gemm_ws_kernel(
     SPLIT_K: gl.constexpr,
     FP16: gl.constexpr,
     LOOKUP_REGS: gl.constexpr,
+    LOOKUP_WARPS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -320,10 +322,11 @@ def lut_gemm_ws_kernel(
                     GROUP,
                     BLOCK_K,
                     FP16,
+                    LOOKUP_WARPS,
                 ),
             ),
             (_loader, (x_desc, q_desc, x_bufs, q_bufs, load_ready, load_empty, step0, steps, off_m, off_n, BLOCK_K)),
         ],
-        [4, 1],
+        [LOOKUP_WARPS, 1],
         [LOOKUP_REGS, 24],
     )

@@ -381,9 +381,10 @@ class WsConfig:
     block_n: int
     stages: int
     split_k: int = 1
+    lookup_warps: int = 4
 
     def __post_init__(self):
-        problems = ws_tile_problems(self.block_m, self.block_n, self.stages, self.split_k)
+        problems = ws_tile_problems(self.block_m, self.block_n, self.stages, self.split_k, self.lookup_warps)
         if problems:
             raise ValueError("lut_gemm_ws takes " + "; ".join(problems))
 
@@ -399,9 +400,10 @@ class WsRule:
     block_n: int
     stages: int
     split_k: int = 1
+    lookup_warps: int = 4
 
     def __post_init__(self):
-        WsConfig(self.block_m, self.block_n, self.stages, self.split_k)  # the same tile checks
+        WsConfig(self.block_m, self.block_n, self.stages, self.split_k, self.lookup_warps)  # the same tile checks
 
 
 # device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py).
@@ -439,7 +441,7 @@ def ws_layout_problems(x, qdata, lut, scale, zero_point, group_size: int) -> Lis
     return problems
 
 
-def ws_tile_problems(block_m: int, block_n: int, stages: int, split_k: int = 1) -> List[str]:
+def ws_tile_problems(block_m: int, block_n: int, stages: int, split_k: int = 1, lookup_warps: int = 4) -> List[str]:
     """The lut_gemm_ws launches that compile without spills and cannot deadlock, as phrases: the
     accumulator (block_m x block_n fp32 over 128 threads) at most 128 registers a thread (256 x 128
     spilled), a wgmma-sized block_m, and a ring of at least 2 slots (with one, the wgmma warps hold
@@ -453,6 +455,9 @@ def ws_tile_problems(block_m: int, block_n: int, stages: int, split_k: int = 1) 
         problems.append(f"stages >= 2 (got {stages})")
     if not (isinstance(split_k, int) and split_k >= 1):
         problems.append(f"split_k >= 1 (got {split_k})")
+    # 8 lookup warps make 16 in all: 128 registers a thread, which a 256-wide wgmma exceeds (ptxas refuses)
+    if lookup_warps not in (4, 8) or (lookup_warps == 8 and block_m > 128):
+        problems.append(f"lookup_warps 4, or 8 with block_m <= 128 (got {lookup_warps} with block_m {block_m})")
     return problems
 
 
@@ -481,7 +486,7 @@ def ws_config(
     if rule is None:
         return None
     split_k = rule.split_k if k % (WS_BLOCK_K * rule.split_k) == 0 else 1  # each split takes whole steps
-    return WsConfig(rule.block_m, rule.block_n, rule.stages, split_k)
+    return WsConfig(rule.block_m, rule.block_n, rule.stages, split_k, rule.lookup_warps)
 
 
 def permute_dequantize_applies(qdata: torch.Tensor, lut: torch.Tensor, nbits: int, k: int) -> bool:

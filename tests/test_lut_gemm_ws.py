@@ -37,7 +37,16 @@ def _cuda_problem(m, n, k, group_size, dtype, seed):
     group_size=st.sampled_from([64, 128, 256]),
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     tile=st.sampled_from(
-        [(64, 64, 6, 1), (128, 64, 4, 1), (128, 128, 4, 1), (256, 64, 3, 1), (128, 128, 4, 2), (64, 64, 3, 3)]
+        [
+            (64, 64, 6, 1, 4),
+            (128, 64, 4, 1, 4),
+            (128, 128, 4, 1, 4),
+            (256, 64, 3, 1, 4),
+            (128, 128, 4, 2, 4),
+            (64, 64, 3, 3, 4),
+            (128, 128, 4, 1, 8),
+            (64, 64, 6, 2, 8),
+        ]
     ),
     seed=st.integers(0, 2**16),
 )
@@ -47,9 +56,11 @@ def test_ws_gemm_matches_float64(m, n, k_groups, group_size, dtype, tile, seed):
     start mid-group)."""
     k = k_groups * group_size
     t, x, ref = _cuda_problem(m, n, k, group_size, dtype, seed)
-    bm, bn, stages, split_k = tile
+    bm, bn, stages, split_k, lookup_warps = tile
     split_k = split_k if k % (64 * split_k) == 0 else 1
-    out = lut_gemm_ws(x, *_args(t), group_size, block_m=bm, block_n=bn, stages=stages, split_k=split_k)
+    out = lut_gemm_ws(
+        x, *_args(t), group_size, block_m=bm, block_n=bn, stages=stages, split_k=split_k, lookup_warps=lookup_warps
+    )
     assert out.shape == (m, n) and out.dtype == dtype
     assert _rel(out, ref) < TOLERANCE[dtype]
 
@@ -67,6 +78,7 @@ def test_ws_gemm_matches_float64(m, n, k_groups, group_size, dtype, tile, seed):
         ("strided-lut", "contiguous LUT"),
         ("misaligned-x", "x with unit-stride rows, 16-byte aligned"),
         ("split-k-zero", "split_k >= 1"),
+        ("lookup-warps", "lookup_warps 4, or 8 with block_m <= 128"),  # 16 warps: ptxas refuses the 256-wide wgmma
         ("split-k-ragged", r"K a multiple of 64 x split_k \(got K 128, split_k 4\)"),  # a split of half a step
     ],
 )
@@ -94,6 +106,8 @@ def test_ws_gemm_refuses_layouts_it_cannot_read(case, message):
         x = torch.randn(2 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 128)
     if case == "split-k-zero":
         tile["split_k"] = 0
+    if case == "lookup-warps":
+        tile.update(block_m=256, block_n=64, lookup_warps=8)
     if case == "split-k-ragged":
         tile["split_k"] = 4
     with pytest.raises(ValueError, match=message):
