@@ -195,14 +195,17 @@ _DTYPES = {
 _READ_CHUNK = 1 << 18
 
 LOAD_THREADS_ENV = "ANY4AO_LOAD_THREADS"
+# the most threads a load uses, whatever $ANY4AO_LOAD_THREADS says: 10**9 started a thread, each
+# with its own file handle, per tensor, and ran out of handles (EMFILE) where one thread loads
+MAX_LOAD_THREADS = 64
 
 
 def _read_workers(total_bytes: int) -> int:
-    """Threads that read (and hash) a file's tensors: $ANY4AO_LOAD_THREADS if set, else half the cores,
-    at most 8. But 1 on fewer than 4 cores (on the 2-core CI machine a second hashing thread did not
-    pay) or under 16 MiB (a few ms of reading). On a 16-core host, 4-8 threads read a 55 MB
-    checkpoint from the page cache in 18-19 ms against 30 ms for one thread
-    (benchmarks/results/load-validation-NOTE.md)."""
+    """Threads that read (and hash) a file's tensors: $ANY4AO_LOAD_THREADS if set (at most
+    MAX_LOAD_THREADS), else half the cores, at most 8. But 1 on fewer than 4 cores (on the 2-core CI
+    machine a second hashing thread did not pay) or under 16 MiB (a few ms of reading). On a 16-core
+    host, 4-8 threads read a 55 MB checkpoint from the page cache in 18-19 ms against 30 ms for one
+    thread (benchmarks/results/load-validation-NOTE.md)."""
     value = os.environ.get(LOAD_THREADS_ENV)
     if value is not None:
         try:
@@ -211,7 +214,7 @@ def _read_workers(total_bytes: int) -> int:
             workers = 0
         if workers < 1:
             raise ValueError(f"{LOAD_THREADS_ENV}={value!r}: expected an integer >= 1 (threads that read a checkpoint)")
-        return workers
+        return min(workers, MAX_LOAD_THREADS)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if cores < 4 or total_bytes < 16 << 20:
         return 1
@@ -292,7 +295,9 @@ def _read(path: Path, hash_tensors: bool = False):
         algorithm = checksum_algorithm(metadata) if hash_tensors else None
 
         def load(f, start, end, key, dtype, shape):
-            t = torch.empty(shape, dtype=dtype)
+            # on the CPU whatever the caller's default device (thread-local: worker threads never saw
+            # it, so a serial read under torch.device("cuda") failed where a threaded one loaded)
+            t = torch.empty(shape, dtype=dtype, device="cpu")
             hasher = tensor_hasher(algorithm, dtype, shape) if hash_tensors else None
             if end > start:
                 f.seek(8 + n + start)
@@ -316,8 +321,9 @@ def _read(path: Path, hash_tensors: bool = False):
 
 
 def _load_threaded(path: Path, f, shards, load, bad):
-    """{key: load(...)} of every entry, one thread per shard, each with its own handle. readinto and
-    the hashers release the GIL, so reads and hashes of different shards run on different cores."""
+    """{key: load(...)} of every entry, a pool of one thread per shard (a thread done with its shard
+    may take a later one), each shard through its own handle. readinto and the hashers release the
+    GIL, so reads and hashes of different shards run on different cores."""
     stop = threading.Event()
     same = os.fstat(f.fileno())
 

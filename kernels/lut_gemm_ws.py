@@ -7,7 +7,7 @@ tiles over through rings of STAGES shared-memory buffers guarded by mbarriers:
 
   loader (1 warp)    TMA copies of the x tile (BLOCK_M, BLOCK_K) and of the packed code tile
                      (BLOCK_N, BLOCK_K / 2 bytes) into ring slot i % STAGES
-  lookup (4 warps)   the byte-permute lookup of lut_permute (one row per thread, its LUT in eight
+  lookup (4/8 warps) the byte-permute lookup of lut_permute (one row per thread, its LUT in eight
                      byte-plane registers), one fma.rn.bf16x2 (f16x2) per pair of weights for the
                      group's scale and zero, the W tile (BLOCK_N, BLOCK_K) stored to its slot
   mma (default)      wgmma acc[n, m] += W_tile @ x_tile^T, one step in flight; then the epilogue
@@ -21,8 +21,9 @@ Takes: 4-bit codes, x / LUT / scale / zero of one 16-bit dtype, K % (BLOCK_K * S
 a multiple of BLOCK_K, BLOCK_K = 64 (one 128-byte swizzled row per W row). Hopper only: no interpreter path
 (the tests run it where a GPU is present; benchmarks/check_ws_gemm.py checks it against float64).
 
-Status: compiled for sm_90a with triton 3.6 on the CPU, not yet run on a GPU, and routed nowhere
-(selector.WS_RULES is empty) until it is checked and timed there (sweep-gemm-NOTE.md, sixth round).
+Status: checked against float64 and timed on an H100 (sweep-gemm-NOTE.md, seventh round; 8 lookup
+warps only compiled, not yet run). Routed nowhere (selector.WS_RULES is empty): it beat today's path
+only at some M of 128-512 and lost from M = 768 on.
 """
 
 from triton.experimental import gluon

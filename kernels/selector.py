@@ -407,7 +407,7 @@ class WsRule:
 
 
 # device name -> rules, each measured against every other path on that GPU (benchmarks/check_ws_gemm.py).
-# Empty: the kernel has not run on a GPU yet (sweep-gemm-NOTE.md, sixth round).
+# Empty: on the H100 it won only at some M of 128-512 and lost from M = 768 on (sweep-gemm-NOTE.md, seventh round).
 WS_RULES = {}
 
 WS_BLOCK_K = 64
@@ -453,10 +453,12 @@ def ws_tile_problems(block_m: int, block_n: int, stages: int, split_k: int = 1, 
         problems.append(f"block_m 64, 128 or 256 with block_m * block_n <= 128 * 128 (got {block_m} x {block_n})")
     if not (isinstance(stages, int) and stages >= 2):
         problems.append(f"stages >= 2 (got {stages})")
-    if not (isinstance(split_k, int) and split_k >= 1):
-        problems.append(f"split_k >= 1 (got {split_k})")
+    # ints, not bools or floats: True and 8.0 passed `>= 1` and `in (4, 8)`, then failed in torch.empty
+    # or the compiler, after the checks
+    if not (type(split_k) is int and split_k >= 1):
+        problems.append(f"split_k >= 1 (got {split_k!r})")
     # 8 lookup warps make 16 in all: 128 registers a thread, which a 256-wide wgmma exceeds (ptxas refuses)
-    if lookup_warps not in (4, 8) or (lookup_warps == 8 and block_m > 128):
+    if type(lookup_warps) is not int or lookup_warps not in (4, 8) or (lookup_warps == 8 and block_m > 128):
         problems.append(f"lookup_warps 4, or 8 with block_m <= 128 (got {lookup_warps} with block_m {block_m})")
     return problems
 

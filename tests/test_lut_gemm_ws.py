@@ -78,6 +78,8 @@ def test_ws_gemm_matches_float64(m, n, k_groups, group_size, dtype, tile, seed):
         ("strided-lut", "contiguous LUT"),
         ("misaligned-x", "x with unit-stride rows, 16-byte aligned"),
         ("split-k-zero", "split_k >= 1"),
+        ("split-k-bool", r"split_k >= 1 \(got True\)"),  # passed `>= 1`, then failed in torch.empty
+        ("lookup-warps-float", r"lookup_warps 4, or 8 .*got 8.0"),  # passed `in (4, 8)`, then reached the GPU
         ("lookup-warps", "lookup_warps 4, or 8 with block_m <= 128"),  # 16 warps: ptxas refuses the 256-wide wgmma
         ("split-k-ragged", r"K a multiple of 64 x split_k \(got K 128, split_k 4\)"),  # a split of half a step
     ],
@@ -106,6 +108,10 @@ def test_ws_gemm_refuses_layouts_it_cannot_read(case, message):
         x = torch.randn(2 * 128 + 1, dtype=torch.bfloat16)[1:].view(2, 128)
     if case == "split-k-zero":
         tile["split_k"] = 0
+    if case == "split-k-bool":
+        tile["split_k"] = True
+    if case == "lookup-warps-float":
+        tile["lookup_warps"] = 8.0
     if case == "lookup-warps":
         tile.update(block_m=256, block_n=64, lookup_warps=8)
     if case == "split-k-ragged":
@@ -125,6 +131,10 @@ def test_ws_rules_take_only_launches_that_compile_and_cannot_hang():
     with pytest.raises(ValueError, match="split_k >= 1"):
         WsRule(129, 512, 0, 128, 128, 4, 0)
     assert WsRule(129, 512, 0, 128, 128, 4).split_k == 1
+    with pytest.raises(ValueError, match="split_k >= 1"):
+        WsConfig(128, 128, 4, True)
+    with pytest.raises(ValueError, match="lookup_warps 4, or 8"):
+        WsRule(129, 512, 0, 128, 128, 4, 1, 4.0)
 
 
 def test_selector_takes_ws_only_where_a_rule_and_the_layout_allow(monkeypatch):
