@@ -1639,3 +1639,68 @@ def test_torch_load_with_a_dict_map_location_says_what_to_pass_instead():
     buffer.seek(0)
     with pytest.raises(InvalidAny4TensorError, match="map_location as a dict .* pass map_location as a device"):
         torch.load(buffer, map_location={"cpu": "meta"}, weights_only=True)  # parts moved, the wrapper not
+
+
+# --- tensor-subclass operations on a quantized weight (fifth audit) ---
+
+
+def test_copy_into_a_slice_along_in_features_keeps_the_columns_outside_it():
+    """w[:, :32].copy_(v[:, :32]) also copied v's per-row LUTs, which the columns outside the slice
+    share: w[:, 32:] changed silently. Refused unless the LUTs are equal (fixed grids); row slices
+    and clones of a slice copy as before."""
+    torch.manual_seed(0)
+    w, v = (Any4Tensor.from_hp(torch.randn(16, 96) * s, CONFIG) for s in (1, 5))
+    before = w.dequantize()
+    with pytest.raises(ValueError, match="slice along in_features .* shares each row's LUT"):
+        w[:, :32].copy_(v[:, :32])
+    with pytest.raises(ValueError, match="slice along in_features"):
+        w.t()[32:64].copy_(v.t()[32:64])
+    assert torch.equal(w.dequantize(), before)
+    w[:8].copy_(v[:8])  # whole rows: their LUTs go with them
+    assert torch.equal(w.dequantize()[:8], v.dequantize()[:8]) and torch.equal(w.dequantize()[8:], before[8:])
+    part = w[:, :32].clone()
+    part.copy_(v[:, :32])
+    assert torch.equal(part.dequantize(), v.dequantize()[:, :32])
+    a, b = (Any4Tensor.from_hp(torch.randn(16, 96), CONFIG, codebook="int4") for _ in range(2))
+    dense_a = a.dequantize()
+    a[:, 32:64].copy_(b[:, 32:64])  # one grid for every row: the slice copies alone
+    assert torch.equal(a.dequantize()[:, 32:64], b.dequantize()[:, 32:64])
+    assert torch.equal(a.dequantize()[:, :32], dense_a[:, :32]) and torch.equal(a.dequantize()[:, 64:], dense_a[:, 64:])
+
+
+def test_to_with_copy_true_does_not_alias_the_source():
+    """.to(same dtype and device, copy=True) returned the source's own parts: a copy_ into the
+    "copy" changed the original."""
+    torch.manual_seed(0)
+    w, v = (Any4Tensor.from_hp(torch.randn(16, 96), CONFIG) for _ in range(2))
+    before = w.dequantize()
+    for copied in (w.to(torch.float32, copy=True), w.to("cpu", copy=True)):
+        assert torch.equal(copied.dequantize(), before)
+        copied.copy_(v)
+        assert torch.equal(w.dequantize(), before)
+    assert w.to(torch.float32) is w  # no copy asked for: the tensor itself, as torch
+
+
+def test_out_of_range_dims_and_split_sizes_are_refused_as_torch_refuses_them():
+    """Dims were taken modulo 2: split(16, dim=2) split the rows, transpose(0, 2) and permute(2, 3)
+    did nothing and permute(1, 2) transposed; split(-1) returned no block."""
+    w = Any4Tensor.from_hp(torch.randn(48, 96), CONFIG)
+    calls = [
+        lambda: w.split(16, dim=2),
+        lambda: w.split(32, dim=-3),
+        lambda: w.transpose(0, 2),
+        lambda: w.swapaxes(1, 3),
+        lambda: w.permute(1, 2),
+        lambda: w.permute(2, 3),
+        lambda: torch.ops.aten.slice.Tensor(w, 2, 0, 4),
+    ]
+    for call in calls:
+        with pytest.raises(IndexError, match="Dimension out of range"):
+            call()
+    for size in (-1, 0):
+        with pytest.raises(RuntimeError, match="positive split_size"):
+            w.split(size)
+    assert [p.shape for p in w[:0].split(16)] == [(0, 96)]  # as torch: one empty block
+    assert torch.equal(w.transpose(0, -1).dequantize(), w.dequantize().T)
+    with pytest.raises(NotImplementedError, match=r"view\(-1,\) of shape \(96, 48\), transposed"):
+        w.t().view(-1)

@@ -42,6 +42,14 @@ def _dense(t):
     return t.dequantize() if isinstance(t, Any4Tensor) else t
 
 
+def _dim(dim: int) -> int:
+    """A dim of the 2-D weight, wrapped; out of range an IndexError as torch gives (taken modulo 2,
+    split(16, dim=2) split the rows and transpose(0, 2) was a no-op, silently)."""
+    if not -2 <= dim <= 1:
+        raise IndexError(f"Dimension out of range (expected to be in range of [-2, 1], but got {dim})")
+    return dim % 2
+
+
 def _arguments(args, kwargs, names):
     """The call's arguments by position, keywords filled in (None where absent), and the keywords left."""
     kwargs = dict(kwargs or {})
@@ -176,8 +184,10 @@ def _(func, types, args, kwargs):
 @implements(aten.permute.default)
 def _(func, types, args, kwargs):
     """w.T (permute(1, 0)) and permute(0, 1) of the 2-D weight."""
-    w, dims = args[0], [d % 2 for d in args[1]]
-    if len(dims) != 2 or sorted(dims) != [0, 1]:
+    if len(args[1]) != 2:
+        raise NotImplementedError(f"Any4Tensor permute takes the two dims of the 2-D weight, got {args[1]}")
+    w, dims = args[0], [_dim(d) for d in args[1]]
+    if sorted(dims) != [0, 1]:
         raise NotImplementedError(f"Any4Tensor permute takes the two dims of the 2-D weight, got {args[1]}")
     return return_and_correct_aliasing(func, args, kwargs, _with(w) if dims == [0, 1] else _untransposed(w))
 
@@ -210,7 +220,7 @@ def _(func, types, args, kwargs):
 @implements(aten.transpose.int)
 def _(func, types, args, kwargs):
     w, dim0, dim1 = args[:3]
-    same = (dim0 % 2) == (dim1 % 2)
+    same = _dim(dim0) == _dim(dim1)
     return return_and_correct_aliasing(func, args, kwargs, _with(w) if same else _untransposed(w))
 
 
@@ -227,7 +237,7 @@ def _check_part_dtype(dtype: torch.dtype, verb: str) -> None:
 def _(func, types, args, kwargs):
     """Slices along N (rows: any range) or along K (whole groups only), in logical dims."""
     w, dim, start, end, step = fill_defaults(args, 5, [0, None, None, 1])
-    dim = dim % 2
+    dim = _dim(dim)
     stored_dim = 1 - dim if w.transposed else dim
     size = w.shape[dim]
     start = 0 if start is None else (start + size if start < 0 else start)
@@ -272,15 +282,19 @@ def _(func, types, args, kwargs):
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
     """`.to(device)` moves every inner tensor; `.to(dtype)` re-types LUT, scales and zeros
-    (codes stay uint8), which is how `model.to(torch.float16)` works on a quantized model."""
+    (codes stay uint8, shared with the source: model.half() and from_pretrained(dtype=) keep one
+    copy of them), which is how `model.to(torch.float16)` works on a quantized model. A call that
+    changes neither (`.to(..., copy=True)`) copies every part: it returned the source's own parts,
+    so a copy_ into the "copy" changed the original."""
     w = args[0]
     device = kwargs.get("device") or w.device
     dtype = kwargs.get("dtype") or w.dtype
     non_blocking = kwargs.get("non_blocking", False)
     _check_part_dtype(dtype, "converted to")
+    same = torch.device(device) == w.qdata.device and dtype == w.dtype
 
     def move(t, as_float):
-        return t.to(device=device, dtype=dtype if as_float else t.dtype, non_blocking=non_blocking)
+        return t.to(device=device, dtype=dtype if as_float else t.dtype, non_blocking=non_blocking, copy=same)
 
     new = _with(
         w,
@@ -315,12 +329,27 @@ def _(func, types, args, kwargs):
             f"copy_ into {_layout(dst)} from {_layout(src)}: a quantized weight copies only from one of the same "
             "quantized layout (quantize the float weights with the same config, or dequantize())"
         )
+    if _is_in_features_slice(dst) and not torch.equal(dst.lut, src.lut):
+        # each row's LUT serves all its in_features: copying src's into the slice re-valued the
+        # columns outside it, silently (w[:, :32].copy_(v[:, :32]) changed w[:, 32:])
+        raise ValueError(
+            f"copy_ into {_layout(dst)}, a slice along in_features of a wider weight, from a weight with other "
+            "LUTs: the slice shares each row's LUT with the columns outside it, which would change too; copy the "
+            "whole weight, or into a .clone() of the slice"
+        )
     if src.dtype != dst.dtype and torch.finfo(dst.dtype).max < torch.finfo(src.dtype).max:
         parts = {name: getattr(src, name).to(dst.dtype) for name in ("lut", "scale", "zero_point")}
         _check_narrowing(src, _with(src, **parts), dst.dtype)
     for name in Any4Tensor.tensor_data_names:
         getattr(dst, name).copy_(getattr(src, name))
     return dst
+
+
+def _is_in_features_slice(w: Any4Tensor) -> bool:
+    """The packed codes are a column window of a wider stored matrix (w[:, a:b], narrow or split
+    along in_features; rows of it too): slicing keeps the row stride, a clone does not."""
+    q = w.qdata
+    return q.shape[0] > 0 and q.stride(1) == 1 and q.stride(0) > q.shape[1]
 
 
 @implements(aten.equal.default)
@@ -393,14 +422,18 @@ def _(func, types, args, kwargs):
     must cut at group boundaries: a group's scale and zero cannot be split). torch.chunk lands here."""
     w, split_size, dim = fill_defaults(args, 3, [0])
     _require_row_major(w, "split")
-    dim, size = dim % 2, w.shape[dim % 2]
+    dim = _dim(dim)
+    size = w.shape[dim]
+    if split_size < 0 or (split_size == 0 and size):  # as torch (range() failed, or returned no block)
+        raise RuntimeError(f"split expects a positive split_size for a dimension of size {size}, got {split_size}")
     if dim == 1 and split_size % w.group_size and split_size < size:
         raise ValueError(
             f"Any4Tensor split along in_features={size} into blocks of {split_size}: blocks must hold whole "
             f"quantization groups (group_size={w.group_size}); for row-wise tensor parallel pick a world size "
             f"for which ceil(in_features / world) is a multiple of {w.group_size}, or quantize with a smaller group_size"
         )
-    return [aten.slice.Tensor(w, dim, s, min(size, s + split_size)) for s in range(0, size, split_size)]
+    starts = range(0, size, split_size) if size else [0]  # (as torch: an empty dim gives one empty block)
+    return [aten.slice.Tensor(w, dim, s, min(size, s + split_size)) for s in starts]
 
 
 @implements(aten.new_zeros.default)
@@ -454,7 +487,10 @@ def _(func, types, args, kwargs):
         return _with(w, shape=torch.Size([w.numel()]))
     if torch.Size(size) == w.shape:
         return _with(w)
-    raise NotImplementedError(f"Any4Tensor.view{tuple(size)} of shape {tuple(w.shape)}: only view(-1) is supported")
+    raise NotImplementedError(
+        f"Any4Tensor.view{tuple(size)} of shape {tuple(w.shape)}{', transposed' if w.transposed else ''}: only "
+        "view(-1) of an untransposed weight and views to its own shape are supported"
+    )
 
 
 @implements(aten.as_strided.default)
