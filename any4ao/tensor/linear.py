@@ -57,11 +57,19 @@ def warn_if_trainable(weight, stacklevel: int = 3) -> None:
         )
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on this device type, or None where it is off (meta tensors
+    have no autocast)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def any4_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for an untransposed Any4Tensor W of shape (N, K)."""
     warn_if_trainable(weight)
-    if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # (autocast has no meta)
-        cast = torch.get_autocast_dtype(x.device.type)
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
         if x.dtype != cast or weight.scale.dtype != cast:  # F.linear casts both, as for nn.Linear
             _check_operands(x, weight, dtype=False)
             return F.linear(x, weight.dequantize(cast), bias)

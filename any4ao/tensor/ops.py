@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import fill_defaults
 
 from any4ao.tensor.any4_tensor import Any4Tensor
-from any4ao.tensor.linear import any4_linear, check_dtype, warn_if_trainable
+from any4ao.tensor.linear import any4_linear, autocast_dtype, check_dtype, warn_if_trainable
 from any4ao.tensor.packing import codes_per_byte
 
 aten = torch.ops.aten
@@ -89,9 +89,9 @@ def _linear_of(func, x, w, bias):
     if w.transposed:
         # F.linear(x, W^T) = x @ W: the stored matrix is used without transpose.
         warn_if_trainable(w, stacklevel=4)
-        device = w.qdata.device.type
-        if device != "meta" and torch.is_autocast_enabled(device):  # as any4_linear: dequantized once
-            return F.linear(x, w.dequantize(torch.get_autocast_dtype(device)), bias)
+        cast = autocast_dtype(w.qdata.device.type)
+        if cast is not None:  # as any4_linear: dequantized once
+            return F.linear(x, w.dequantize(cast), bias)
         check_dtype(x, w)
         return F.linear(x, w.dequantize(x.dtype), bias)
     return any4_linear(x, w, bias)
@@ -131,13 +131,11 @@ def _matmul(func, types, args, kwargs):
                 return F.linear(b.mT, a).mT  # W @ b = (b^T @ W^T)^T
             if isinstance(a, Any4Tensor) and a.dim() == 2 and b.dim() == 1:
                 return F.linear(b, a)  # W @ v (matmul would take aten.mv)
-    device = weight.qdata.device.type
-    if device != "meta" and torch.is_autocast_enabled(device):
-        cast = torch.get_autocast_dtype(device)
-        if weight.scale.dtype != cast:
-            args = tuple(a.dequantize(cast) if isinstance(a, Any4Tensor) else a for a in args)
-            kwargs = {k: v.dequantize(cast) if isinstance(v, Any4Tensor) else v for k, v in kwargs.items()}
-            return func(*args, **kwargs)
+    cast = autocast_dtype(weight.qdata.device.type)
+    if cast is not None and weight.scale.dtype != cast:
+        args = tuple(a.dequantize(cast) if isinstance(a, Any4Tensor) else a for a in args)
+        kwargs = {k: v.dequantize(cast) if isinstance(v, Any4Tensor) else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
 
