@@ -238,9 +238,8 @@ def report_ws(block_m, block_n, stages, split_k=1, lookup_warps=4, lookup_regs=N
     resources, and the lookup loop's SASS per weight (one W row per lookup thread, two at block_n 64)."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    lookup_regs = lookup_regs or (96 if lookup_warps == 8 else 152)  # as launch.lut_gemm_ws
-
     module = _kernel_module("lut_gemm_ws")
+    lookup_regs = lookup_regs or module.LOOKUP_REGISTERS[lookup_warps]  # as launch.lut_gemm_ws
     kernel = module.lut_gemm_ws_kernel
     x_layout, q_layout = module.tile_layouts()
     constexprs = dict(

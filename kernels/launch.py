@@ -269,11 +269,11 @@ def lut_gemm_ws(
 ) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) on the warp-specialised Gluon kernel (Hopper; lut_gemm_ws.py says
     which layouts it takes). split_k > 1: each program sums K / split_k columns into float32 partial
-    sums, added here. lookup_warps 8 halves each lookup thread's share of a W tile (registers: 96 a
-    thread, so that 16 warps fit; 152 with 4). Gluon is imported here: CPU machines never load it."""
+    sums, added here. lookup_warps 8 halves each lookup thread's share of a W tile (registers:
+    lut_gemm_ws.LOOKUP_REGISTERS unless lookup_regs says). Gluon is imported here: CPU machines never load it."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from any4ao.kernels.lut_gemm_ws import lut_gemm_ws_kernel, tile_layouts
+    from any4ao.kernels.lut_gemm_ws import LOOKUP_REGISTERS, lut_gemm_ws_kernel, tile_layouts
 
     x = x.contiguous()
     problems = ws_layout_problems(x, qdata, lut, scale, zero_point, group_size)
@@ -307,7 +307,7 @@ def lut_gemm_ws(
         STAGES=stages,
         SPLIT_K=split_k,
         FP16=x.dtype == torch.float16,
-        LOOKUP_REGS=lookup_regs or (96 if lookup_warps == 8 else 152),
+        LOOKUP_REGS=lookup_regs or LOOKUP_REGISTERS[lookup_warps],
         LOOKUP_WARPS=lookup_warps,
         num_warps=4,
     )

@@ -37,6 +37,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 CODE_SWIZZLE = gl.constexpr(32)  # bytes: a code tile's rows are BLOCK_K / 2 = 32 bytes
+# registers a lookup thread asks for, by lookup warps: with 8 the CTA has 16 warps, 128 registers a thread
+LOOKUP_REGISTERS = {4: 152, 8: 96}
 
 
 def tile_layouts():
