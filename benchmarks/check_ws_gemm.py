@@ -20,6 +20,7 @@ from bench_kernels import GROUP, Poison, graph_time_us, reference_times, rel_err
 from any4ao import Any4Tensor
 from any4ao.kernels import ops  # noqa: F401  (ops registers torch.ops.any4ao.*)
 from any4ao.kernels.launch import lut_gemm_ws
+from any4ao.kernels.selector import WsConfig
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096)]
 MS = [128, 256, 512, 2048]
@@ -32,20 +33,8 @@ def parse_configs(spec):
 
 
 def run(x, q, cfg):
-    bm, bn, stages, split_k, lookup_warps = (cfg + (1, 4)[len(cfg) - 3 :])[:5]
-    return lut_gemm_ws(
-        x,
-        q.qdata,
-        q.lut,
-        q.scale,
-        q.zero_point,
-        GROUP,
-        block_m=bm,
-        block_n=bn,
-        stages=stages,
-        split_k=split_k,
-        lookup_warps=lookup_warps,
-    )
+    """cfg: (block_m, block_n, stages[, split_k[, lookup_warps]]), as WsConfig takes them."""
+    return lut_gemm_ws(x, q.qdata, q.lut, q.scale, q.zero_point, GROUP, **vars(WsConfig(*cfg)))
 
 
 def smoke(configs, hang_s: float):

@@ -164,19 +164,7 @@ def lut_linear(
     if isinstance(config, GemmConfig):
         return lut_gemm(x, qdata, lut, scale, zero_point, nbits, group_size, config)
     if isinstance(config, WsConfig):
-        return lut_gemm_ws(
-            x,
-            qdata,
-            lut,
-            scale,
-            zero_point,
-            group_size,
-            config.block_m,
-            config.block_n,
-            config.stages,
-            config.split_k,
-            config.lookup_warps,
-        )
+        return lut_gemm_ws(x, qdata, lut, scale, zero_point, group_size, **vars(config))  # its fields by name
     return lut_mma(x, qdata, lut, scale, zero_point, nbits, group_size, config)
 
 

@@ -3,6 +3,8 @@ outputs (test_kernels' autouse fixture). Gluon has no interpreter path: these ru
 GPU (benchmarks/check_ws_gemm.py runs the same checks, with timings, on the device machine); on
 the CPU only the launcher's refusals are checked."""
 
+import inspect
+
 import pytest
 import torch
 from helpers import reference_dequantize
@@ -169,3 +171,26 @@ def test_selector_takes_ws_only_where_a_rule_and_the_layout_allow(monkeypatch):
     # x one element off 16-byte alignment (TMA reads from an aligned base), K = 128 within the codes
     assert ws_applies(x[:, :128], qdata[:, :64], lut, scale, zero_point, nbits, group_size)
     assert not ws_applies(x[:, 1:129], qdata[:, :64], lut, scale, zero_point, nbits, group_size)
+
+
+def test_lut_linear_launches_the_ws_config_it_is_given(monkeypatch):
+    """The op hands every field of the selector's WsConfig to the launcher's parameter of that name
+    (CPU: the selector and the launch are stand-ins)."""
+    from any4ao.kernels import ops
+    from any4ao.kernels.selector import WsConfig
+
+    w = torch.randn(8, 128, dtype=torch.bfloat16)
+    t = Any4Tensor.from_hp(w, group_size=64, kmeans_iterations=1)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    config = WsConfig(128, 64, 3, 2, 8)
+    signature, launched = inspect.signature(lut_gemm_ws), []
+
+    def record(*args, **kwargs):
+        launched.append(signature.bind(*args, **kwargs).arguments)
+        return args[0]
+
+    monkeypatch.setattr(ops, "choose", lambda *args: config)
+    monkeypatch.setattr(ops, "lut_gemm_ws", record)
+    ops.lut_linear(x, *_args(t), 4, 64)
+    (bound,) = launched
+    assert {name: bound[name] for name in vars(config)} == vars(config) and bound["group_size"] == 64
