@@ -86,7 +86,7 @@ def _enum(cls, value, field_name: str):
 def _integer(value):
     """Integers of other types (numpy, torch scalars with __index__) as a Python int; anything else
     (bool included) unchanged, for the caller's check to refuse by name."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # (bool is an int: returned as is, for _int_in to refuse)
         return value
     try:
         return operator.index(value)
