@@ -1,5 +1,11 @@
 """any4ao: learned 4-bit LUT weight quantization (any4) as a torchao tensor subclass."""
 
+from any4ao import cli_noise as _cli_noise
+
+if _cli_noise.invoked_as_cli() and not _cli_noise.debugging():  # before torchao's import logs
+    _cli_noise.silence_import_noise()
+
+
 from any4ao.calibration.activation_stats import (
     ChannelImportance,
     calibrate,

@@ -10,6 +10,8 @@ weights if quantization fails midway, and its errors name the layer by its path 
 """
 
 import dataclasses
+import gc
+import sys
 import threading
 import warnings
 import weakref
@@ -149,6 +151,15 @@ def _any4_weight_only_transform(
     from any4ao.integrations.transformers_loading import record_error, register_with_transformers_if_loaded
 
     register_with_transformers_if_loaded()  # save_pretrained of the quantized model needs it
+    if not getattr(_ALL_OR_NOTHING, "active", False) and _held_elsewhere(module, parameter_name):
+        warnings.warn(
+            f"quantize_: layer {_describe(module, config)} shares its {parameter_name} with another module (a tied "
+            "input embedding, as in GPT-2, or another layer), which keeps the unquantized copy: the tie ends and "
+            "the model now holds both. torchao's default filter selects every nn.Linear, LM heads included; pass "
+            "filter_fn=any4ao.default_filter (leaves LM heads out) or use any4ao.quantize_model, which names "
+            "the tied layers and the layers it cannot quantize (transformers Conv1D)",
+            stacklevel=2,
+        )
     try:
         new_weight = quantize_module_weight(module, config, parameter_name)
     except LayerError as e:
@@ -164,6 +175,20 @@ def _any4_weight_only_transform(
     # weak key keeps the entry, the model and any Hessians alive for good
     CONFIG_OF[module] = config if config.calibration is None else dataclasses.replace(config, calibration=None)
     return module
+
+
+def _held_elsewhere(module: nn.Module, parameter_name: str) -> bool:
+    """Whether another dict (in practice another module's _parameters: a tied weight) holds this
+    module's parameter. The reference count rules out the common, untied case at no cost; only a
+    parameter with extra references pays for the scan of the garbage collector's objects."""
+    weight = module._parameters.get(parameter_name)
+    if weight is None or sys.getrefcount(weight) <= 3:  # module._parameters, `weight`, getrefcount's argument
+        return False
+    mine = module._parameters
+    return any(
+        isinstance(holder, dict) and holder is not mine and any(v is weight for v in holder.values())
+        for holder in gc.get_referrers(weight)
+    )
 
 
 def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:

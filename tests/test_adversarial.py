@@ -1586,6 +1586,34 @@ def test_quantizing_a_tied_lm_head_alone_says_the_tie_ends(tmp_path):
         load_quantized(tmp_path / "q.safetensors", tiny_llama(tie=True))
 
 
+def test_torchao_quantize_of_a_tied_lm_head_says_the_tie_ends():
+    """torchao's own filter selects every nn.Linear, so quantize_ of a tied model (GPT-2's only
+    nn.Linear is its tied head) quietly untied it and kept both copies. Now said once, for the
+    head only; an untied model, and a weight the user merely holds a reference to, say nothing."""
+    from torchao.quantization import quantize_
+
+    def shares_warnings(model, held=()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantize_(model, CONFIG)
+        return [str(w.message) for w in caught if "shares its weight" in str(w.message)]
+
+    (message,) = shares_warnings(tiny_llama(tie=True))
+    assert message.startswith("quantize_: layer Linear(in_features=") and "the tie ends" in message
+    assert "filter_fn=any4ao.default_filter" in message
+    untied = tiny_llama(tie=False)
+    held = [p for p in untied.parameters()]  # the user's own references (a list, as an optimizer keeps)
+    assert shares_warnings(untied, held) == []
+    model = tiny_llama(tie=True)
+    every_linear = lambda m, fqn: isinstance(m, nn.Linear)  # noqa: E731
+    with warnings.catch_warnings(record=True) as caught:  # quantize_model warns by path, once
+        warnings.simplefilter("always")
+        quantize_model(model, CONFIG, filter_fn=every_linear, progress=False, calibration="none")
+    assert [str(w.message)[:30] for w in caught if "shares its weight" in str(w.message)] == [
+        "quantize_model: 'lm_head' shar"
+    ]
+
+
 # ----- review of this session's changes (2026-12-07): regressions they had introduced -----
 def test_a_save_quantized_file_beside_a_float_checkpoint_does_not_fail_its_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM

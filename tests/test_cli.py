@@ -217,19 +217,28 @@ def test_the_registry_describes_installable_packages():
     assert models.DEFAULT_MODEL in models.PACKAGED
 
 
-def test_entry_point_in_a_fresh_process_prints_no_traceback(tmp_path):
-    """The real `python -m any4ao eval` path (the import-time lines of torchao may precede it)."""
+def _fresh_process(args):
     env = {k: v for k, v in os.environ.items() if k not in ("ANY4AO_DEBUG", "HF_HUB_OFFLINE")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "any4ao", "eval", "--model", str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        cwd=Path(__file__).parent,
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parent
     )
+
+
+def test_entry_point_in_a_fresh_process_prints_one_line():
+    """The real `python -m any4ao eval` path: the error, one line, and none of torch/torchao's
+    import-time log lines before it (they are filtered before the package imports torchao)."""
+    proc = _fresh_process(["-m", "any4ao", "eval", "--model", "/nonexistent/any4ao-missing"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("any4ao eval: error: model path ")
+    assert proc.stderr.startswith("any4ao eval: error: model path ") and proc.stderr.count("\n") == 1, proc.stderr
+    proc = _fresh_process(["-m", "any4ao", "--help"])
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.startswith("usage: any4ao")
+
+
+def test_a_library_import_filters_no_logger():
+    """Only the CLI quiets torch/torchao: a program that imports any4ao sees every message they log."""
+    probe = "import logging, any4ao; print([len(logging.getLogger(n).filters) for n in any4ao.cli_noise.NOISE])"
+    proc = _fresh_process(["-c", probe])
+    assert proc.returncode == 0 and proc.stdout.strip() == "[0, 0]", proc.stderr
 
 
 @pytest.mark.slow
