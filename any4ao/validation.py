@@ -114,6 +114,12 @@ def check_hessian(layer: str, hessian, weight: torch.Tensor) -> None:
             f"layer {layer!r}: hessian has negative diagonal entries, which no E[x x^T] has (first at "
             f"{int(negative.nonzero()[0])})"
         )
+    asymmetry = float((hessian - hessian.T).abs().max())
+    if asymmetry > 1e-4 * float(hessian.abs().max()):
+        raise ValueError(
+            f"layer {layer!r}: hessian is not symmetric (largest |H - H^T| is {asymmetry:.3g}), which no "
+            "E[x x^T] is: pass the layer inputs' second moment X^T X / tokens"
+        )
 
 
 def check_channel_weight(layer: str, channel_weight: torch.Tensor, weight: torch.Tensor) -> None:

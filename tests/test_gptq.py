@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_models import tiny_llama
 
-from any4ao import Any4WeightOnlyConfig, LayerError, calibrate, quantize_model
+from any4ao import Any4Tensor, Any4WeightOnlyConfig, LayerError, calibrate, quantize_model
 from any4ao.codebooks.gptq import dequantize_codes, gptq_codes, refit_luts
 from any4ao.codebooks.quantize import quantize_weight
 
@@ -80,8 +80,11 @@ def test_refitted_luts_solve_the_least_squares_and_never_lose(n, k, group_size, 
     lut, s, z = q.lut.float(), q.scale.float(), q.zero_point.float()
     codes = q.codes.clone()
     codes[:, :] = codes.clamp_max(13)  # entries 14 and 15 unused
-    new_codes, new_lut = refit_luts(w, hessian, codes, lut, s, z, group_size, dtype)
+    damp = 0.01
+    new_codes, new_lut = refit_luts(w, hessian, codes, lut, s, z, group_size, dtype, damp)
     assert torch.equal(new_lut, new_lut.to(dtype).float()) and bool((new_lut[:, 1:] >= new_lut[:, :-1]).all())
+    assert bool((new_lut[:, :1] >= lut[:, :1]).all() and (new_lut[:, -1:] <= lut[:, -1:]).all())  # old range
+    hessian = hessian + damp * torch.diagonal(hessian).mean() * torch.eye(k, dtype=torch.float64)  # as GPTQ's
     e_old = w.double() - dequantize_codes(codes, lut, s, z, group_size).double()
     e_before = ((e_old @ hessian) * e_old).sum(1)
     e_new = w.double() - dequantize_codes(new_codes, new_lut, s, z, group_size).double()
@@ -97,11 +100,43 @@ def test_refitted_luts_solve_the_least_squares_and_never_lose(n, k, group_size, 
         used = a.abs().sum(0) > 0
         best = lut[row].double().clone()
         best[used] = torch.linalg.lstsq(chol @ a[:, used], chol @ (w[row].double() - z_full[row])).solution
-        e_ref = w[row].double() - (a @ best + z_full[row])
-        if e_after[row] < e_before[row]:  # kept: as good as the exact solution, up to the dtype's rounding
+        inside = bool(best.min() >= lut[row, 0] and best.max() <= lut[row, -1])
+        if e_after[row] < e_before[row] and inside:  # kept, unclamped: the exact solution up to rounding
+            e_ref = w[row].double() - (a @ best + z_full[row])
             err_ref = float(e_ref @ hessian @ e_ref)
             assert float(e_after[row]) <= err_ref * (1 + 0.05 if dtype != torch.float32 else 1 + 1e-4) + 1e-9
+        if e_after[row] < e_before[row]:
             assert set(lut[row, 14:].tolist()) <= set(new_lut[row].tolist())  # unused: unchanged
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_a_hessian_of_a_few_tokens_does_not_wreck_the_refit(tokens):
+    """A Hessian from fewer tokens than inputs has directions it does not see; the undampened refit
+    moved LUT entries along them without bound (1 token: weight error 0.066 -> 6.3, output error on
+    held-out inputs x9000). Dampened as GPTQ and kept within the old range, it stays near GPTQ
+    without the refit (helper sweep 6, case R4)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 128, generator=g)
+    x = torch.randn(4096, 128, generator=g)
+    held_out = x.T @ x / 4096
+    config = Any4WeightOnlyConfig(group_size=32, error_feedback="gptq")
+    h = x[:tokens].T @ x[:tokens] / tokens
+    q = quantize_weight(w, config, None, h)
+    plain = quantize_weight(w, Any4WeightOnlyConfig(group_size=32), None)
+    e = w.double() - dequantize_codes(q.codes, q.lut.float(), q.scale.float(), q.zero_point.float(), 32).double()
+    assert float(e.norm() / w.norm()) < 0.2
+    assert float(_output_error(w, q, held_out, 32).sum()) < 3 * float(_output_error(w, plain, held_out, 32).sum())
+
+
+def test_a_non_symmetric_hessian_is_refused_by_name():
+    x = torch.randn(256, 64)
+    h = x.T @ x / 256
+    bad = torch.tril(h) + 50 * torch.triu(h, 1)  # positive diagonal, but no E[x x^T]
+    with pytest.raises(ValueError, match="layer 'probe': hessian is not symmetric"):
+        Any4Tensor.from_hp(
+            torch.randn(8, 64), Any4WeightOnlyConfig(group_size=32, error_feedback="gptq"), hessian=bad, name="probe"
+        )
+    Any4Tensor.from_hp(torch.randn(8, 64), Any4WeightOnlyConfig(group_size=32, error_feedback="gptq"), hessian=h)
 
 
 def test_uncorrelated_inputs_give_the_nearest_codes():

@@ -279,5 +279,5 @@ def quantize_weight(
 
         lut = lut.to(dtype).float()
         codes = gptq_codes(w, hessian, lut, scales, zeros, config.group_size, config.gptq_damp, nearest=codes)
-        codes, lut = refit_luts(w, hessian, codes, lut, scales, zeros, config.group_size, dtype)
+        codes, lut = refit_luts(w, hessian, codes, lut, scales, zeros, config.group_size, dtype, config.gptq_damp)
     return QuantizedWeight(codes=codes, lut=lut.to(dtype), scale=scales.to(dtype), zero_point=zeros.to(dtype))
