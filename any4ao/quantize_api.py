@@ -151,6 +151,13 @@ def _any4_weight_only_transform(
     from any4ao.integrations.transformers_loading import record_error, register_with_transformers_if_loaded
 
     register_with_transformers_if_loaded()  # save_pretrained of the quantized model needs it
+    if isinstance(getattr(module, parameter_name, None), Any4Tensor):  # a re-run: no-op, or an error
+        conflict = _layout_conflict(_describe(module, config), module, config, "quantize_")
+        if conflict:
+            raise LayerError(
+                f"{conflict} (any4ao.quantize_model quantizes only the layers not yet quantized, for mixed layouts)"
+            )
+        return module
     if not getattr(_ALL_OR_NOTHING, "active", False) and _held_elsewhere(module, parameter_name):
         warnings.warn(
             f"quantize_: layer {_describe(module, config)} shares its {parameter_name} with another module (a tied "
@@ -178,54 +185,63 @@ def _any4_weight_only_transform(
 
 
 def _held_elsewhere(module: nn.Module, parameter_name: str) -> bool:
-    """Whether another dict (in practice another module's _parameters: a tied weight) holds this
-    module's parameter. The reference count rules out the common, untied case at no cost; only a
-    parameter with extra references pays for the scan of the garbage collector's objects."""
+    """Whether another module holds this module's parameter (a tied weight). The reference count
+    rules out the common, untied case at no cost; only a parameter with extra references pays for
+    scans of the garbage collector's objects: the dicts that hold it, and among them those that are
+    a module's _parameters (a user's dict(model.named_parameters()) is not a tie)."""
     weight = module._parameters.get(parameter_name)
     if weight is None or sys.getrefcount(weight) <= 3:  # module._parameters, `weight`, getrefcount's argument
         return False
     mine = module._parameters
+    holders = [
+        d
+        for d in gc.get_referrers(weight)
+        if type(d) is dict and d is not mine and any(v is weight for v in d.values())  # noqa: E721 (not subclasses)
+    ]
     return any(
-        isinstance(holder, dict) and holder is not mine and any(v is weight for v in holder.values())
-        for holder in gc.get_referrers(weight)
+        isinstance(owner, dict) and owner.get("_parameters") is d for d in holders for owner in gc.get_referrers(d)
+    )
+
+
+def _layout_conflict(fqn: str, module: nn.Module, config: Any4WeightOnlyConfig, caller: str) -> Optional[str]:
+    """For a layer already quantized: None if `config` is what it was quantized with (a re-run is a
+    no-op), else the error. Calibration statistics are not compared (each run records its own);
+    without a record of the config (a loaded or copied model), the tensor's bits, group size, dtype
+    and kernel preference are. Another config would be silently ignored, hence an error."""
+    w = module.weight
+    recorded = CONFIG_OF.get(module)
+    if recorded is not None:  # (lut_dtype None means the weight's: compared as what it resolved to)
+        resolved = dataclasses.replace(recorded, lut_dtype=recorded.lut_dtype or w.dtype)
+        wanted = dataclasses.replace(config, calibration=None, lut_dtype=config.lut_dtype or w.dtype)
+        differ = [f.name for f in dataclasses.fields(wanted) if getattr(resolved, f.name) != getattr(wanted, f.name)]
+        have = f"{recorded.codebook.value} at group {recorded.group_size}"
+    else:
+        differ = [
+            name
+            for name, mine, theirs in (
+                ("bits", w.nbits, config.bits),
+                ("group_size", w.group_size, config.group_size),
+                ("lut_dtype", w.dtype, config.lut_dtype or w.dtype),
+                ("kernel_preference", w.kernel_preference, config.kernel_preference.value),
+            )
+            if mine != theirs
+        ]
+        have = f"{w.nbits}-bit at group {w.group_size}, {w.dtype}"
+    if not differ:
+        return None
+    return (
+        f"layer {fqn!r} is already quantized ({have}); {caller} does not re-quantize, so a config that differs "
+        f"in {', '.join(differ)} would be ignored: start from the unquantized model"
     )
 
 
 def _check_same_layout(model: nn.Module, config: Any4WeightOnlyConfig) -> None:
-    """A model already quantized and nothing left to quantize: a re-run with the config it was
-    quantized with is a no-op, but another config (layout, dtype, kernel preference, algorithm)
-    would be silently ignored, so it is an error. Calibration statistics are not compared (each
-    run records its own); without a record of the config (a loaded or copied model), the tensors'
-    bits, group size, dtype and kernel preference are."""
+    """_layout_conflict for every quantized layer of `model`."""
     for fqn, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if not isinstance(w, Any4Tensor):
-            continue
-        recorded = CONFIG_OF.get(module)
-        if recorded is not None:  # (lut_dtype None means the weight's: compared as what it resolved to)
-            resolved = dataclasses.replace(recorded, lut_dtype=recorded.lut_dtype or w.dtype)
-            wanted = dataclasses.replace(config, calibration=None, lut_dtype=config.lut_dtype or w.dtype)
-            differ = [
-                f.name for f in dataclasses.fields(wanted) if getattr(resolved, f.name) != getattr(wanted, f.name)
-            ]
-            have = f"{recorded.codebook.value} at group {recorded.group_size}"
-        else:
-            differ = [
-                name
-                for name, mine, theirs in (
-                    ("bits", w.nbits, config.bits),
-                    ("group_size", w.group_size, config.group_size),
-                    ("lut_dtype", w.dtype, config.lut_dtype or w.dtype),
-                    ("kernel_preference", w.kernel_preference, config.kernel_preference.value),
-                )
-                if mine != theirs
-            ]
-            have = f"{w.nbits}-bit at group {w.group_size}, {w.dtype}"
-        if differ:
-            raise LayerError(
-                f"layer {fqn!r} is already quantized ({have}); quantize_model does not re-quantize, so a config "
-                f"that differs in {', '.join(differ)} would be ignored: start from the unquantized model"
-            )
+        if isinstance(getattr(module, "weight", None), Any4Tensor):
+            conflict = _layout_conflict(fqn, module, config, "quantize_model")
+            if conflict:
+                raise LayerError(conflict)
 
 
 def _warn_of_ties_broken(model: nn.Module, targets) -> None:
@@ -249,14 +265,12 @@ def _warn_of_ties_broken(model: nn.Module, targets) -> None:
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
-    """nn.Linear layers except the LM head, not yet quantized. A selected layer's path is noted, so
-    that errors raised while torchao's quantize_ quantizes it name the layer (the handler gets only
-    the module)."""
-    selected = (
-        isinstance(module, nn.Linear)
-        and not isinstance(module.weight, Any4Tensor)
-        and fqn.split(".")[-1] not in SKIPPED_BY_DEFAULT
-    )
+    """nn.Linear layers except the LM head. A selected layer's path is noted, so that errors raised
+    while torchao's quantize_ quantizes it name the layer (the handler gets only the module). Layers
+    already quantized are selected too: the handler leaves them as they are if the config is the one
+    they were quantized with and refuses another, which skipping them would silently ignore.
+    (quantize_model skips them: a second quantize_model quantizes the rest, for mixed layouts.)"""
+    selected = isinstance(module, nn.Linear) and fqn.split(".")[-1] not in SKIPPED_BY_DEFAULT
     if selected:
         _NAMES.setdefault(module, fqn)
     return selected
@@ -372,7 +386,11 @@ def quantize_model(
     filter_fn = default_filter if filter_fn is None else filter_fn  # None: the default, as in torchao's quantize_
     if not callable(filter_fn):
         raise TypeError(f"quantize_model: filter_fn must be callable (module, fqn) -> bool, got {filter_fn!r}")
-    targets = [(fqn, m) for fqn, m in model.named_modules() if filter_fn(m, fqn)]
+    targets = [
+        (fqn, m)
+        for fqn, m in model.named_modules()
+        if filter_fn(m, fqn) and not isinstance(getattr(m, "weight", None), Any4Tensor)
+    ]
     if not targets and not any(isinstance(p, Any4Tensor) for p in model.parameters()):
         raise nothing_quantized_error(
             model,

@@ -157,6 +157,13 @@ def save_quantized(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]
     if not state:
         raise CheckpointError(f"{path}: nothing to save (empty state dict)")
     tensors, metadata, aliases = _flatten(state, path)
+    unreadable = {k: t.dtype for k, t in tensors.items() if t.dtype not in _DTYPES.values()}
+    if unreadable:  # refused before anything is written: the file would not load back
+        name, dtype = next(iter(unreadable.items()))
+        raise CheckpointError(
+            f"{path}: tensor {name!r} is {dtype}, which a .safetensors checkpoint cannot hold as load_quantized "
+            f"reads it ({len(unreadable)} such tensors); convert it (e.g. .to(torch.float32)) or leave it out"
+        )
     any4_names = [n for n, v in state.items() if isinstance(v, Any4Tensor) and n not in aliases]
     metadata = {**metadata, "format": "pt", FORMAT_KEY: FORMAT_VERSION, ALIASES_KEY: json.dumps(aliases)}
     if config is not None:  # calibration statistics belong to the run, not the file
@@ -186,7 +193,25 @@ _DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "C64": torch.complex64,
 }
+# every other dtype safetensors writes, where this torch has it (a model may carry float8 buffers)
+_DTYPES.update(
+    {
+        name: getattr(torch, attr)
+        for name, attr in (
+            ("F8_E4M3", "float8_e4m3fn"),
+            ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+            ("F8_E5M2", "float8_e5m2"),
+            ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+            ("F8_E8M0", "float8_e8m0fnu"),
+            ("U64", "uint64"),
+            ("U32", "uint32"),
+            ("U16", "uint16"),
+        )
+        if hasattr(torch, attr)
+    }
+)
 
 
 # 256 KiB: a piece the read just copied is still in the core's L1/L2 when it is hashed. With 4 MiB
@@ -272,6 +297,8 @@ def _read(path: Path, hash_tensors: bool = False):
         data_size = size - 8 - n
         entries = []
         for key, info in header.items():
+            if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in _DTYPES:
+                raise bad(f"tensor {key!r} has dtype {info['dtype']}, which this torch has no dtype for")
             try:
                 dtype = _DTYPES[info["dtype"]]
                 if not all(type(d) is int for d in info["shape"]):  # json: 32.9 or true are no sizes

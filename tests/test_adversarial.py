@@ -1614,6 +1614,86 @@ def test_torchao_quantize_of_a_tied_lm_head_says_the_tie_ends():
     ]
 
 
+# ----- sixth sweep (2026-12-08, helper): re-quantizing, ties, Hessians, CLI -----
+def test_a_second_torchao_quantize_with_another_config_is_refused_not_ignored():
+    """default_filter skipped quantized layers, so quantize_ with another config (nf4 at group 64 on
+    an any4 g32 model) returned with the model unchanged and no word. Now the handler sees them: the
+    same config is a no-op, another one an error naming the layer; quantize_model alike."""
+    from torchao.quantization import quantize_
+
+    model = tiny_llama()
+    quantize_(model, CONFIG, filter_fn=any4ao.default_filter)
+    before = {n: p.qdata.clone() for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
+    quantize_(model, CONFIG, filter_fn=any4ao.default_filter)  # the same config: nothing to do
+    other = dataclasses.replace(CONFIG, codebook="nf4", group_size=64)
+    with pytest.raises(
+        LayerError, match=r"'model\.layers\.0\.self_attn\.q_proj' is already quantized .* codebook, group_size"
+    ):
+        quantize_(model, other, filter_fn=any4ao.default_filter)
+    with pytest.raises(LayerError, match="quantize_model does not re-quantize"):
+        quantize_model(model, other, progress=False, calibration="none")
+    after = {n: p.qdata for n, p in model.named_parameters() if isinstance(p, Any4Tensor)}
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_a_users_dict_of_the_parameters_is_not_a_tie():
+    """The tie warning counted any dict holding the parameter: dict(model.named_parameters()) or
+    state_dict(keep_vars=True) held by the user warned on every layer of an untied model."""
+    from torchao.quantization import quantize_
+
+    for hold in (lambda m: dict(m.named_parameters()), lambda m: m.state_dict(keep_vars=True)):
+        model = tiny_llama(tie=False)
+        held = hold(model)  # noqa: F841  (held while quantize_ runs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quantize_(model, CONFIG)
+        assert not [w for w in caught if "shares its weight" in str(w.message)]
+
+
+_EXTRA_DTYPES = [
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e8m0fnu", "uint16", "uint32", "uint64")
+    if hasattr(torch, n)
+] + [torch.complex64]
+
+
+@pytest.mark.parametrize("dtype", _EXTRA_DTYPES, ids=str)
+def test_every_dtype_save_quantized_writes_loads_back(dtype, tmp_path):
+    """save_quantized wrote float8 / uint16-64 / complex64 tensors (a model's fp8 buffer) that
+    load_quantized then refused as 'not a readable safetensors file', over a good checkpoint."""
+    extra = torch.arange(6, dtype=torch.int64).reshape(2, 3).to(dtype)
+    w, _, _ = _weight_and_input()
+    save_quantized({"w": w, "extra": extra}, tmp_path / "q.safetensors")
+    back = load_quantized(tmp_path / "q.safetensors")
+    assert back["extra"].dtype == dtype and torch.equal(back["extra"].view(torch.uint8), extra.view(torch.uint8))
+
+
+def test_a_dtype_the_loader_cannot_read_is_refused_before_writing(tmp_path):
+    w, _, _ = _weight_and_input()
+    path = tmp_path / "q.safetensors"
+    save_quantized({"w": w}, path)
+    good = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"tensor 'extra' is torch\.complex128, which a \.safetensors"):
+        save_quantized({"w": w, "extra": torch.zeros(2, dtype=torch.complex128)}, path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["q.safetensors"]
+
+
+def test_an_op_the_tensor_lacks_says_what_it_is_and_what_to_do():
+    """torchao's message named only the op and argument types: an optimizer step on a quantized weight
+    (aten.add_) and a second torchao config (aten.amin) were unclear."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = tiny_llama()
+    quantize_model(model, CONFIG, progress=False, calibration="none")
+    w = model.model.layers[0].mlp.down_proj.weight
+    w.requires_grad_(True)
+    w.grad = torch.zeros(w.shape)
+    with pytest.raises(NotImplementedError, match=r"aten\.add_\.Tensor is not implemented for an Any4Tensor .*frozen"):
+        torch.optim.SGD([w], lr=0.1).step()
+    with pytest.raises(NotImplementedError, match=r"aten\.amin\.default .* another torchao config.*dequantize"):
+        quantize_(model, Int8WeightOnlyConfig())
+
+
 # ----- review of this session's changes (2026-12-07): regressions they had introduced -----
 def test_a_save_quantized_file_beside_a_float_checkpoint_does_not_fail_its_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM

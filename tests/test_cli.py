@@ -45,6 +45,8 @@ def run_main(argv, capsys):
         (["eval", "--model", "/nonexistent"], "model path '/nonexistent' does not exist"),
         (["eval", "--model", "some-name"], "unknown model 'some-name': not a local path nor a packaged model"),
         (["eval", "--windows", "-1"], "--windows must be >= 0"),
+        (["eval", "--seed", str(2**70)], "--seed must be in [0, 2**63 - 1]"),
+        (["eval", "--seed", "-1"], "--seed must be in [0, 2**63 - 1]"),
         (["eval", "--window", "1"], "--window must be >= 2"),
         (["eval", "--stride", "1000"], "--stride 1000 is larger than --window 512"),
         (["eval", "--text", "missing.txt"], "--text: 'missing.txt' is neither a built-in text"),

@@ -322,6 +322,8 @@ def _check(args):
     check_positive(args.windows, "--windows", 0)
     check_positive(args.bootstrap, "--bootstrap", 0)
     check_positive(args.random_calibration_tokens, "--random-calibration-tokens", 0)
+    if not 0 <= args.seed < 2**63:  # torch's generators take 64 bits; the bootstrap's a signed one
+        raise UsageError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     if args.random_calibration_tokens > CALIBRATION_MAX_TOKENS:
         raise UsageError(
             f"--random-calibration-tokens {args.random_calibration_tokens}: calibration keeps at most "

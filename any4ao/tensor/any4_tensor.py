@@ -38,6 +38,25 @@ def _gpu_kernels() -> bool:
     return kernels_loaded()
 
 
+def _unsupported_op_message(func, args) -> str:
+    t = next((a for a in args if isinstance(a, Any4Tensor)), None)
+    what = (
+        f"an Any4Tensor ({t.nbits}-bit LUT codes, group {t.group_size}, shape {tuple(t.shape)}, {t.dtype})"
+        if t is not None
+        else "an Any4Tensor"
+    )
+    name = func.__name__ if hasattr(func, "__name__") else str(func)
+    inplace = name.split(".")[0].endswith("_")
+    advice = (
+        "a quantized weight is frozen: leave it out of optimizers (requires_grad_(False)), or train adapters beside it"
+        if inplace
+        else "it supports F.linear / matmul, copies, moves and views; for anything else, including quantizing it "
+        "again with another torchao config, take its float values with .dequantize() (from the unquantized "
+        "model, for a new config)"
+    )
+    return f"aten.{name} is not implemented for {what}: {advice}"
+
+
 class Any4Tensor(TorchAOBaseTensor):
     """LUT-quantized 2-D weight (out_features N x in_features K).
 
@@ -60,6 +79,17 @@ class Any4Tensor(TorchAOBaseTensor):
     """
 
     tensor_data_names = ["qdata", "lut", "scale", "zero_point"]
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        """torchao's table dispatch; an op it lacks gets an error that says what the tensor is and
+        what to do, where torchao's names only the op and argument types (an optimizer step reached
+        aten.add_, a second torchao config aten.amin)."""
+        table = cls._ATEN_OP_TABLE.get(cls, {})
+        if func in table:
+            return table[func](func, types, args, {} if kwargs is None else kwargs)
+        raise NotImplementedError(_unsupported_op_message(func, args))
+
     tensor_attribute_names = ["nbits", "block_size", "shape"]
     optional_tensor_attribute_names = ["transposed", "kernel_preference"]
 
