@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from tiny_models import tiny_llama
 
 from any4ao import Any4Tensor, Any4WeightOnlyConfig, LayerError, calibrate, quantize_model
-from any4ao.codebooks.gptq import dequantize_codes, gptq_codes, refit_luts
+from any4ao.codebooks.gptq import dequantize_codes, gptq_codes
 from any4ao.codebooks.quantize import quantize_weight
 
 
@@ -42,8 +42,7 @@ def test_error_feedback_never_loses_to_rounding_on_any_row(n, k, group_size, see
     diag = torch.diagonal(hessian).clone()
     rounded = quantize_weight(w, Any4WeightOnlyConfig(group_size=group_size), diag)
     fed_back = quantize_weight(w, Any4WeightOnlyConfig(group_size=group_size, error_feedback="gptq"), diag, hessian)
-    assert torch.equal(rounded.scale, fed_back.scale) and torch.equal(rounded.zero_point, fed_back.zero_point)
-    assert bool((fed_back.lut[:, 1:] >= fed_back.lut[:, :-1]).all())  # the refitted LUTs stay sorted
+    assert torch.equal(rounded.lut, fed_back.lut) and torch.equal(rounded.scale, fed_back.scale)
     e_round = _output_error(w, rounded, hessian, group_size)
     e_gptq = _output_error(w, fed_back, hessian, group_size)
     assert bool((e_gptq <= e_round * (1 + 1e-9) + 1e-12).all())
@@ -60,61 +59,13 @@ def test_error_feedback_helps_on_correlated_inputs():
     assert ratio < 0.9, ratio
 
 
-@settings(max_examples=10, deadline=None)
-@given(
-    n=st.integers(1, 12),
-    k=st.sampled_from([32, 48, 96]),
-    group_size=st.sampled_from([16, 32]),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-    seed=st.integers(0, 2**16),
-)
-def test_refitted_luts_solve_the_least_squares_and_never_lose(n, k, group_size, dtype, seed):
-    """refit_luts against a float64 lstsq per row: with codes and group params fixed, the LUT that
-    minimises the output error. Kept per row only when better; sorted, codes renumbered to match
-    (the dequantized weight of a kept row is s * L_new[c_new] + z, unchanged by the renumbering);
-    entries no code uses keep their old value."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * torch.rand(k, generator=g).add(0.1)
-    hessian = _correlated_inputs(k, 256, seed).double()
-    q = quantize_weight(w, Any4WeightOnlyConfig(group_size=group_size, lut_dtype=dtype), None)
-    lut, s, z = q.lut.float(), q.scale.float(), q.zero_point.float()
-    codes = q.codes.clone()
-    codes[:, :] = codes.clamp_max(13)  # entries 14 and 15 unused
-    damp = 0.01
-    new_codes, new_lut = refit_luts(w, hessian, codes, lut, s, z, group_size, dtype, damp)
-    assert torch.equal(new_lut, new_lut.to(dtype).float()) and bool((new_lut[:, 1:] >= new_lut[:, :-1]).all())
-    assert bool((new_lut[:, :1] >= lut[:, :1]).all() and (new_lut[:, -1:] <= lut[:, -1:]).all())  # old range
-    hessian = hessian + damp * torch.diagonal(hessian).mean() * torch.eye(k, dtype=torch.float64)  # as GPTQ's
-    e_old = w.double() - dequantize_codes(codes, lut, s, z, group_size).double()
-    e_before = ((e_old @ hessian) * e_old).sum(1)
-    e_new = w.double() - dequantize_codes(new_codes, new_lut, s, z, group_size).double()
-    e_after = ((e_new @ hessian) * e_new).sum(1)
-    assert bool((e_after <= e_before).all())
-    # the reference solve, one row at a time: w - z = A L, A = diag(s) onehot(c), weighted by H
-    chol = torch.linalg.cholesky(hessian).T  # H = R^T R: ||R (w - z - A L)||^2
-    s_full = s.double().repeat_interleave(group_size, 1)[:, :k]
-    z_full = z.double().repeat_interleave(group_size, 1)[:, :k]
-    for row in range(n):
-        a = torch.zeros(k, 16, dtype=torch.float64)
-        a[torch.arange(k), codes[row].long()] = s_full[row]
-        used = a.abs().sum(0) > 0
-        best = lut[row].double().clone()
-        best[used] = torch.linalg.lstsq(chol @ a[:, used], chol @ (w[row].double() - z_full[row])).solution
-        inside = bool(best.min() >= lut[row, 0] and best.max() <= lut[row, -1])
-        if e_after[row] < e_before[row] and inside:  # kept, unclamped: the exact solution up to rounding
-            e_ref = w[row].double() - (a @ best + z_full[row])
-            err_ref = float(e_ref @ hessian @ e_ref)
-            assert float(e_after[row]) <= err_ref * (1 + 0.05 if dtype != torch.float32 else 1 + 1e-4) + 1e-9
-        if e_after[row] < e_before[row]:
-            assert set(lut[row, 14:].tolist()) <= set(new_lut[row].tolist())  # unused: unchanged
-
-
 @pytest.mark.parametrize("tokens", [1, 4, 16])
-def test_a_hessian_of_a_few_tokens_does_not_wreck_the_refit(tokens):
-    """A Hessian from fewer tokens than inputs has directions it does not see; the undampened refit
-    moved LUT entries along them without bound (1 token: weight error 0.066 -> 6.3, output error on
-    held-out inputs x9000). Dampened as GPTQ and kept within the old range, it stays near GPTQ
-    without the refit (helper sweep 6, case R4)."""
+def test_a_hessian_of_a_few_tokens_does_not_wreck_the_weights(tokens):
+    """A Hessian from fewer tokens than inputs has directions it does not see. A least-squares LUT
+    refit after GPTQ (tried, not kept: benchmarks/results/gptq-lut-refit-NOTE.md) moved LUT entries
+    along them without bound before it was dampened (1 token: weight error 0.066 -> 6.3, output
+    error on held-out inputs x9000; helper sweep 6, R4). What GPTQ gives from such a Hessian must
+    stay near plain rounding."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 128, generator=g)
     x = torch.randn(4096, 128, generator=g)

@@ -10,11 +10,6 @@ blocks of columns with the lazy batched update of the GPTQ paper.
 The objective tr((W - W_hat) H (W - W_hat)^T) is a sum over rows, so each row finally keeps
 whichever of GPTQ's codes and the nearest-entry codes has the lower output error: error feedback
 never makes a row worse than plain rounding under the (undamped) Hessian.
-
-The LUTs were fitted to the weights before any code moved; with the codes fixed, each row's LUT
-that minimises the same output error is a C x C least-squares solve (refit_luts, the codebook
-update of GPTVQ, van Baalen et al., 2024). A row keeps its refitted LUT only where that lowers
-its output error and dequantizes within the storage dtype.
 """
 
 import torch
@@ -23,7 +18,6 @@ from any4ao.codebooks.group_scaling import expand_groups, to_code_domain
 from any4ao.codebooks.kmeans import nearest_code
 
 BLOCK_COLUMNS = 128
-REFIT_CHUNK_ELEMENTS = 2**24  # rows x K x C of the one-hot tensor refit_luts builds per chunk
 MAX_DAMP_RETRIES = 4
 
 
@@ -128,51 +122,3 @@ def gptq_codes(w, hessian, lut, scales, zeros, group_size: int, damp: float, nea
     fed_back = _row_output_error(w, dequantize_codes(codes, lut, scales, zeros, group_size), hessian)
     rounded = _row_output_error(w, dequantize_codes(nearest, lut, scales, zeros, group_size), hessian)
     return torch.where((fed_back <= rounded)[:, None], codes, nearest.to(torch.uint8))
-
-
-def refit_luts(w, hessian, codes, lut, scales, zeros, group_size: int, dtype: torch.dtype, damp: float):
-    """(codes, lut): for each row the LUT that minimises its output error (w - w_hat) H (w - w_hat)^T
-    with the codes and group scales/zeros fixed, rounded to `dtype` and sorted (codes renumbered to
-    match); rows where that is not lower than with `lut` (float32, sorted), or would not dequantize
-    within `dtype`, keep theirs. With w_hat = s * L[c] + z, the row's normal equations are
-    A^T H A L = A^T H (w - z), A = diag(s) onehot(c): (C, C) per row. Entries no code uses keep
-    their value (the solve is for the change, with a small ridge).
-
-    H is dampened as GPTQ's (damp * mean(diag H) added to the diagonal) and the new entries are kept
-    within the old LUT's range: a Hessian from a few tokens has directions it does not see, and the
-    undampened solve moved LUT entries along them without bound (1 token, K = 128: weight error
-    0.066 -> 6.3)."""
-    from any4ao.validation import dequant_range_ok
-
-    n, k = w.shape
-    c = lut.shape[1]
-    compute = torch.float64 if w.device.type == "cpu" else torch.float32
-    h = hessian.to(device=w.device, dtype=compute)
-    h = h + damp * torch.diagonal(h).mean() * torch.eye(k, dtype=compute, device=w.device)
-    s_full = expand_groups(scales, k, group_size).to(compute)
-    target = w.to(compute) - expand_groups(zeros, k, group_size).to(compute)
-    new_lut = torch.empty(n, c, dtype=torch.float64, device=w.device)
-    step = max(1, REFIT_CHUNK_ELEMENTS // (k * c))
-    for r1 in range(0, n, step):
-        rows = slice(r1, min(r1 + step, n))
-        onehot = torch.zeros(rows.stop - r1, k, c, dtype=compute, device=w.device)
-        onehot.scatter_(2, codes[rows].long()[..., None], s_full[rows, :, None])  # A, one row at a time
-        h_a = (h @ onehot.permute(1, 0, 2).reshape(k, -1)).reshape(k, -1, c).permute(1, 0, 2)
-        normal = (onehot.transpose(1, 2) @ h_a).double()  # A^T H A
-        rhs = (target[rows, None, :] @ h_a).squeeze(1).double()  # (w - z) H A
-        old = lut[rows].double()
-        rhs -= (normal @ old[..., None]).squeeze(-1)
-        ridge = 1e-9 * torch.diagonal(normal, dim1=1, dim2=2).sum(-1).clamp_min(1e-300) / c
-        normal += ridge[:, None, None] * torch.eye(c, dtype=torch.float64, device=w.device)
-        new_lut[rows] = old + torch.linalg.solve(normal, rhs)
-    new_lut = torch.minimum(torch.maximum(new_lut, lut[:, :1].double()), lut[:, -1:].double())
-    new_lut = new_lut.to(dtype).float()
-    new_lut, order = new_lut.sort(dim=1)
-    renumber = torch.empty_like(order).scatter_(1, order, torch.arange(c, device=w.device).expand(n, c))
-    new_codes = torch.gather(renumber, 1, codes.long()).to(torch.uint8)
-    before = _row_output_error(w, dequantize_codes(codes, lut, scales, zeros, group_size), h)
-    after = _row_output_error(w, dequantize_codes(new_codes, new_lut, scales, zeros, group_size), h)
-    better = (after < before) & torch.isfinite(new_lut).all(1)
-    better &= dequant_range_ok(new_lut.to(dtype), scales.to(dtype), zeros.to(dtype), dtype).all(1)
-    keep = better[:, None]
-    return torch.where(keep, new_codes, codes), torch.where(keep, new_lut, lut)

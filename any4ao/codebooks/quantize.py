@@ -275,9 +275,8 @@ def quantize_weight(
             + ("use a wider lut_dtype" if dtype.itemsize < 4 else "scale the weights down first (no wider lut_dtype)")
         )
     if hessian is not None:
-        from any4ao.codebooks.gptq import gptq_codes, refit_luts
+        from any4ao.codebooks.gptq import gptq_codes
 
-        lut = lut.to(dtype).float()
-        codes = gptq_codes(w, hessian, lut, scales, zeros, config.group_size, config.gptq_damp, nearest=codes)
-        codes, lut = refit_luts(w, hessian, codes, lut, scales, zeros, config.group_size, dtype, config.gptq_damp)
+        lut_stored = lut.to(dtype).float()
+        codes = gptq_codes(w, hessian, lut_stored, scales, zeros, config.group_size, config.gptq_damp, nearest=codes)
     return QuantizedWeight(codes=codes, lut=lut.to(dtype), scale=scales.to(dtype), zero_point=zeros.to(dtype))
