@@ -79,6 +79,8 @@ class Any4Tensor(TorchAOBaseTensor):
     """
 
     tensor_data_names = ["qdata", "lut", "scale", "zero_point"]
+    tensor_attribute_names = ["nbits", "block_size", "shape"]
+    optional_tensor_attribute_names = ["transposed", "kernel_preference"]
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -89,9 +91,6 @@ class Any4Tensor(TorchAOBaseTensor):
         if func in table:
             return table[func](func, types, args, {} if kwargs is None else kwargs)
         raise NotImplementedError(_unsupported_op_message(func, args))
-
-    tensor_attribute_names = ["nbits", "block_size", "shape"]
-    optional_tensor_attribute_names = ["transposed", "kernel_preference"]
 
     def __new__(
         cls, qdata, lut, scale, zero_point, nbits, block_size, shape, transposed=False, kernel_preference="auto"
