@@ -196,7 +196,7 @@ def _held_elsewhere(module: nn.Module, parameter_name: str) -> bool:
     holders = [
         d
         for d in gc.get_referrers(weight)
-        if type(d) is dict and d is not mine and any(v is weight for v in d.values())  # noqa: E721 (not subclasses)
+        if type(d) is dict and d is not mine and any(v is weight for v in d.values())  # _parameters is a plain dict
     ]
     return any(
         isinstance(owner, dict) and owner.get("_parameters") is d for d in holders for owner in gc.get_referrers(d)
